@@ -1,0 +1,9 @@
+"""sfedlora: stable federated fine-tuning of language models with LoRA (SFed-LoRA)."""
+
+from .config import RunConfig, load_config
+from .experiment import run
+from .methods import METHODS, PRESETS, aggregate, get_method
+from .scaling import gamma
+
+__version__ = "0.1.0"
+__all__ = ["RunConfig", "load_config", "run", "METHODS", "PRESETS", "aggregate", "get_method", "gamma", "__version__"]

@@ -1,0 +1,125 @@
+"""The ``sfedlora`` command line: a thin layer over functions you can call from Python."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .config import RunConfig, dump_config, load_config
+from .errors import SfedloraError
+
+app = typer.Typer(add_completion=False, no_args_is_help=False, help="Stable federated fine-tuning with LoRA (SFed-LoRA).")
+console = Console()
+err_console = Console(stderr=True)
+
+ConfigArg = typer.Argument(None, help="YAML config; omit for the main job (MiniLM, bundled SST-2, 10 clients, SFed-LoRA).")
+SetOpt = typer.Option([], "--set", "-s", help="Override a config key: --set federation.rounds=20 (repeatable).")
+
+
+def _quiet_libraries() -> None:
+    # The CLI reports progress itself; per-layer load reports would bury it.
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _fail(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _load(config: Optional[Path], overrides: list[str]) -> RunConfig:
+    try:
+        return load_config(config, overrides)
+    except SfedloraError as err:
+        _fail(str(err))
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+@app.command()
+def run(config: Optional[Path] = ConfigArg, overrides: list[str] = SetOpt) -> None:
+    """Run a federated fine-tuning experiment on the embedded simulator."""
+    from .experiment import headline, run as run_experiment
+
+    cfg = _load(config, overrides)
+    _quiet_libraries()
+    progress = Progress(TextColumn("[bold]round"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.description}"),
+                        TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not console.is_terminal)
+    state: dict = {}
+
+    def on_start(fed, run_dir):
+        state["key"] = headline(fed)
+        console.print(f"[bold]{cfg.method}[/] · {cfg.data.task} · {cfg.model.name_or_path} · r={cfg.lora.rank} "
+                      f"· {cfg.federation.n_clients} clients ({fed.n_sampled} per round) · {cfg.scaling} γ={fed.gamma:.4g}")
+        console.print(f"run directory: {run_dir}")
+        state["task"] = progress.add_task("", total=cfg.federation.rounds)
+        progress.start()
+
+    def on_record(record):
+        key = state["key"]
+        desc = f"loss {record['train_loss']:.4f}"
+        if key in record:
+            line = f"round {record['round']:>4}  loss {record['train_loss']:.4f}  {key} {record[key]:.4f}"
+            min_key = key.replace("_mean", "_min")
+            if min_key in record:
+                line += f"  (min over clients {record[min_key]:.4f})"
+            progress.console.print(line)
+        progress.update(state["task"], advance=1, description=desc)
+
+    try:
+        result = run_experiment(cfg, on_start=on_start, on_record=on_record)
+    except SfedloraError as err:
+        progress.stop()
+        _fail(str(err))
+    progress.stop()
+    table = Table(title="summary", show_header=False)
+    for k, v in result.summary.items():
+        table.add_row(k, _fmt(v))
+    table.add_row("run directory", str(result.run_dir))
+    console.print(table)
+
+
+@app.command()
+def partition(config: Optional[Path] = ConfigArg, overrides: list[str] = SetOpt) -> None:
+    """Show how the training data is split: each client's size and label histogram."""
+    from .data import label_histograms, load_task
+    from .data import partition as split
+
+    cfg = _load(config, overrides)
+    try:
+        data = load_task(cfg.data, seed=cfg.seed)
+        parts = split(data.train.labels, cfg.federation.n_clients, cfg.partition.kind, cfg.partition.beta,
+                      cfg.partition.min_size, cfg.seed)
+    except SfedloraError as err:
+        _fail(str(err))
+    hist = label_histograms(data.train.labels, parts, data.num_labels)
+    desc = "IID" if cfg.partition.kind == "iid" else f"Dirichlet β={cfg.partition.beta}"
+    table = Table(title=f"{data.name}: {len(data.train)} training examples, {len(parts)} clients, {desc}")
+    table.add_column("client", justify="right")
+    table.add_column("size", justify="right")
+    labels = ["examples"] if data.num_labels == 1 else [f"label {i}" for i in range(data.num_labels)]
+    for name in labels if data.num_labels > 1 else []:
+        table.add_column(name, justify="right")
+    for k, part in enumerate(parts):
+        table.add_row(str(k), str(len(part)), *([str(c) for c in hist[k]] if data.num_labels > 1 else []))
+    console.print(table)
+
+
+@app.command("config")
+def show_config(config: Optional[Path] = ConfigArg, overrides: list[str] = SetOpt) -> None:
+    """Print the fully resolved config (the defaults when no file is given)."""
+    sys.stdout.write(dump_config(_load(config, overrides)))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,136 @@
+"""One client's local training for one round: runtime-agnostic and free of I/O.
+
+A client is its state (adapter tensors, optimizer state, RNG, step count); the model it
+trains is borrowed: the caller's one shared base model with its adapter parameters,
+into which the state is written before training and read back after.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from .config import TrainConfig
+from .data.encoding import Encoded, collate
+from .methods import tensor_kind
+from .models import read_tensors, write_tensors
+
+
+@dataclass
+class ClientState:
+    tensors: dict[str, torch.Tensor]  # this client's copy of every adapter tensor
+    rng: torch.Tensor  # torch.Generator state: batch order and dropout
+    optimizer: dict | None = None  # torch optimizer state_dict, kept across rounds
+    steps: int = 0  # local steps taken so far; drives the learning-rate schedule
+
+
+@dataclass
+class ClientResult:
+    loss: float  # mean training loss over the round's steps
+    steps: int
+    grad_norm: dict[str, float] = field(default_factory=dict)  # kind → mean L2 norm of its gradient (pre-clipping)
+
+
+def new_client_state(tensors: Mapping[str, torch.Tensor], seed: int) -> ClientState:
+    g = torch.Generator().manual_seed(seed)
+    return ClientState({n: t.clone() for n, t in tensors.items()}, g.get_state())
+
+
+def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
+    """Learning rate of local step ``step`` (0-based): linear warm-up, then the schedule."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    if cfg.schedule == "linear":
+        return cfg.lr * (1.0 - progress)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def steps_per_round(n_examples: int, batch_size: int, local_steps: int | None, local_epochs: float | None) -> int:
+    if local_steps is not None:
+        return local_steps
+    return max(1, math.ceil(local_epochs * n_examples / batch_size))
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _batch_indices(n: int, batch_size: int, steps: int, g: torch.Generator) -> list[np.ndarray]:
+    """``steps`` batches drawn without replacement, reshuffling when the data runs out."""
+    bs = min(batch_size, n)
+    need = steps * bs
+    order = torch.cat([torch.randperm(n, generator=g) for _ in range(math.ceil(need / n))])[:need].numpy()
+    return [order[i * bs : (i + 1) * bs] for i in range(steps)]
+
+
+def _kind_norms(params: Mapping[str, torch.nn.Parameter]) -> dict[str, float]:
+    by_kind: dict[str, list[torch.Tensor]] = {}
+    for n, p in params.items():
+        if p.grad is not None:
+            by_kind.setdefault(tensor_kind(n), []).append(p.grad.detach().pow(2).sum())
+    return {k: float(torch.stack(v).sum().sqrt()) for k, v in by_kind.items()}
+
+
+def train_client(
+    model: torch.nn.Module,
+    params: Mapping[str, torch.nn.Parameter],
+    state: ClientState,
+    data: Encoded,
+    tokenizer,
+    trained_kinds: frozenset[str],
+    steps: int,
+    total_steps: int,
+    cfg: TrainConfig,
+) -> ClientResult:
+    """Train ``steps`` local steps from ``state``; update ``state`` in place.
+
+    Only tensors of ``trained_kinds`` receive gradients; the others stay as they were.
+    ``total_steps`` is the client's step count over the whole run (for the LR schedule).
+    """
+    write_tensors(params, state.tensors)
+    ordered = list(params.values())
+    for n, p in params.items():
+        p.requires_grad_(tensor_kind(n) in trained_kinds)
+    optimizer = make_optimizer(ordered, cfg)
+    if state.optimizer is not None:
+        optimizer.load_state_dict(state.optimizer)
+    g = torch.Generator().manual_seed(0)
+    g.set_state(state.rng)
+    # Dropout draws from the global RNG: seed it from the client's own generator so a
+    # client's randomness does not depend on which clients trained before it.
+    torch.manual_seed(int(torch.randint(2**62, (1,), generator=g)))
+
+    model.train()
+    losses, norms = [], []
+    for idx in _batch_indices(len(data), cfg.batch_size, steps, g):
+        batch = collate(data, idx, tokenizer)
+        loss = model(**batch).loss
+        loss.backward()
+        norms.append(_kind_norms(params))
+        if cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_([p for p in ordered if p.grad is not None], cfg.max_grad_norm)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(state.steps, total_steps, cfg)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        state.steps += 1
+
+    state.tensors = read_tensors(params)
+    state.optimizer = optimizer.state_dict()
+    state.rng = g.get_state()
+    kinds = sorted({k for n in norms for k in n})
+    return ClientResult(
+        loss=float(np.mean(losses)),
+        steps=len(losses),
+        grad_norm={k: float(np.mean([n[k] for n in norms])) for k in kinds},
+    )

@@ -1,0 +1,198 @@
+"""Typed run configuration: pydantic models, YAML loading and ``--set a.b=c`` overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import SfedloraError
+from .methods import PRESETS
+from .scaling import ScalingRule
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name_or_path: str = Field("minilm", description="Hub id or local path of the base model; 'minilm' is the bundled all-MiniLM-L6-v2.")
+    target_modules: list[str] | None = Field(None, description="Modules that get LoRA; default per architecture (query/value for BERT-like models).")
+    max_length: int = Field(128, gt=0, description="Tokens per example after truncation.")
+
+
+class LoraSettings(_Section):
+    rank: int = Field(8, ge=1, description="LoRA rank r.")
+    alpha: float = Field(16.0, gt=0, description="α in the scaling rule.")
+    scaling: ScalingRule | None = Field(None, description="lora (α/r), rslora (α/√r) or sfed (α·√(N/r)); default set by the method preset.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA path.")
+
+
+class DataConfig(_Section):
+    task: str = Field("sst2", description="GLUE task name (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli) or 'custom'.")
+    source: Literal["bundled", "tsv", "hub", "files"] = Field("bundled", description="bundled SST-2 sample, GLUE TSV directory, Hugging Face hub, or your own files.")
+    data_dir: str | None = Field(None, description="For source=tsv: directory with train.tsv and dev.tsv in the GLUE layout.")
+    hub_name: str | None = Field(None, description="For source=hub: dataset id (default 'nyu-mll/glue' with the task as config).")
+    hub_config: str | None = Field(None, description="For source=hub: dataset configuration name.")
+    train_file: str | None = Field(None, description="For source=files: CSV, TSV or JSONL training file.")
+    eval_file: str | None = Field(None, description="For source=files: CSV, TSV or JSONL evaluation file.")
+    text_column: str = Field("sentence", description="For files/hub data: column with the (first) text.")
+    text_pair_column: str | None = Field(None, description="For files/hub data: column with the second text of a pair.")
+    label_column: str = Field("label", description="For files/hub data: column with the label.")
+    num_labels: int | None = Field(None, ge=1, description="For custom data: number of classes (1 = regression); inferred when omitted.")
+    max_train_examples: int | None = Field(None, gt=0, description="Keep a seeded random subset of the training set of this size.")
+    max_eval_examples: int | None = Field(None, gt=0, description="Keep the first N evaluation examples.")
+
+
+class PartitionConfig(_Section):
+    kind: Literal["iid", "dirichlet"] = Field("dirichlet", description="How training examples are split among clients.")
+    beta: float = Field(0.5, gt=0, description="Dirichlet concentration over labels; smaller is more skewed.")
+    min_size: int = Field(8, ge=1, description="Every client gets at least this many examples.")
+
+
+class FederationConfig(_Section):
+    n_clients: int = Field(10, ge=1, description="Clients in the federation.")
+    clients_per_round: int | None = Field(None, ge=1, description="Clients sampled per round (default: all).")
+    fraction: float | None = Field(None, gt=0, le=1, description="Alternative to clients_per_round: fraction of clients sampled.")
+    rounds: int = Field(30, ge=1, description="Communication rounds.")
+    local_steps: int | None = Field(5, ge=1, description="Optimizer steps per client per round.")
+    local_epochs: float | None = Field(None, gt=0, description="Alternative to local_steps: passes over the client's data per round.")
+    local_head: bool = Field(False, description="Keep the task head on the client instead of averaging it.")
+
+    @model_validator(mode="after")
+    def _one_way_each(self) -> "FederationConfig":
+        if self.clients_per_round is not None and self.fraction is not None:
+            raise ValueError("set clients_per_round or fraction, not both")
+        if self.clients_per_round is not None and self.clients_per_round > self.n_clients:
+            raise ValueError(f"clients_per_round ({self.clients_per_round}) exceeds n_clients ({self.n_clients})")
+        if (self.local_steps is None) == (self.local_epochs is None):
+            raise ValueError("set exactly one of local_steps and local_epochs")
+        return self
+
+    def sampled_per_round(self) -> int:
+        """N in the scaling rule: the number of client updates averaged in a round."""
+        if self.clients_per_round is not None:
+            return self.clients_per_round
+        if self.fraction is not None:
+            return max(1, round(self.fraction * self.n_clients))
+        return self.n_clients
+
+
+class TrainConfig(_Section):
+    optimizer: Literal["sgd", "adamw"] = Field("adamw", description="Client optimizer.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (AdamW) or L2 (SGD).")
+    momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum.")
+    schedule: Literal["constant", "linear", "cosine"] = Field("constant", description="Learning-rate decay after warm-up, over each client's total steps.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up, counted in each client's own steps.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; null disables.")
+    batch_size: int = Field(16, ge=1, description="Examples per local step.")
+
+
+class EvalConfig(_Section):
+    every: int = Field(10, ge=1, description="Evaluate every k rounds (and always after the last).")
+    batch_size: int = Field(128, ge=1, description="Examples per evaluation batch.")
+    personalised: bool = Field(True, description="Evaluate every client's personalised model (shared + local tensors).")
+
+
+class RunConfig(_Section):
+    name: str | None = Field(None, description="Run name; the run directory is <output_dir>/<name>.")
+    output_dir: str = Field("runs", description="Parent directory of run directories.")
+    seed: int = Field(0, description="Seeds data split, initialisation, sampling and client RNGs.")
+    method: str = Field("sfed-lora", description=f"One of {', '.join(PRESETS)}.")
+    model: ModelConfig = ModelConfig()
+    lora: LoraSettings = LoraSettings()
+    data: DataConfig = DataConfig()
+    partition: PartitionConfig = PartitionConfig()
+    federation: FederationConfig = FederationConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _resolve_method(self) -> "RunConfig":
+        if self.method not in PRESETS:
+            raise ValueError(f"method: unknown method {self.method!r}; choose one of {', '.join(PRESETS)}")
+        preset_rule = PRESETS[self.method][1]
+        if preset_rule is not None:
+            if self.lora.scaling not in (None, preset_rule):
+                raise ValueError(
+                    f"lora.scaling: method {self.method} uses scaling {preset_rule}, not {self.lora.scaling}; "
+                    f"use method={PRESETS[self.method][0]} to choose the scaling freely"
+                )
+        resolved = self.lora.scaling or preset_rule or "lora"
+        if self.lora.scaling != resolved:
+            self.lora.scaling = resolved
+        return self
+
+    @property
+    def scaling(self) -> str:
+        assert self.lora.scaling is not None  # set by _resolve_method
+        return self.lora.scaling
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise SfedloraError(f"bad override {dotted}: {key} is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``a.b=c`` → (``a.b``, YAML value of ``c``)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise SfedloraError(f"bad override {text!r}: write it as key=value, e.g. federation.rounds=20")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        return f"unknown config key {where!r}; `sfedlora config` lists the valid keys"
+    got = f" (got {first['input']!r})" if "input" in first and not isinstance(first["input"], dict) else ""
+    return f"config {where + ': ' if where else ''}{msg}{got}"
+
+
+def build_config(tree: dict | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    tree = dict(tree or {})
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as err:
+        raise SfedloraError(_format_validation_error(err)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Load a YAML config (or the defaults: the main job) and apply ``key=value`` overrides."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise SfedloraError(f"config file {path} not found: pass the path of a YAML file, e.g. examples/sfed-lora.yaml")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            line = f" at line {mark.line + 1}" if mark else ""
+            raise SfedloraError(f"config file {path} is not valid YAML{line}: fix its syntax") from None
+        if not isinstance(tree, dict):
+            raise SfedloraError(f"config file {path} must hold a mapping of sections (model:, lora:, ...), not a {type(tree).__name__}")
+    return build_config(tree, overrides)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

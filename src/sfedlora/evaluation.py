@@ -1,0 +1,50 @@
+"""Task metrics, and prediction with the shared model under a given set of adapter tensors."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .data.encoding import Encoded, collate, length_sorted_batches
+
+
+def task_metrics(logits: np.ndarray, labels: np.ndarray, num_labels: int) -> dict[str, float]:
+    """Accuracy and the GLUE metrics that apply: F1 and MCC (binary), Pearson/Spearman (regression)."""
+    from scipy.stats import pearsonr, spearmanr
+    from sklearn.metrics import f1_score, matthews_corrcoef
+
+    if num_labels == 1:
+        pred = logits.reshape(-1)
+        if np.std(pred) == 0:  # a constant prediction has no correlation; scipy would warn and give nan
+            return {"pearson": 0.0, "spearman": 0.0}
+        return {"pearson": float(pearsonr(pred, labels)[0]), "spearman": float(spearmanr(pred, labels)[0])}
+    pred = logits.argmax(-1)
+    out = {"accuracy": float((pred == labels).mean()), "mcc": float(matthews_corrcoef(labels, pred))}
+    if num_labels == 2:
+        out["f1"] = float(f1_score(labels, pred, zero_division=0.0))
+    return out
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, data: Encoded, tokenizer, batch_size: int) -> np.ndarray:
+    """Logits for every example of ``data``, in its order."""
+    model.eval()
+    out: np.ndarray | None = None
+    for idx in length_sorted_batches(data, batch_size):
+        batch = collate(data, idx, tokenizer)
+        batch.pop("labels")
+        logits = model(**batch).logits.float().numpy()
+        if out is None:
+            out = np.empty((len(data), logits.shape[-1]), dtype=np.float32)
+        out[idx] = logits
+    return out
+
+
+def summarise(per_client: list[dict[str, float]]) -> dict[str, float]:
+    """Mean and min over clients of each metric: ``{name}_mean``, ``{name}_min``."""
+    out = {}
+    for name in per_client[0]:
+        values = [m[name] for m in per_client]
+        out[f"{name}_mean"] = float(np.mean(values))
+        out[f"{name}_min"] = float(np.min(values))
+    return out

@@ -1,0 +1,169 @@
+"""The embedded runtime: one frozen base model in memory, per-client adapter state, the round loop."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .client import ClientResult, ClientState, new_client_state, steps_per_round, train_client
+from .config import RunConfig
+from .data import TaskData, label_histograms, partition
+from .data.encoding import encode
+from .evaluation import predict, summarise, task_metrics
+from .methods import Method, aggregate, get_method, select
+from .models import build_classifier, read_tensors, trainable_parameters, write_tensors
+from .scaling import gamma
+
+
+def nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+@dataclass
+class Federation:
+    """Everything a run needs, built once from the config: model, data split, clients, server."""
+
+    cfg: RunConfig
+    method: Method
+    model: torch.nn.Module
+    tokenizer: object
+    params: dict[str, torch.nn.Parameter]
+    initial: dict[str, torch.Tensor]  # the adapter at initialisation, identical on every client
+    server: dict[str, torch.Tensor]  # latest aggregate of every global tensor
+    clients: list[ClientState]
+    client_data: list  # Encoded training data of each client
+    client_sizes: np.ndarray
+    histograms: np.ndarray  # label counts per client
+    eval_data: object  # Encoded
+    num_labels: int
+    metric: str
+    gamma: float
+
+    @property
+    def n_sampled(self) -> int:
+        return self.cfg.federation.sampled_per_round()
+
+    def personal_tensors(self, k: int) -> dict[str, torch.Tensor]:
+        """Client ``k``'s model: its own tensors with the server's global ones on top."""
+        return {**self.clients[k].tensors, **self.server}
+
+    def global_tensors(self) -> dict[str, torch.Tensor]:
+        return {**self.initial, **self.server}
+
+
+def build_federation(cfg: RunConfig, data: TaskData) -> Federation:
+    method = get_method(cfg.method, local_head=cfg.federation.local_head)
+    fed = cfg.federation
+    parts = partition(data.train.labels, fed.n_clients, cfg.partition.kind, cfg.partition.beta,
+                      cfg.partition.min_size, cfg.seed)
+    n_sampled = fed.sampled_per_round()
+    model, tokenizer = build_classifier(
+        cfg.model.name_or_path, data.num_labels, cfg.lora.rank, cfg.lora.alpha, cfg.scaling, n_sampled,
+        dropout=cfg.lora.dropout, target_modules=cfg.model.target_modules, seed=cfg.seed,
+    )
+    params = trainable_parameters(model)
+    initial = read_tensors(params)
+    train_enc = encode(data.train, tokenizer, cfg.model.max_length)
+    client_data = [train_enc.subset(p) for p in parts]
+    return Federation(
+        cfg=cfg,
+        method=method,
+        model=model,
+        tokenizer=tokenizer,
+        params=params,
+        initial=initial,
+        server=select(initial, method.global_kinds),
+        clients=[new_client_state(initial, seed=cfg.seed * 100_003 + k + 1) for k in range(fed.n_clients)],
+        client_data=client_data,
+        client_sizes=np.array([len(p) for p in parts]),
+        histograms=label_histograms(data.train.labels, parts, data.num_labels),
+        eval_data=encode(data.eval, tokenizer, cfg.model.max_length),
+        num_labels=data.num_labels,
+        metric=data.metric,
+        gamma=gamma(cfg.scaling, cfg.lora.alpha, cfg.lora.rank, n_sampled),
+    )
+
+
+def evaluate(fed: Federation) -> dict[str, float]:
+    """Personalised models (mean/min over clients) and, where one exists, the global model."""
+    cfg = fed.cfg.eval
+
+    def score(tensors):
+        write_tensors(fed.params, tensors)
+        logits = predict(fed.model, fed.eval_data, fed.tokenizer, cfg.batch_size)
+        return task_metrics(logits, fed.eval_data.labels, fed.num_labels)
+
+    out: dict[str, float] = {}
+    global_scores = None
+    if not fed.method.has_local_state():
+        global_scores = score(fed.global_tensors())
+        out.update({f"global_{k}": v for k, v in global_scores.items()})
+    if cfg.personalised:
+        if global_scores is not None:
+            # Without local tensors every client's model is the global one.
+            per_client = [global_scores]
+        else:
+            per_client = [score(fed.personal_tensors(k)) for k in range(len(fed.clients))]
+        out.update({f"personal_{k}": v for k, v in summarise(per_client).items()})
+    return out
+
+
+def _mean_of(results: list[ClientResult], kind: str) -> float | None:
+    values = [r.grad_norm[kind] for r in results if kind in r.grad_norm]
+    return float(np.mean(values)) if values else None
+
+
+def run_round(fed: Federation, round_: int, sampler: np.random.Generator) -> dict:
+    """One communication round; returns its metrics record (without evaluation)."""
+    start = time.perf_counter()
+    cfg = fed.cfg
+    method = fed.method
+    sampled = np.sort(sampler.choice(len(fed.clients), size=fed.n_sampled, replace=False))
+    trained = method.trained(round_)
+    results, updates, bytes_up, bytes_down = [], [], 0, 0
+    for k in sampled:
+        state = fed.clients[k]
+        download = method.download(fed.server)
+        state.tensors.update({n: t.clone() for n, t in download.items()})
+        bytes_down += nbytes(download)
+        steps = steps_per_round(int(fed.client_sizes[k]), cfg.train.batch_size,
+                                cfg.federation.local_steps, cfg.federation.local_epochs)
+        results.append(train_client(fed.model, fed.params, state, fed.client_data[k], fed.tokenizer,
+                                    trained, steps, steps * cfg.federation.rounds, cfg.train))
+        update = method.upload(state.tensors, round_)
+        updates.append(update)
+        bytes_up += nbytes(update)
+    update_norm = 0.0
+    if updates[0]:
+        new = aggregate(updates, fed.client_sizes[sampled].tolist())
+        update_norm = float(torch.sqrt(sum(((new[n] - fed.server[n]).double() ** 2).sum() for n in new)))
+        fed.server.update(new)
+    return {
+        "round": round_,
+        "clients": sampled.tolist(),
+        "train_loss": float(np.average([r.loss for r in results], weights=fed.client_sizes[sampled])),
+        "grad_norm_A": _mean_of(results, "A"),
+        "grad_norm_B": _mean_of(results, "B"),
+        "update_norm": update_norm,
+        "gamma": fed.gamma,
+        "bytes_up": bytes_up,
+        "bytes_down": bytes_down,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def simulate(fed: Federation) -> Iterator[dict]:
+    """Run every round, yielding each round's record (with evaluation where due)."""
+    cfg = fed.cfg
+    sampler = np.random.default_rng([cfg.seed, 1])
+    for round_ in range(1, cfg.federation.rounds + 1):
+        record = run_round(fed, round_, sampler)
+        if round_ % cfg.eval.every == 0 or round_ == cfg.federation.rounds:
+            start = time.perf_counter()
+            record.update(evaluate(fed))
+            record["eval_seconds"] = time.perf_counter() - start
+        yield record
