@@ -17,7 +17,7 @@ import torch
 from .config import TrainConfig
 from .data.encoding import Encoded, collate
 from .methods import tensor_kind
-from .models import read_tensors, write_tensors
+from .models import Compute, read_tensors, write_tensors
 
 
 @dataclass
@@ -90,6 +90,7 @@ def train_client(
     steps: int,
     total_steps: int,
     cfg: TrainConfig,
+    compute: Compute = Compute(),
 ) -> ClientResult:
     """Train ``steps`` local steps from ``state``; update ``state`` in place.
 
@@ -113,7 +114,7 @@ def train_client(
     losses, norms = [], []
     for idx in _batch_indices(len(data), cfg.batch_size, steps, g):
         batch = collate(data, idx, tokenizer)
-        loss = model(**batch).loss
+        loss = compute.forward(model, batch).loss
         loss.backward()
         norms.append(_kind_norms(params))
         if cfg.max_grad_norm is not None:

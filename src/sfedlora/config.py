@@ -21,6 +21,8 @@ class ModelConfig(_Section):
     name_or_path: str = Field("minilm", description="Hub id or local path of the base model; 'minilm' is the bundled all-MiniLM-L6-v2.")
     target_modules: list[str] | None = Field(None, description="Modules that get LoRA; default per architecture (query/value for BERT-like models).")
     max_length: int = Field(128, gt=0, description="Tokens per example after truncation.")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto (a CUDA GPU when there is one), cpu, cuda or cuda:N.")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="Forward-pass precision (torch.autocast); adapters and optimizer state stay fp32.")
 
 
 class LoraSettings(_Section):

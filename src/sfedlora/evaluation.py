@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from .data.encoding import Encoded, collate, length_sorted_batches
+from .models import Compute
 
 
 def task_metrics(logits: np.ndarray, labels: np.ndarray, num_labels: int) -> dict[str, float]:
@@ -25,15 +26,27 @@ def task_metrics(logits: np.ndarray, labels: np.ndarray, num_labels: int) -> dic
     return out
 
 
+def label_mix_accuracy(logits: np.ndarray, labels: np.ndarray, mix: np.ndarray) -> float:
+    """Accuracy on a test set whose labels follow ``mix`` (a client's own label counts).
+
+    The per-class accuracies on the shared dev set, weighted by the mix: what a client's
+    model would score on held-out data drawn like its own, with no second pass.
+    """
+    pred = logits.argmax(-1)
+    weights = mix / mix.sum()
+    per_class = [(pred[labels == c] == c).mean() if np.any(labels == c) else 0.0 for c in range(len(mix))]
+    return float(np.dot(weights, per_class))
+
+
 @torch.no_grad()
-def predict(model: torch.nn.Module, data: Encoded, tokenizer, batch_size: int) -> np.ndarray:
+def predict(model: torch.nn.Module, data: Encoded, tokenizer, batch_size: int, compute: Compute = Compute()) -> np.ndarray:
     """Logits for every example of ``data``, in its order."""
     model.eval()
     out: np.ndarray | None = None
     for idx in length_sorted_batches(data, batch_size):
         batch = collate(data, idx, tokenizer)
         batch.pop("labels")
-        logits = model(**batch).logits.float().numpy()
+        logits = compute.forward(model, batch).logits.float().cpu().numpy()
         if out is None:
             out = np.empty((len(data), logits.shape[-1]), dtype=np.float32)
         out[idx] = logits

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
@@ -125,3 +126,25 @@ def write_tensors(params: Mapping[str, torch.nn.Parameter], tensors: Mapping[str
     with torch.no_grad():
         for n, t in tensors.items():
             params[n].copy_(t)
+
+
+@dataclass(frozen=True)
+class Compute:
+    """Where and in what precision forward passes run; adapter and optimizer stay fp32."""
+
+    device: str = "cpu"
+    precision: str = "fp32"  # or bf16: torch.autocast, about 1.5-2x faster on CPUs with AVX512-BF16
+
+    @classmethod
+    def resolve(cls, device: str, precision: str) -> "Compute":
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        elif device.startswith("cuda") and not torch.cuda.is_available():
+            raise SfedloraError(f"model.device={device} but PyTorch sees no CUDA GPU: use model.device=cpu (or auto)")
+        return cls(device, precision)
+
+    def forward(self, model: torch.nn.Module, batch: Mapping[str, torch.Tensor]):
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        device_type = torch.device(self.device).type
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            return model(**batch)

@@ -13,9 +13,9 @@ from .client import ClientResult, ClientState, new_client_state, steps_per_round
 from .config import RunConfig
 from .data import TaskData, label_histograms, partition
 from .data.encoding import encode
-from .evaluation import predict, summarise, task_metrics
+from .evaluation import label_mix_accuracy, predict, summarise, task_metrics
 from .methods import Method, aggregate, get_method, select
-from .models import build_classifier, read_tensors, trainable_parameters, write_tensors
+from .models import Compute, build_classifier, read_tensors, trainable_parameters, write_tensors
 from .scaling import gamma
 
 
@@ -42,6 +42,7 @@ class Federation:
     num_labels: int
     metric: str
     gamma: float
+    compute: Compute
 
     @property
     def n_sampled(self) -> int:
@@ -65,6 +66,8 @@ def build_federation(cfg: RunConfig, data: TaskData) -> Federation:
         cfg.model.name_or_path, data.num_labels, cfg.lora.rank, cfg.lora.alpha, cfg.scaling, n_sampled,
         dropout=cfg.lora.dropout, target_modules=cfg.model.target_modules, seed=cfg.seed,
     )
+    compute = Compute.resolve(cfg.model.device, cfg.model.precision)
+    model.to(compute.device)
     params = trainable_parameters(model)
     initial = read_tensors(params)
     train_enc = encode(data.train, tokenizer, cfg.model.max_length)
@@ -85,29 +88,40 @@ def build_federation(cfg: RunConfig, data: TaskData) -> Federation:
         num_labels=data.num_labels,
         metric=data.metric,
         gamma=gamma(cfg.scaling, cfg.lora.alpha, cfg.lora.rank, n_sampled),
+        compute=compute,
     )
 
 
 def evaluate(fed: Federation) -> dict[str, float]:
-    """Personalised models (mean/min over clients) and, where one exists, the global model."""
-    cfg = fed.cfg.eval
+    """Personalised models (mean/min over clients) and, where one exists, the global model.
 
-    def score(tensors):
+    Every score is on the whole dev set. For classification, ``personal_local_accuracy``
+    adds each client's accuracy under its own training label mix.
+    """
+    cfg = fed.cfg.eval
+    labels = fed.eval_data.labels
+
+    def logits_of(tensors):
         write_tensors(fed.params, tensors)
-        logits = predict(fed.model, fed.eval_data, fed.tokenizer, cfg.batch_size)
-        return task_metrics(logits, fed.eval_data.labels, fed.num_labels)
+        return predict(fed.model, fed.eval_data, fed.tokenizer, cfg.batch_size, fed.compute)
+
+    def personal_scores(k, logits):
+        scores = task_metrics(logits, labels, fed.num_labels)
+        if fed.num_labels > 1:
+            scores["local_accuracy"] = label_mix_accuracy(logits, labels, fed.histograms[k])
+        return scores
 
     out: dict[str, float] = {}
-    global_scores = None
+    global_logits = None
     if not fed.method.has_local_state():
-        global_scores = score(fed.global_tensors())
-        out.update({f"global_{k}": v for k, v in global_scores.items()})
+        global_logits = logits_of(fed.global_tensors())
+        out.update({f"global_{k}": v for k, v in task_metrics(global_logits, labels, fed.num_labels).items()})
     if cfg.personalised:
-        if global_scores is not None:
-            # Without local tensors every client's model is the global one.
-            per_client = [global_scores]
-        else:
-            per_client = [score(fed.personal_tensors(k)) for k in range(len(fed.clients))]
+        # Without local tensors every client's model is the global one: no second pass.
+        per_client = [
+            personal_scores(k, global_logits if global_logits is not None else logits_of(fed.personal_tensors(k)))
+            for k in range(len(fed.clients))
+        ]
         out.update({f"personal_{k}": v for k, v in summarise(per_client).items()})
     return out
 
@@ -133,7 +147,7 @@ def run_round(fed: Federation, round_: int, sampler: np.random.Generator) -> dic
         steps = steps_per_round(int(fed.client_sizes[k]), cfg.train.batch_size,
                                 cfg.federation.local_steps, cfg.federation.local_epochs)
         results.append(train_client(fed.model, fed.params, state, fed.client_data[k], fed.tokenizer,
-                                    trained, steps, steps * cfg.federation.rounds, cfg.train))
+                                    trained, steps, steps * cfg.federation.rounds, cfg.train, fed.compute))
         update = method.upload(state.tensors, round_)
         updates.append(update)
         bytes_up += nbytes(update)
