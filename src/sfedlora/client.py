@@ -64,12 +64,22 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def _batch_indices(n: int, batch_size: int, steps: int, g: torch.Generator) -> list[np.ndarray]:
-    """``steps`` batches drawn without replacement, reshuffling when the data runs out."""
+def _batch_indices(lengths: np.ndarray, batch_size: int, steps: int, g: torch.Generator, group_by_length: bool) -> list[np.ndarray]:
+    """``steps`` batches drawn without replacement, reshuffling when the data runs out.
+
+    With ``group_by_length`` the round's draw is sorted by length before it is cut into
+    batches (whose order is then shuffled), so little compute goes to padding.
+    """
+    n = len(lengths)
     bs = min(batch_size, n)
     need = steps * bs
     order = torch.cat([torch.randperm(n, generator=g) for _ in range(math.ceil(need / n))])[:need].numpy()
-    return [order[i * bs : (i + 1) * bs] for i in range(steps)]
+    if group_by_length:
+        order = order[np.argsort(lengths[order], kind="stable")]
+    batches = [order[i * bs : (i + 1) * bs] for i in range(steps)]
+    if group_by_length:
+        batches = [batches[i] for i in torch.randperm(steps, generator=g).tolist()]
+    return batches
 
 
 def _kind_norms(params: Mapping[str, torch.nn.Parameter]) -> dict[str, float]:
@@ -112,7 +122,7 @@ def train_client(
 
     model.train()
     losses, norms = [], []
-    for idx in _batch_indices(len(data), cfg.batch_size, steps, g):
+    for idx in _batch_indices(data.lengths(), cfg.batch_size, steps, g, cfg.group_by_length):
         batch = collate(data, idx, tokenizer)
         loss = compute.forward(model, batch).loss
         loss.backward()

@@ -91,6 +91,7 @@ class TrainConfig(_Section):
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up, counted in each client's own steps.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; null disables.")
     batch_size: int = Field(16, ge=1, description="Examples per local step.")
+    group_by_length: bool = Field(True, description="Batch a round's examples by length to cut padding (batch order stays random).")
 
 
 class EvalConfig(_Section):
