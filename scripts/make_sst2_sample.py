@@ -2,7 +2,7 @@
 
     python scripts/make_sst2_sample.py ../shared/data/glue/sst2
 
-Keeps a seeded random 6,000 of the 67,349 training rows (in their original order) and the
+Keeps a seeded random 12,000 of the 67,349 training rows (in their original order) and the
 whole 872-row dev set, in the GLUE TSV layout, under 1 MB in all.
 """
 
@@ -10,7 +10,7 @@ import random
 import sys
 from pathlib import Path
 
-N_TRAIN = 6000
+N_TRAIN = 12000
 SEED = 0
 
 src = Path(sys.argv[1])

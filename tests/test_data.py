@@ -70,7 +70,7 @@ def test_short_row_and_missing_file(tmp_path):
 
 def test_bundled_sample_is_sst2_in_glue_layout():
     data = load_task(DataConfig())
-    assert (len(data.train), len(data.eval)) == (6000, 872)
+    assert (len(data.train), len(data.eval)) == (12000, 872)
     assert set(np.unique(data.train.labels)) == {0, 1}
     assert sum(f.stat().st_size for f in bundled_sst2_dir().iterdir()) < 1_000_000
 
