@@ -15,7 +15,7 @@ from .config import RunConfig, dump_config, load_config
 from .errors import SfedloraError
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, help="Stable federated fine-tuning with LoRA (SFed-LoRA).")
-console = Console()
+console = Console(soft_wrap=True)
 err_console = Console(stderr=True)
 
 ConfigArg = typer.Argument(None, help="YAML config; omit for the main job (MiniLM, bundled SST-2, 10 clients, SFed-LoRA).")
@@ -47,11 +47,16 @@ def _fmt(value) -> str:
 
 
 @app.command()
-def run(config: Optional[Path] = ConfigArg, overrides: list[str] = SetOpt) -> None:
+def run(
+    config: Optional[Path] = ConfigArg,
+    overrides: list[str] = SetOpt,
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this run directory from its last checkpoint."),
+) -> None:
     """Run a federated fine-tuning experiment on the embedded simulator."""
     from .experiment import headline, run as run_experiment
 
-    cfg = _load(config, overrides)
+    # On resume the run's own config.yaml rules; a config or --set given too is checked against it.
+    cfg = _load(config, overrides) if resume is None or config is not None or overrides else None
     _quiet_libraries()
     progress = Progress(TextColumn("[bold]round"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.description}"),
                         TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not console.is_terminal)
@@ -59,10 +64,11 @@ def run(config: Optional[Path] = ConfigArg, overrides: list[str] = SetOpt) -> No
 
     def on_start(fed, run_dir):
         state["key"] = headline(fed)
-        console.print(f"[bold]{cfg.method}[/] · {cfg.data.task} · {cfg.model.name_or_path} · r={cfg.lora.rank} "
-                      f"· {cfg.federation.n_clients} clients ({fed.n_sampled} per round) · {cfg.scaling} γ={fed.gamma:.4g}")
-        console.print(f"run directory: {run_dir}")
-        state["task"] = progress.add_task("", total=cfg.federation.rounds)
+        c = fed.cfg
+        console.print(f"[bold]{c.method}[/] · {c.data.task} · {c.model.name_or_path} · r={c.lora.rank} "
+                      f"· {c.federation.n_clients} clients ({fed.n_sampled} per round) · {c.scaling} γ={fed.gamma:.4g}")
+        console.print(f"run directory: {run_dir}" + (f" (resumed after round {fed.round})" if fed.round else ""))
+        state["task"] = progress.add_task("", total=c.federation.rounds, completed=fed.round)
         progress.start()
 
     def on_record(record):
@@ -77,7 +83,7 @@ def run(config: Optional[Path] = ConfigArg, overrides: list[str] = SetOpt) -> No
         progress.update(state["task"], advance=1, description=desc)
 
     try:
-        result = run_experiment(cfg, on_start=on_start, on_record=on_record)
+        result = run_experiment(cfg, on_start=on_start, on_record=on_record, resume=resume)
     except SfedloraError as err:
         progress.stop()
         _fail(str(err))

@@ -104,6 +104,7 @@ class RunConfig(_Section):
     name: str | None = Field(None, description="Run name; the run directory is <output_dir>/<name>.")
     output_dir: str = Field("runs", description="Parent directory of run directories.")
     seed: int = Field(0, description="Seeds data split, initialisation, sampling and client RNGs.")
+    checkpoint_every: int = Field(1, ge=1, description="Write a resumable checkpoint every k rounds (and after the last).")
     method: str = Field("sfed-lora", description=f"One of {', '.join(PRESETS)}.")
     model: ModelConfig = ModelConfig()
     lora: LoraSettings = LoraSettings()
@@ -199,3 +200,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 def dump_config(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+# Keys that name where a run lives or how it is shown, not what it computes.
+NON_RESULT_KEYS = frozenset({"name", "output_dir", "checkpoint_every"})
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def result_differences(a: RunConfig, b: RunConfig) -> list[str]:
+    """Dotted keys whose values differ between two configs, leaving out NON_RESULT_KEYS."""
+    fa, fb = _flatten(a.model_dump(mode="json")), _flatten(b.model_dump(mode="json"))
+    return sorted(k for k in fa.keys() | fb.keys() if k not in NON_RESULT_KEYS and fa.get(k) != fb.get(k))

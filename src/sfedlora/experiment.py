@@ -7,10 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .config import RunConfig
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import RunConfig, load_config, result_differences
 from .data import load_task
+from .errors import SfedloraError
 from .models import write_tensors
-from .rundir import MetricsWriter, check_run_dir, create_run_dir, write_json
+from .rundir import MetricsWriter, RunLock, check_run_dir, create_run_dir, truncate_metrics, write_json
 from .simulation import Federation, build_federation, simulate
 
 
@@ -49,42 +51,73 @@ def partition_report(fed: Federation) -> dict:
     }
 
 
+def _resume_config(run_dir: Path, cfg: RunConfig | None) -> RunConfig:
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        raise SfedloraError(f"{run_dir} is not a run directory (no config.yaml): pass the directory a run wrote")
+    saved = load_config(saved_path)
+    if cfg is not None:
+        differing = result_differences(saved, cfg)
+        if differing:
+            raise SfedloraError(f"cannot resume {run_dir} with a config that changes results: {', '.join(differing)} differ "
+                                "(resume with the run's own config, or start a new run)")
+    return saved
+
+
 def run(
-    cfg: RunConfig,
+    cfg: RunConfig | None,
     on_start: Callable[[Federation, Path], None] | None = None,
     on_record: Callable[[dict], None] | None = None,
+    resume: str | Path | None = None,
 ) -> RunResult:
-    """Run ``cfg`` on the embedded simulator, writing everything into a new run directory."""
+    """Run ``cfg`` on the embedded simulator, writing everything into a new run directory.
+
+    With ``resume``, continue that run directory from its last checkpoint instead (``cfg``
+    may then be None; if given, it must not differ from the run's own in a way that
+    changes results).
+    """
     start = time.perf_counter()
-    run_dir = check_run_dir(cfg)
+    if resume is not None:
+        run_dir = Path(resume)
+        cfg = _resume_config(run_dir, cfg)
+    else:
+        run_dir = check_run_dir(cfg)
     data = load_task(cfg.data, seed=cfg.seed)
     fed = build_federation(cfg, data)
-    create_run_dir(run_dir, cfg)
-    write_json(run_dir / "partition.json", partition_report(fed))
-    if on_start:
-        on_start(fed, run_dir)
-    key = headline(fed)
-    records = []
-    writer = MetricsWriter(run_dir / "metrics.jsonl")
-    try:
-        for record in simulate(fed):
-            writer.write(record)
-            records.append(record)
-            if on_record:
-                on_record(record)
-    finally:
-        writer.close()
-    save_adapters(fed, run_dir)
-    scores = [r[key] for r in records if key in r]
-    summary = {
-        "method": cfg.method,
-        "scaling": cfg.scaling,
-        "gamma": fed.gamma,
-        "metric": key,
-        "final": scores[-1] if scores else None,
-        "best": max(scores) if scores else None,
-        "rounds": cfg.federation.rounds,
-        "wall_seconds": time.perf_counter() - start,
-    }
-    write_json(run_dir / "summary.json", summary)
+    if resume is None:
+        create_run_dir(run_dir, cfg)
+    with RunLock(run_dir):
+        if resume is not None:
+            load_checkpoint(fed, run_dir)
+            records = truncate_metrics(run_dir, fed.round)
+        else:
+            write_json(run_dir / "partition.json", partition_report(fed))
+            records = []
+        if on_start:
+            on_start(fed, run_dir)
+        writer = MetricsWriter(run_dir / "metrics.jsonl")
+        try:
+            for record in simulate(fed):
+                writer.write(record)
+                records.append(record)
+                if fed.round % cfg.checkpoint_every == 0 or fed.round == cfg.federation.rounds:
+                    save_checkpoint(fed, run_dir)
+                if on_record:
+                    on_record(record)
+        finally:
+            writer.close()
+        save_adapters(fed, run_dir)
+        key = headline(fed)
+        scores = [r[key] for r in records if r.get(key) is not None]
+        summary = {
+            "method": cfg.method,
+            "scaling": cfg.scaling,
+            "gamma": fed.gamma,
+            "metric": key,
+            "final": scores[-1] if scores else None,
+            "best": max(scores) if scores else None,
+            "rounds": cfg.federation.rounds,
+            "wall_seconds": time.perf_counter() - start,
+        }
+        write_json(run_dir / "summary.json", summary)
     return RunResult(run_dir, records, summary)

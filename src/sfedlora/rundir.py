@@ -50,6 +50,24 @@ def create_run_dir(path: Path, cfg: RunConfig) -> Path:
     return path
 
 
+def atomic_write(path: Path, write) -> None:
+    """Write through ``write(file)`` to a temp file, fsync it, then rename over ``path``.
+
+    A crash at any point leaves either the old file or the new one, never a torn one.
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 def _finite(value):
     # JSON has no NaN/Inf; null keeps every line parseable by strict readers.
     if isinstance(value, float) and not math.isfinite(value):
@@ -79,3 +97,71 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+class RunLock:
+    """``<run>/.lock`` holding the owner's PID, so two processes never write one run.
+
+    A lock left by a process that no longer exists (a crash, SIGKILL) is taken over.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / ".lock"
+
+    def __enter__(self) -> "RunLock":
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                owner = self._owner()
+                if owner is not None and owner != os.getpid() and _alive(owner):
+                    raise SfedloraError(f"run directory {self.path.parent} is in use by process {owner}: wait for it or stop it") from None
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            return self
+        raise SfedloraError(f"could not lock run directory {self.path.parent}: remove {self.path} if no run uses it")
+
+    def _owner(self) -> int | None:
+        try:
+            return int(self.path.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def __exit__(self, *exc) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def truncate_metrics(run_dir: Path, rounds_done: int) -> list[dict]:
+    """Keep the metrics lines of the first ``rounds_done`` rounds, byte for byte.
+
+    A crash after a round's line was written but before its checkpoint, or in the middle
+    of a line, leaves lines that the resumed run will write again: they are dropped.
+    """
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_bytes().splitlines(keepends=True) if path.exists() else []
+    kept, records = [], []
+    for line in lines[:rounds_done]:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        if not line.endswith(b"\n") or record.get("round") != len(kept) + 1:
+            break
+        kept.append(line)
+        records.append(record)
+    if len(kept) != rounds_done:
+        raise SfedloraError(f"{path} holds {len(kept)} complete rounds but the checkpoint {rounds_done}: the run cannot be resumed")
+    atomic_write(path, lambda f: f.write(b"".join(kept)))
+    return records

@@ -43,6 +43,8 @@ class Federation:
     metric: str
     gamma: float
     compute: Compute
+    sampler: np.random.Generator  # which clients take part in each round
+    round: int = 0  # rounds completed
 
     @property
     def n_sampled(self) -> int:
@@ -89,6 +91,7 @@ def build_federation(cfg: RunConfig, data: TaskData) -> Federation:
         metric=data.metric,
         gamma=gamma(cfg.scaling, cfg.lora.alpha, cfg.lora.rank, n_sampled),
         compute=compute,
+        sampler=np.random.default_rng([cfg.seed, 1]),
     )
 
 
@@ -131,12 +134,13 @@ def _mean_of(results: list[ClientResult], kind: str) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def run_round(fed: Federation, round_: int, sampler: np.random.Generator) -> dict:
-    """One communication round; returns its metrics record (without evaluation)."""
+def run_round(fed: Federation) -> dict:
+    """The next communication round; returns its metrics record (without evaluation)."""
     start = time.perf_counter()
     cfg = fed.cfg
     method = fed.method
-    sampled = np.sort(sampler.choice(len(fed.clients), size=fed.n_sampled, replace=False))
+    round_ = fed.round + 1
+    sampled = np.sort(fed.sampler.choice(len(fed.clients), size=fed.n_sampled, replace=False))
     trained = method.trained(round_)
     results, updates, bytes_up, bytes_down = [], [], 0, 0
     for k in sampled:
@@ -156,6 +160,7 @@ def run_round(fed: Federation, round_: int, sampler: np.random.Generator) -> dic
         new = aggregate(updates, fed.client_sizes[sampled].tolist())
         update_norm = float(torch.sqrt(sum(((new[n] - fed.server[n]).double() ** 2).sum() for n in new)))
         fed.server.update(new)
+    fed.round = round_
     return {
         "round": round_,
         "clients": sampled.tolist(),
@@ -171,12 +176,11 @@ def run_round(fed: Federation, round_: int, sampler: np.random.Generator) -> dic
 
 
 def simulate(fed: Federation) -> Iterator[dict]:
-    """Run every round, yielding each round's record (with evaluation where due)."""
-    cfg = fed.cfg
-    sampler = np.random.default_rng([cfg.seed, 1])
-    for round_ in range(1, cfg.federation.rounds + 1):
-        record = run_round(fed, round_, sampler)
-        if round_ % cfg.eval.every == 0 or round_ == cfg.federation.rounds:
+    """Run the remaining rounds, yielding each round's record (with evaluation where due)."""
+    rounds, every = fed.cfg.federation.rounds, fed.cfg.eval.every
+    while fed.round < rounds:
+        record = run_round(fed)
+        if fed.round % every == 0 or fed.round == rounds:
             start = time.perf_counter()
             record.update(evaluate(fed))
             record["eval_seconds"] = time.perf_counter() - start

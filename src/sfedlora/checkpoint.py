@@ -1,0 +1,51 @@
+"""Atomic checkpoints of a federation's mutable state, for exact resume.
+
+A checkpoint holds what the config cannot rebuild: the rounds done, the server's global
+tensors, every client's state (adapter tensors, optimizer state, RNG, step count) and
+the client sampler's RNG. Everything else (model, data split, initial adapter) is rebuilt
+from the config with the same seed, so a resumed run continues bit for bit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .client import ClientState
+from .errors import SfedloraError
+from .rundir import atomic_write
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def save_checkpoint(fed, run_dir: Path) -> Path:
+    state = {
+        "round": fed.round,
+        "server": fed.server,
+        "sampler": fed.sampler.bit_generator.state,
+        "clients": [
+            {"tensors": c.tensors, "rng": c.rng, "optimizer": c.optimizer, "steps": c.steps}
+            for c in fed.clients
+        ],
+    }
+    path = run_dir / CHECKPOINT
+    atomic_write(path, lambda f: torch.save(state, f))
+    return path
+
+
+def load_checkpoint(fed, run_dir: Path) -> None:
+    """Restore ``fed`` (freshly built from the run's config) to the checkpointed round."""
+    path = run_dir / CHECKPOINT
+    if not path.is_file():
+        raise SfedloraError(f"{run_dir} has no {CHECKPOINT}: it stopped before its first round ended; start it again instead")
+    try:
+        state = torch.load(path, map_location=fed.compute.device, weights_only=True)
+    except Exception as err:  # a truncated or foreign file
+        raise SfedloraError(f"checkpoint {path} cannot be read ({type(err).__name__}): the run cannot be resumed") from None
+    if len(state["clients"]) != len(fed.clients) or set(state["server"]) != set(fed.server):
+        raise SfedloraError(f"checkpoint {path} does not match the run's config (clients or adapter tensors differ)")
+    fed.round = state["round"]
+    fed.server = state["server"]
+    fed.sampler.bit_generator.state = state["sampler"]
+    fed.clients = [ClientState(c["tensors"], c["rng"], c["optimizer"], c["steps"]) for c in state["clients"]]

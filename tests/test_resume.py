@@ -1,0 +1,106 @@
+"""Exact resume after SIGKILL, determinism, and refusing to resume with a changed config."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from sfedlora.cli import app
+from sfedlora.config import build_config
+from sfedlora.experiment import run
+
+TIMING = {"seconds", "eval_seconds"}
+runner = CliRunner()
+
+
+def without_timing(run_dir):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(l).items() if k not in TIMING} for l in lines]
+
+
+def adapters(run_dir):
+    return {p.parent.name: load_file(p) for p in sorted((run_dir / "adapters").glob("*/adapter_model.safetensors"))}
+
+
+def assert_same_adapters(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].keys() == b[name].keys()
+        for t in a[name]:
+            assert a[name][t].equal(b[name][t]), (name, t)
+
+
+def six_rounds(tmp_path):
+    return [f"output_dir={tmp_path}", "data.max_train_examples=120", "data.max_eval_examples=32", "model.max_length=32",
+            "federation.n_clients=4", "federation.clients_per_round=3", "federation.rounds=6", "federation.local_steps=3",
+            "partition.min_size=8", "train.batch_size=8", "eval.every=2", "lora.rank=4", "lora.dropout=0.1",
+            "method=sfed-lora", "train.schedule=cosine", "train.warmup_steps=2"]
+
+
+def cli(*args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "sfedlora.cli", "run", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def sets(overrides):
+    return [a for o in overrides for a in ("--set", o)]
+
+
+def test_sigkill_after_round_3_then_resume_matches_an_uninterrupted_run(tmp_path):
+    overrides = six_rounds(tmp_path)
+    whole = tmp_path / "whole"
+    proc = cli(*sets(overrides + ["name=whole"]))
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()
+
+    killed = tmp_path / "killed"
+    proc = cli(*sets(overrides + ["name=killed"]))
+    metrics = killed / "metrics.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "adapters").exists()  # it really died before the end
+    assert (killed / ".lock").exists()  # left behind by the dead process, taken over below
+
+    resumed = cli("--resume", str(killed))
+    out, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err
+    assert "resumed after round" in out
+    assert without_timing(killed) == without_timing(whole)
+    assert [r["round"] for r in without_timing(killed)] == [1, 2, 3, 4, 5, 6]
+    assert_same_adapters(adapters(killed), adapters(whole))
+    assert not (killed / ".lock").exists()
+
+
+def test_same_seed_same_outputs_different_seed_different(tiny_config):
+    a = run(tiny_config("name=a", "lora.dropout=0.1"))
+    b = run(tiny_config("name=b", "lora.dropout=0.1"))
+    c = run(tiny_config("name=c", "lora.dropout=0.1", "seed=1"))
+    assert without_timing(a.run_dir) == without_timing(b.run_dir)
+    assert_same_adapters(adapters(a.run_dir), adapters(b.run_dir))
+    assert without_timing(a.run_dir) != without_timing(c.run_dir)
+
+
+def test_resume_refuses_a_config_that_changes_results(tiny_config, tiny_overrides):
+    done = run(tiny_config("name=done"))
+    result = runner.invoke(app, ["run", "--resume", str(done.run_dir), *sets(tiny_overrides + ["lora.rank=16", "train.lr=0.1"])])
+    assert result.exit_code == 2
+    assert "lora.rank, train.lr differ" in result.output
+    # Keys that do not change results may differ.
+    result = runner.invoke(app, ["run", "--resume", str(done.run_dir), *sets(tiny_overrides + ["name=elsewhere", "checkpoint_every=3"])])
+    assert result.exit_code == 0, result.output
+
+
+def test_resume_of_a_directory_that_is_not_a_run(tmp_path):
+    result = runner.invoke(app, ["run", "--resume", str(tmp_path)])
+    assert result.exit_code == 2 and "is not a run directory (no config.yaml)" in result.output
