@@ -2,7 +2,7 @@
 
 A checkpoint holds what the config cannot rebuild: the rounds done, the server's global
 tensors, every client's state (adapter tensors, optimizer state, RNG, step count) and
-the client sampler's RNG. Everything else (model, data split, initial adapter) is rebuilt
+the RNGs of client sampling and fault injection. Everything else (model, data split, initial adapter) is rebuilt
 from the config with the same seed, so a resumed run continues bit for bit.
 """
 
@@ -24,6 +24,7 @@ def save_checkpoint(fed, run_dir: Path) -> Path:
         "round": fed.round,
         "server": fed.server,
         "sampler": fed.sampler.bit_generator.state,
+        "fault_rng": fed.fault_rng.bit_generator.state,
         "clients": [
             {"tensors": c.tensors, "rng": c.rng, "optimizer": c.optimizer, "steps": c.steps}
             for c in fed.clients
@@ -48,4 +49,5 @@ def load_checkpoint(fed, run_dir: Path) -> None:
     fed.round = state["round"]
     fed.server = state["server"]
     fed.sampler.bit_generator.state = state["sampler"]
+    fed.fault_rng.bit_generator.state = state["fault_rng"]
     fed.clients = [ClientState(c["tensors"], c["rng"], c["optimizer"], c["steps"]) for c in state["clients"]]

@@ -24,10 +24,14 @@ SetOpt = typer.Option([], "--set", "-s", help="Override a config key: --set fede
 
 def _quiet_libraries() -> None:
     # The CLI reports progress itself; per-layer load reports would bury it.
+    import warnings
+
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    # Raised by transformers when PEFT builds the model; nothing a user of ours can act on.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def _fail(message: str) -> None:
@@ -73,6 +77,10 @@ def run(
 
     def on_record(record):
         key = state["key"]
+        if record["dropped"]:
+            progress.console.print(f"[yellow]round {record['round']}: no reply from clients {record['dropped']}[/]")
+        for r in record["rejected"]:
+            progress.console.print(f"[yellow]round {record['round']}: update of client {r['client']} rejected: {r['reason']}[/]")
         desc = f"loss {record['train_loss']:.4f}"
         if key in record:
             line = f"round {record['round']:>4}  loss {record['train_loss']:.4f}  {key} {record[key]:.4f}"

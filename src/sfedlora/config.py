@@ -22,7 +22,7 @@ class ModelConfig(_Section):
     target_modules: list[str] | None = Field(None, description="Modules that get LoRA; default per architecture (query/value for BERT-like models).")
     max_length: int = Field(128, gt=0, description="Tokens per example after truncation.")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto (a CUDA GPU when there is one), cpu, cuda or cuda:N.")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="Forward-pass precision (torch.autocast); adapters and optimizer state stay fp32.")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="Forward-pass precision (torch.autocast); auto = bf16 where the GPU or CPU (AVX512-BF16, AMX) runs it fast, else fp32. Adapters and optimizer state stay fp32.")
 
 
 class LoraSettings(_Section):
@@ -49,7 +49,7 @@ class DataConfig(_Section):
 
 
 class PartitionConfig(_Section):
-    kind: Literal["iid", "dirichlet"] = Field("dirichlet", description="How training examples are split among clients.")
+    kind: Literal["iid", "dirichlet"] = Field("iid", description="How training examples are split among clients.")
     beta: float = Field(0.5, gt=0, description="Dirichlet concentration over labels; smaller is more skewed.")
     min_size: int = Field(8, ge=1, description="Every client gets at least this many examples.")
 
@@ -58,8 +58,8 @@ class FederationConfig(_Section):
     n_clients: int = Field(10, ge=1, description="Clients in the federation.")
     clients_per_round: int | None = Field(None, ge=1, description="Clients sampled per round (default: all).")
     fraction: float | None = Field(None, gt=0, le=1, description="Alternative to clients_per_round: fraction of clients sampled.")
-    rounds: int = Field(30, ge=1, description="Communication rounds.")
-    local_steps: int | None = Field(5, ge=1, description="Optimizer steps per client per round.")
+    rounds: int = Field(40, ge=1, description="Communication rounds.")
+    local_steps: int | None = Field(10, ge=1, description="Optimizer steps per client per round.")
     local_epochs: float | None = Field(None, gt=0, description="Alternative to local_steps: passes over the client's data per round.")
     local_head: bool = Field(False, description="Keep the task head on the client instead of averaging it.")
 
@@ -84,7 +84,7 @@ class FederationConfig(_Section):
 
 class TrainConfig(_Section):
     optimizer: Literal["sgd", "adamw"] = Field("adamw", description="Client optimizer.")
-    lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
+    lr: float = Field(5e-4, gt=0, description="Peak learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (AdamW) or L2 (SGD).")
     momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum.")
     schedule: Literal["constant", "linear", "cosine"] = Field("constant", description="Learning-rate decay after warm-up, over each client's total steps.")
@@ -95,9 +95,25 @@ class TrainConfig(_Section):
 
 
 class EvalConfig(_Section):
-    every: int = Field(10, ge=1, description="Evaluate every k rounds (and always after the last).")
+    every: int = Field(20, ge=1, description="Evaluate every k rounds (and always after the last).")
     batch_size: int = Field(128, ge=1, description="Examples per evaluation batch.")
     personalised: bool = Field(True, description="Evaluate every client's personalised model (shared + local tensors).")
+
+
+class FaultConfig(_Section):
+    """Injected client faults, for testing and robustness studies (all off by default)."""
+
+    dropout: float = Field(0.0, ge=0, le=1, description="Probability that a sampled client never replies in a round.")
+    bad_update: float = Field(0.0, ge=0, le=1, description="Probability that a reply is corrupted (one of bad_kinds, at random).")
+    bad_kinds: list[Literal["nan", "inf", "shape", "scale"]] = Field(
+        ["nan", "inf", "shape", "scale"], min_length=1, description="Corruptions: a NaN or Inf entry, a wrong shape, the change scaled by 1e6.")
+
+
+class ServerConfig(_Section):
+    """What the server accepts. Non-finite and wrong-shaped updates are always refused."""
+
+    outlier_rule: Literal["none", "median"] = Field("none", description="median: refuse updates whose change norm exceeds outlier_factor x the median's.")
+    outlier_factor: float = Field(10.0, gt=1, description="Threshold of the median rule.")
 
 
 class RunConfig(_Section):
@@ -113,6 +129,8 @@ class RunConfig(_Section):
     federation: FederationConfig = FederationConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    server: ServerConfig = ServerConfig()
+    faults: FaultConfig = FaultConfig()
 
     @model_validator(mode="after")
     def _resolve_method(self) -> "RunConfig":

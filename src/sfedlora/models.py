@@ -128,6 +128,17 @@ def write_tensors(params: Mapping[str, torch.nn.Parameter], tensors: Mapping[str
             params[n].copy_(t)
 
 
+def _fast_bf16(device: str) -> bool:
+    """Whether bf16 autocast is a speed-up here: a bf16-capable GPU, or a CPU with AVX512-BF16/AMX."""
+    if device.startswith("cuda"):
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 @dataclass(frozen=True)
 class Compute:
     """Where and in what precision forward passes run; adapter and optimizer stay fp32."""
@@ -141,6 +152,8 @@ class Compute:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         elif device.startswith("cuda") and not torch.cuda.is_available():
             raise SfedloraError(f"model.device={device} but PyTorch sees no CUDA GPU: use model.device=cpu (or auto)")
+        if precision == "auto":
+            precision = "bf16" if _fast_bf16(device) else "fp32"
         return cls(device, precision)
 
     def forward(self, model: torch.nn.Module, batch: Mapping[str, torch.Tensor]):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import logging
 import time
 from dataclasses import dataclass
 from typing import Iterator
@@ -16,7 +18,10 @@ from .data.encoding import encode
 from .evaluation import label_mix_accuracy, predict, summarise, task_metrics
 from .methods import Method, aggregate, get_method, select
 from .models import Compute, build_classifier, read_tensors, trainable_parameters, write_tensors
+from .robust import change_norm, check_update, corrupt, norm_outliers
 from .scaling import gamma
+
+log = logging.getLogger("sfedlora")
 
 
 def nbytes(tensors: dict[str, torch.Tensor]) -> int:
@@ -44,6 +49,7 @@ class Federation:
     gamma: float
     compute: Compute
     sampler: np.random.Generator  # which clients take part in each round
+    fault_rng: np.random.Generator  # injected faults (drop-outs, bad updates), apart from sampling
     round: int = 0  # rounds completed
 
     @property
@@ -92,6 +98,7 @@ def build_federation(cfg: RunConfig, data: TaskData) -> Federation:
         gamma=gamma(cfg.scaling, cfg.lora.alpha, cfg.lora.rank, n_sampled),
         compute=compute,
         sampler=np.random.default_rng([cfg.seed, 1]),
+        fault_rng=np.random.default_rng([cfg.seed, 2]),
     )
 
 
@@ -134,41 +141,87 @@ def _mean_of(results: list[ClientResult], kind: str) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def run_round(fed: Federation) -> dict:
-    """The next communication round; returns its metrics record (without evaluation)."""
-    start = time.perf_counter()
+def _train_or_restore(fed: Federation, k: int, round_: int) -> ClientResult | None:
+    """Train client ``k``; if its loss turns non-finite, put its state back and return None."""
     cfg = fed.cfg
-    method = fed.method
+    state = fed.clients[k]
+    before = copy.deepcopy(state)
+    steps = steps_per_round(int(fed.client_sizes[k]), cfg.train.batch_size,
+                            cfg.federation.local_steps, cfg.federation.local_epochs)
+    result = train_client(fed.model, fed.params, state, fed.client_data[k], fed.tokenizer,
+                          fed.method.trained(round_), steps, steps * cfg.federation.rounds, cfg.train, fed.compute)
+    if not np.isfinite(result.loss):
+        fed.clients[k] = before
+        return None
+    return result
+
+
+def run_round(fed: Federation) -> dict:
+    """The next communication round; returns its metrics record (without evaluation).
+
+    Sampled clients download the global tensors, train and reply; the server refuses
+    malformed, non-finite and (optionally) outlying replies, then averages the rest.
+    """
+    start = time.perf_counter()
+    cfg, method, faults = fed.cfg, fed.method, fed.cfg.faults
     round_ = fed.round + 1
     sampled = np.sort(fed.sampler.choice(len(fed.clients), size=fed.n_sampled, replace=False))
-    trained = method.trained(round_)
-    results, updates, bytes_up, bytes_down = [], [], 0, 0
-    for k in sampled:
-        state = fed.clients[k]
+    expected = {n: fed.server[n] for n in method.upload(fed.initial, round_)}
+    results, replies, dropped, rejected, injected = [], [], [], [], []
+    bytes_up = bytes_down = 0
+    for k in sampled.tolist():
+        u_drop, u_bad, kind = fed.fault_rng.random(), fed.fault_rng.random(), fed.fault_rng.choice(faults.bad_kinds)
         download = method.download(fed.server)
-        state.tensors.update({n: t.clone() for n, t in download.items()})
+        fed.clients[k].tensors.update({n: t.clone() for n, t in download.items()})
         bytes_down += nbytes(download)
-        steps = steps_per_round(int(fed.client_sizes[k]), cfg.train.batch_size,
-                                cfg.federation.local_steps, cfg.federation.local_epochs)
-        results.append(train_client(fed.model, fed.params, state, fed.client_data[k], fed.tokenizer,
-                                    trained, steps, steps * cfg.federation.rounds, cfg.train, fed.compute))
-        update = method.upload(state.tensors, round_)
-        updates.append(update)
+        if u_drop < faults.dropout:
+            dropped.append(k)
+            continue
+        result = _train_or_restore(fed, k, round_)
+        if result is None:
+            rejected.append({"client": k, "reason": "non-finite training loss; client state restored"})
+            continue
+        results.append((k, result))
+        update = method.upload(fed.clients[k].tensors, round_)
+        if u_bad < faults.bad_update:
+            update = corrupt(update, expected, str(kind), fed.fault_rng)
+            injected.append({"client": k, "kind": str(kind)})
         bytes_up += nbytes(update)
+        reason = check_update(update, expected)
+        if reason is None:
+            replies.append((k, update))
+        else:
+            rejected.append({"client": k, "reason": reason})
+    if cfg.server.outlier_rule == "median" and replies:
+        norms = [change_norm(u, expected) for _, u in replies]
+        outlier = norm_outliers(norms, cfg.server.outlier_factor)
+        rejected += [{"client": k, "reason": f"change norm {n:.3g} over {cfg.server.outlier_factor:g}x the median"}
+                     for (k, _), n, bad in zip(replies, norms, outlier) if bad]
+        replies = [r for r, bad in zip(replies, outlier) if not bad]
+    for r in rejected:
+        log.warning("round %d: update of client %d rejected: %s", round_, r["client"], r["reason"])
     update_norm = 0.0
-    if updates[0]:
-        new = aggregate(updates, fed.client_sizes[sampled].tolist())
-        update_norm = float(torch.sqrt(sum(((new[n] - fed.server[n]).double() ** 2).sum() for n in new)))
+    if expected and replies:
+        new = aggregate([u for _, u in replies], [float(fed.client_sizes[k]) for k, _ in replies])
+        update_norm = change_norm(new, expected)
         fed.server.update(new)
+    elif expected:
+        log.warning("round %d: no update accepted; the server's tensors stay as they were", round_)
     fed.round = round_
+    trained = [r for _, r in results]
     return {
         "round": round_,
         "clients": sampled.tolist(),
-        "train_loss": float(np.average([r.loss for r in results], weights=fed.client_sizes[sampled])),
-        "grad_norm_A": _mean_of(results, "A"),
-        "grad_norm_B": _mean_of(results, "B"),
+        "train_loss": float(np.average([r.loss for r in trained], weights=[fed.client_sizes[k] for k, _ in results]))
+        if trained else float("nan"),
+        "grad_norm_A": _mean_of(trained, "A"),
+        "grad_norm_B": _mean_of(trained, "B"),
         "update_norm": update_norm,
         "gamma": fed.gamma,
+        "aggregated": len(replies),
+        "dropped": dropped,
+        "rejected": rejected,
+        "injected": injected,
         "bytes_up": bytes_up,
         "bytes_down": bytes_down,
         "seconds": time.perf_counter() - start,
