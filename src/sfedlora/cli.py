@@ -26,10 +26,12 @@ def _quiet_libraries() -> None:
     # The CLI reports progress itself; per-layer load reports would bury it.
     import warnings
 
+    import datasets
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
     # Raised by transformers when PEFT builds the model; nothing a user of ours can act on.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
@@ -110,6 +112,7 @@ def partition(config: Optional[Path] = ConfigArg, overrides: list[str] = SetOpt)
     from .data import partition as split
 
     cfg = _load(config, overrides)
+    _quiet_libraries()
     try:
         data = load_task(cfg.data, seed=cfg.seed)
         parts = split(data.train.labels, cfg.federation.n_clients, cfg.partition.kind, cfg.partition.beta,

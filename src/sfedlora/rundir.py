@@ -36,6 +36,8 @@ def check_run_dir(cfg: RunConfig) -> Path:
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise SfedloraError(f"run directory {path} already exists and is not empty: choose another name= or output_dir=")
     parent = next(p for p in [path, *path.parents] if p.exists())
+    if not parent.is_dir():
+        raise SfedloraError(f"cannot create the run directory {path}: {parent} is a file; choose another output_dir=")
     if not os.access(parent, os.W_OK):
         raise SfedloraError(f"cannot write the run directory {path}: {parent} is not writable; choose another output_dir=")
     return path

@@ -70,11 +70,11 @@ def build_federation(cfg: RunConfig, data: TaskData) -> Federation:
     parts = partition(data.train.labels, fed.n_clients, cfg.partition.kind, cfg.partition.beta,
                       cfg.partition.min_size, cfg.seed)
     n_sampled = fed.sampled_per_round()
+    compute = Compute.resolve(cfg.model.device, cfg.model.precision)
     model, tokenizer = build_classifier(
         cfg.model.name_or_path, data.num_labels, cfg.lora.rank, cfg.lora.alpha, cfg.scaling, n_sampled,
         dropout=cfg.lora.dropout, target_modules=cfg.model.target_modules, seed=cfg.seed,
     )
-    compute = Compute.resolve(cfg.model.device, cfg.model.precision)
     model.to(compute.device)
     params = trainable_parameters(model)
     initial = read_tensors(params)

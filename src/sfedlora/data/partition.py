@@ -9,6 +9,14 @@ from ..errors import SfedloraError
 _MAX_DRAWS = 1000
 
 
+def _check_room(n_examples: int, n_clients: int, min_size: int) -> None:
+    if n_clients * min_size > n_examples:
+        raise SfedloraError(
+            f"cannot give {n_clients} clients at least {min_size} examples each from {n_examples}: "
+            "lower partition.min_size or federation.n_clients"
+        )
+
+
 def iid_partition(n_examples: int, n_clients: int, rng: np.random.Generator) -> list[np.ndarray]:
     """A random permutation cut into ``n_clients`` near-equal parts."""
     return [np.sort(part) for part in np.array_split(rng.permutation(n_examples), n_clients)]
@@ -26,11 +34,7 @@ def dirichlet_partition(
     labels = np.asarray(labels)
     if labels.dtype.kind == "f":
         labels = np.digitize(labels, np.quantile(labels, [0.25, 0.5, 0.75]))
-    if n_clients * min_size > len(labels):
-        raise SfedloraError(
-            f"cannot give {n_clients} clients at least {min_size} examples each from {len(labels)}: "
-            "lower partition.min_size or federation.n_clients"
-        )
+    _check_room(len(labels), n_clients, min_size)
     classes = np.unique(labels)
     for _ in range(_MAX_DRAWS):
         parts: list[list[np.ndarray]] = [[] for _ in range(n_clients)]
@@ -53,8 +57,7 @@ def partition(labels: np.ndarray, n_clients: int, kind: str, beta: float, min_si
     """Indices of each client's training examples; every example goes to exactly one client."""
     rng = np.random.default_rng(seed)
     if kind == "iid":
-        if len(labels) < n_clients * min_size:
-            raise SfedloraError(f"{len(labels)} examples cannot give {n_clients} clients {min_size} each: lower partition.min_size")
+        _check_room(len(labels), n_clients, min_size)
         return iid_partition(len(labels), n_clients, rng)
     if kind == "dirichlet":
         return dirichlet_partition(labels, n_clients, beta, min_size, rng)

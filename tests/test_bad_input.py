@@ -1,0 +1,97 @@
+"""Every kind of bad input ends with one line naming the problem, exit code 2, nothing written."""
+
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from sfedlora.cli import app
+
+runner = CliRunner()
+
+SST2_HEADER = "sentence\tlabel\n"
+
+
+def tsv_dir(tmp_path, train, dev=SST2_HEADER + "fine\t1\n"):
+    d = tmp_path / "sst2"
+    d.mkdir()
+    (d / "train.tsv").write_text(train)
+    if dev is not None:
+        (d / "dev.tsv").write_text(dev)
+    return ["--set", "data.source=tsv", "--set", f"data.data_dir={d}"]
+
+
+def files(tmp_path, name, text, *extra):
+    f = tmp_path / name
+    f.write_text(text)
+    return ["--set", "data.source=files", "--set", "data.task=mine", "--set", f"data.train_file={f}",
+            "--set", f"data.eval_file={f}", *extra]
+
+
+def under_a_file(tmp_path):
+    (tmp_path / "f").write_text("")
+    return ["--set", f"output_dir={tmp_path}/f/runs"]
+
+
+def yaml_file(tmp_path, text):
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    return [str(f)]
+
+
+CASES = {
+    "unknown key": (lambda t: ["--set", "lora.rnk=4"], "unknown config key 'lora.rnk'"),
+    "unknown key in file": (lambda t: yaml_file(t, "federation:\n  clients: 5\n"), "unknown config key 'federation.clients'"),
+    "value out of range": (lambda t: ["--set", "federation.rounds=0"], "config federation.rounds: Input should be greater than or equal to 1 (got 0)"),
+    "not a number": (lambda t: ["--set", "train.lr=fast"], "config train.lr: Input should be a valid number"),
+    "unknown choice": (lambda t: ["--set", "train.optimizer=adam"], "config train.optimizer: Input should be 'sgd' or 'adamw'"),
+    "unknown method": (lambda t: ["--set", "method=fedavg"], "unknown method 'fedavg'; choose one of"),
+    "preset conflict": (lambda t: ["--set", "lora.scaling=lora"], "method sfed-lora uses scaling sfed, not lora"),
+    "too many per round": (lambda t: ["--set", "federation.clients_per_round=11"], "clients_per_round (11) exceeds n_clients (10)"),
+    "override without =": (lambda t: ["--set", "rounds"], "bad override 'rounds': write it as key=value"),
+    "missing config file": (lambda t: [str(t / "missing.yaml")], "missing.yaml not found"),
+    "broken YAML": (lambda t: yaml_file(t, "federation:\n  rounds: [1\n"), "is not valid YAML at line"),
+    "YAML not a mapping": (lambda t: yaml_file(t, "- 1\n- 2\n"), "must hold a mapping of sections"),
+    "unknown model path": (lambda t: ["--set", f"model.name_or_path={t}/nomodel"], "nomodel has no config.json"),
+    "no GPU": (lambda t: ["--set", "model.device=cuda"], "model.device=cuda but PyTorch sees no CUDA GPU"),
+    "data dir missing": (lambda t: ["--set", "data.source=tsv", "--set", f"data.data_dir={t}/none"], "none is not a directory"),
+    "dev file missing": (lambda t: tsv_dir(t, SST2_HEADER + "ok\t1\n", dev=None), "dev.tsv not found"),
+    "TSV bad label": (lambda t: tsv_dir(t, SST2_HEADER + "ok\t1\nodd\tpositive\n"), "train.tsv:3: label 'positive' is not one of 0, 1"),
+    "TSV missing column": (lambda t: tsv_dir(t, "text\tlabel\nok\t1\n"), "has no column 'sentence'"),
+    "TSV short row": (lambda t: ["--set", "data.task=rte", *tsv_dir(t, "index\tsentence1\tsentence2\tlabel\n0\tonly\n")], "train.tsv:2: expected at least 4"),
+    "not a GLUE task": (lambda t: ["--set", "data.task=imdb"], "data.task 'imdb' is not a GLUE task"),
+    "file format": (lambda t: files(t, "d.parquet", "x"), "d.parquet has an unknown format"),
+    "file column": (lambda t: files(t, "d.csv", "text,label\na,0\n"), "training data has no column 'sentence'"),
+    "split impossible": (lambda t: ["--set", "partition.min_size=5000"], "cannot give 10 clients at least 5000 examples"),
+    "run dir under a file": (under_a_file, "is a file; choose another output_dir="),
+}
+
+
+@pytest.mark.parametrize("case", CASES, ids=list(CASES))
+def test_bad_input(case, tmp_path):
+    make_args, message = CASES[case]
+    # Runs go to tmp_path/runs unless the case itself is about output_dir (the last --set wins).
+    result = runner.invoke(app, ["run", "--set", f"output_dir={tmp_path}/runs", *make_args(tmp_path)])
+    out = result.output.strip()
+    assert result.exit_code == 2, out
+    assert message in out
+    assert len(out.splitlines()) == 1 and out.startswith("error: ")
+    assert not (tmp_path / "runs").exists()  # nothing written
+
+
+def test_a_run_directory_in_use_is_refused_and_left_alone(tmp_path, tiny_overrides):
+    sets = [a for o in tiny_overrides + ["name=busy", "federation.rounds=1"] for a in ("--set", o)]
+    assert runner.invoke(app, ["run", *sets]).exit_code == 0
+    run_dir = tmp_path / "runs" / "busy"
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run_dir / ".lock").write_text(str(owner.pid))
+        before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+        result = runner.invoke(app, ["run", "--resume", str(run_dir)])
+        assert result.exit_code == 2
+        assert f"run directory {run_dir} is in use by process {owner.pid}" in result.output
+        assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
+    finally:
+        owner.kill()
+        owner.wait()
