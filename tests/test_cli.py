@@ -32,3 +32,14 @@ def test_console_script_reports_errors_on_stderr():
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: config lora.rank: Input should be greater than or equal to 1 (got -1)"
     assert proc.stdout == ""
+
+
+def test_partition_command_shows_sizes_and_label_histograms():
+    result = runner.invoke(app, ["partition", "--set", "partition.kind=dirichlet", "--set", "federation.n_clients=4"])
+    assert result.exit_code == 0, result.output
+    assert "12000 training examples, 4 clients, Dirichlet β=0.5" in result.output
+    rows = [l for l in result.output.splitlines() if l.strip().startswith("│") and l.split("│")[1].strip().isdigit()]
+    assert len(rows) == 4
+    sizes = [int(r.split("│")[2]) for r in rows]
+    per_label = [int(r.split("│")[3]) + int(r.split("│")[4]) for r in rows]
+    assert sizes == per_label and sum(sizes) == 12000

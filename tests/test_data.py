@@ -103,3 +103,19 @@ def test_own_files_errors(tmp_path):
     cfg = DataConfig(task="mine", source="files", train_file=str(tmp_path / "x.parquet"), eval_file=str(train))
     with pytest.raises(SfedloraError, match="not found"):
         load_task(cfg)
+
+
+def test_hub_dataset_layout_from_a_local_directory(tmp_path):
+    # load_dataset treats a local directory exactly like a hub repository of data files.
+    (tmp_path / "train.csv").write_text("review,stars\ngood,pos\nbad,neg\nfine,pos\n")
+    (tmp_path / "validation.csv").write_text("review,stars\nawful,neg\n")
+    cfg = DataConfig(task="reviews", source="hub", hub_name=str(tmp_path), text_column="review", label_column="stars")
+    data = load_task(cfg)
+    assert data.train.texts == ["good", "bad", "fine"] and data.train.labels.tolist() == [1, 0, 1]
+    assert data.eval.texts == ["awful"] and data.eval.labels.tolist() == [0]
+
+
+def test_hub_failure_is_one_clear_line(tmp_path):
+    cfg = DataConfig(task="reviews", source="hub", hub_name=str(tmp_path / "absent"))
+    with pytest.raises(SfedloraError, match="could not load .*absent.* from the Hugging Face hub"):
+        load_task(cfg)
