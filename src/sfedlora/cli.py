@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Optional
@@ -83,6 +84,8 @@ def run(
             progress.console.print(f"[yellow]round {record['round']}: no reply from clients {record['dropped']}[/]")
         for r in record["rejected"]:
             progress.console.print(f"[yellow]round {record['round']}: update of client {r['client']} rejected: {r['reason']}[/]")
+        if "collapse" in record:
+            progress.console.print(f"[bold red]round {record['round']}: training collapsed: {record['collapse']}[/]")
         desc = f"loss {record['train_loss']:.4f}"
         if key in record:
             line = f"round {record['round']:>4}  loss {record['train_loss']:.4f}  {key} {record[key]:.4f}"
@@ -130,6 +133,54 @@ def partition(config: Optional[Path] = ConfigArg, overrides: list[str] = SetOpt)
     for k, part in enumerate(parts):
         table.add_row(str(k), str(len(part)), *([str(c) for c in hist[k]] if data.num_labels > 1 else []))
     console.print(table)
+
+
+@app.command()
+def sweep(
+    config: Optional[Path] = typer.Argument(None, help="YAML run config, optionally with a grid: section."),
+    grid: Optional[str] = typer.Option(None, "--grid", "-g", help='Axes and values: "method=fedsa-lora,sfed-lora rank=4,8 seed=0,1".'),
+    overrides: list[str] = SetOpt,
+    name: Optional[str] = typer.Option(None, "--name", help="Sweep directory name under output_dir; reuse it to continue a sweep."),
+    jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Cells run at once, each in its own process."),
+) -> None:
+    """Run a grid of experiments, one run directory per cell; finished cells are skipped."""
+    from datetime import datetime
+
+    from .sweep import cell_name, grid_cells, load_sweep, run_sweep
+
+    try:
+        base, axes = load_sweep(config, grid, overrides)
+    except SfedloraError as err:
+        _fail(str(err))
+    _quiet_libraries()
+    sweep_dir = Path(base["output_dir"]) / (name or f"sweep-{datetime.now():%Y%m%d-%H%M%S}")
+    total = len(grid_cells(axes))
+    console.print(f"sweep of {total} runs into {sweep_dir} ({jobs} at a time)")
+    count = {"n": 0}
+
+    def on_cell(cell, run_dir, skipped):
+        count["n"] += 1
+        summary = run_dir / "summary.json"
+        final = json.loads(summary.read_text())["final"] if summary.is_file() else None
+        console.print(f"[{count['n']}/{total}] {cell_name(cell)}: " + ("already finished, skipped" if skipped else f"final {_fmt(final)}"))
+
+    try:
+        run_sweep(base, axes, sweep_dir, jobs=jobs, on_cell=on_cell)
+    except SfedloraError as err:
+        _fail(str(err))
+    console.print(f"summary: {sweep_dir / 'summary.csv'}, {sweep_dir / 'summary.md'}")
+
+
+@app.command()
+def report(path: Path = typer.Argument(..., help="A run directory or a sweep directory.")) -> None:
+    """Render plots (PNG and PDF) and report.md for a finished run or a sweep."""
+    from .report import report as render
+
+    try:
+        out = render(path)
+    except SfedloraError as err:
+        _fail(str(err))
+    console.print(f"report: {out}")
 
 
 @app.command("config")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal
 
@@ -187,11 +188,17 @@ def _format_validation_error(err: ValidationError) -> str:
     return f"config {where + ': ' if where else ''}{msg}{got}"
 
 
-def build_config(tree: dict | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    tree = dict(tree or {})
+def apply_overrides(tree: dict | None, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """A copy of a raw (unvalidated) config tree with ``key=value`` overrides applied."""
+    tree = copy.deepcopy(tree or {})
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
+    return tree
+
+
+def build_config(tree: dict | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    tree = apply_overrides(tree, overrides)
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as err:

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from .checkpoint import load_checkpoint, save_checkpoint
+from .collapse import detect
 from .config import RunConfig, load_config, result_differences
 from .data import load_task
 from .errors import SfedloraError
 from .models import write_tensors
 from .rundir import MetricsWriter, RunLock, check_run_dir, create_run_dir, truncate_metrics, write_json
 from .simulation import Federation, build_federation, simulate
+
+log = logging.getLogger("sfedlora")
 
 
 @dataclass
@@ -26,6 +32,16 @@ class RunResult:
 def headline(fed: Federation) -> str:
     """The metrics-record key a run is judged by: mean personalised score of the task's metric."""
     return f"personal_{fed.metric}_mean"
+
+
+COLLAPSE_METRIC = "personal_accuracy_mean"
+
+
+def majority_baseline(fed: Federation) -> float | None:
+    """Accuracy of always predicting the most frequent dev label (None for regression)."""
+    if fed.num_labels == 1:
+        return None
+    return float(np.bincount(fed.eval_data.labels, minlength=fed.num_labels).max() / len(fed.eval_data))
 
 
 def save_adapters(fed: Federation, run_dir: Path) -> list[Path]:
@@ -95,11 +111,18 @@ def run(
             records = []
         if on_start:
             on_start(fed, run_dir)
+        majority = majority_baseline(fed)
+        flagged = any("collapse" in r for r in records)  # a resumed run flagged it already
         writer = MetricsWriter(run_dir / "metrics.jsonl")
         try:
             for record in simulate(fed):
-                writer.write(record)
                 records.append(record)
+                collapse = None if flagged else detect(records, COLLAPSE_METRIC, majority, cfg.federation.rounds)
+                if collapse is not None:
+                    flagged = True
+                    record["collapse"] = collapse.reason
+                    log.warning("round %d: training collapsed: %s", collapse.round, collapse.reason)
+                writer.write(record)
                 if fed.round % cfg.checkpoint_every == 0 or fed.round == cfg.federation.rounds:
                     save_checkpoint(fed, run_dir)
                 if on_record:
@@ -109,6 +132,7 @@ def run(
         save_adapters(fed, run_dir)
         key = headline(fed)
         scores = [r[key] for r in records if r.get(key) is not None]
+        collapse = detect(records, COLLAPSE_METRIC, majority, cfg.federation.rounds)
         summary = {
             "method": cfg.method,
             "scaling": cfg.scaling,
@@ -117,6 +141,10 @@ def run(
             "final": scores[-1] if scores else None,
             "best": max(scores) if scores else None,
             "rounds": cfg.federation.rounds,
+            "majority_baseline": majority,
+            "collapsed": collapse is not None,
+            "collapse_round": collapse.round if collapse else None,
+            "collapse_reason": collapse.reason if collapse else None,
             "wall_seconds": time.perf_counter() - start,
         }
         write_json(run_dir / "summary.json", summary)

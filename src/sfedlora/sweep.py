@@ -1,0 +1,210 @@
+"""Grids of runs: one run directory per cell, worker processes, finished cells skipped.
+
+    <sweep>/sweep.yaml          the base config and the grid
+    <sweep>/runs/<cell>/        an ordinary run directory per cell
+    <sweep>/summary.csv         one row per cell
+    <sweep>/summary.md          cells grouped over seeds: mean ± std
+
+Re-running the same sweep skips cells that finished, resumes cells that have a checkpoint
+and starts the rest, so a stopped sweep continues where it was.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import math
+import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import yaml
+
+from .collapse import detect
+from .config import apply_overrides, build_config
+from .errors import SfedloraError
+from .rundir import read_metrics
+
+# Short names for the axes a study varies most; any dotted config key works as well.
+ALIASES = {
+    "rank": "lora.rank", "r": "lora.rank", "alpha": "lora.alpha", "scaling": "lora.scaling",
+    "clients": "federation.n_clients", "n": "federation.n_clients", "rounds": "federation.rounds",
+    "lr": "train.lr", "optimizer": "train.optimizer", "momentum": "train.momentum", "beta": "partition.beta",
+}
+
+
+def parse_grid(text: str) -> dict[str, list]:
+    """``"method=a,b rank=4,8"`` → ``{"method": ["a", "b"], "rank": [4, 8]}`` (values typed by YAML)."""
+    grid: dict[str, list] = {}
+    for item in text.split():
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise SfedloraError(f"bad grid axis {item!r}: write it as key=v1,v2, e.g. rank=4,8,32")
+        if key in grid:
+            raise SfedloraError(f"grid axis {key!r} appears twice")
+        grid[key] = [yaml.safe_load(v) for v in raw.split(",") if v != ""]
+        if not grid[key]:
+            raise SfedloraError(f"grid axis {key!r} has no values: write {key}=v1,v2")
+    return grid
+
+
+def grid_cells(grid: dict[str, list]) -> list[dict]:
+    """Every combination of the grid's values, the first axis varying slowest."""
+    return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+
+
+def cell_name(cell: dict) -> str:
+    return "_".join(f"{k.split('.')[-1]}-{v}" for k, v in cell.items())
+
+
+def cell_overrides(cell: dict) -> list[str]:
+    return [f"{ALIASES.get(k, k)}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in cell.items()]
+
+
+def load_sweep(path: str | Path | None, grid_text: str | None, overrides: list[str] | tuple[str, ...] = ()) -> tuple[dict, dict]:
+    """The base config tree (raw, unresolved) and the grid: from a YAML file with an
+    optional ``grid:`` section, overridden by ``--grid`` text and ``--set`` overrides."""
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise SfedloraError(f"sweep config {p} not found")
+        tree = yaml.safe_load(p.read_text()) or {}
+    grid = {k: list(v) if isinstance(v, list) else [v] for k, v in (tree.pop("grid", None) or {}).items()}
+    if grid_text:
+        grid.update(parse_grid(grid_text))
+    if not grid:
+        raise SfedloraError("the sweep has no grid: pass --grid \"method=... rank=...\" or a grid: section in the YAML")
+    # The base stays a raw tree: resolving it would pin a preset's scaling rule (say
+    # sfed-lora's sfed) and carry it into cells of another method.
+    base = apply_overrides(tree, overrides)
+    build_config(base)
+    for cell in grid_cells(grid):  # every cell must be a valid config before any runs
+        try:
+            build_config(base, cell_overrides(cell))
+        except SfedloraError as err:
+            raise SfedloraError(f"grid cell {cell_name(cell)}: {err}") from None
+    return base, grid
+
+
+def _run_cell(base: dict, cell: dict, runs_dir: str, threads: int) -> str:
+    """Run (or resume, or skip) one cell; returns its run directory. Runs in a worker."""
+    import torch
+
+    from .experiment import run
+
+    torch.set_num_threads(threads)
+    run_dir = Path(runs_dir) / cell_name(cell)
+    if (run_dir / "summary.json").is_file():
+        return str(run_dir)
+    if (run_dir / "checkpoint.pt").is_file():
+        run(None, resume=run_dir)
+    else:
+        if run_dir.exists():  # started but not one round checkpointed: nothing to keep
+            shutil.rmtree(run_dir)
+        run(build_config(base, [*cell_overrides(cell), f"output_dir={runs_dir}", f"name={cell_name(cell)}"]))
+    return str(run_dir)
+
+
+def run_sweep(
+    base: dict,
+    grid: dict,
+    sweep_dir: str | Path,
+    jobs: int = 1,
+    on_cell: Callable[[dict, Path, bool], None] | None = None,
+) -> list[Path]:
+    """Run every cell of the grid (``jobs`` at a time); returns the run directories."""
+    sweep_dir = Path(sweep_dir)
+    spec = yaml.safe_dump({"base": base, "grid": grid}, sort_keys=False)
+    spec_path = sweep_dir / "sweep.yaml"
+    if spec_path.is_file() and spec_path.read_text() != spec:
+        raise SfedloraError(f"{sweep_dir} holds a different sweep (its sweep.yaml differs): choose another --name")
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    spec_path.write_text(spec)
+    runs_dir = sweep_dir / "runs"
+    cells = grid_cells(grid)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    done = []
+    if jobs == 1:
+        for cell in cells:
+            skipped = (runs_dir / cell_name(cell) / "summary.json").is_file()
+            done.append(Path(_run_cell(base, cell, str(runs_dir), threads)))
+            if on_cell:
+                on_cell(cell, done[-1], skipped)
+    else:
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+            futures = {pool.submit(_run_cell, base, cell, str(runs_dir), threads): cell for cell in cells}
+            for future in as_completed(futures):
+                done.append(Path(future.result()))
+                if on_cell:
+                    on_cell(futures[future], done[-1], False)
+    write_summary(sweep_dir, grid)
+    return done
+
+
+def _last(records: list[dict], key: str):
+    return next((r[key] for r in reversed(records) if r.get(key) is not None), None)
+
+
+def cell_row(cell: dict, run_dir: Path, target: float | None = None) -> dict:
+    """One summary row: the cell's values and what its run reached."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    records = read_metrics(run_dir)
+    metric = summary["metric"]
+    evals = [r for r in records if r.get(metric) is not None]
+    reached = next((r["round"] for r in evals if target is not None and r[metric] >= target), None)
+    collapse = detect(records, "personal_accuracy_mean", summary.get("majority_baseline"), summary["rounds"])
+    return {
+        **cell,
+        "final": summary["final"],
+        "best": summary["best"],
+        "rounds_to_target": reached,
+        "final_train_loss": _last(records, "train_loss"),
+        "grad_norm_A": _last(records, "grad_norm_A"),
+        "grad_norm_B": _last(records, "grad_norm_B"),
+        "collapsed": collapse is not None,
+        "collapse_reason": collapse.reason if collapse else "",
+        "wall_seconds": summary["wall_seconds"],
+    }
+
+
+def _mean_std(values: list) -> str:
+    xs = [float(v) for v in values if v is not None and v != "" and math.isfinite(float(v))]
+    if not xs:
+        return "–"
+    return f"{np.mean(xs):.4f}" if len(xs) == 1 else f"{np.mean(xs):.4f} ± {np.std(xs, ddof=1):.4f}"
+
+
+def write_summary(sweep_dir: Path, grid: dict, target: float | None = None) -> list[dict]:
+    """``summary.csv`` (a row per finished cell) and ``summary.md`` (mean ± std over seeds)."""
+    rows = []
+    for cell in grid_cells(grid):
+        run_dir = sweep_dir / "runs" / cell_name(cell)
+        if (run_dir / "summary.json").is_file():
+            rows.append(cell_row(cell, run_dir, target))
+    if not rows:
+        return rows
+    with (sweep_dir / "summary.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    group_keys = [k for k in grid if k != "seed"]
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row[k] for k in group_keys), []).append(row)
+    stats = ["final", "best", "rounds_to_target", "final_train_loss", "grad_norm_A", "grad_norm_B", "wall_seconds"]
+    lines = [f"# Sweep summary: {sweep_dir.name}", "",
+             f"{len(rows)} finished runs; mean ± std over seeds (n = runs per row).", "",
+             "| " + " | ".join(group_keys + ["n"] + stats + ["collapsed"]) + " |",
+             "|" + "---|" * (len(group_keys) + len(stats) + 2)]
+    for key, members in groups.items():
+        collapsed = sum(m["collapsed"] for m in members)
+        cells = [str(v) for v in key] + [str(len(members))] + [_mean_std([m[s] for m in members]) for s in stats]
+        lines.append("| " + " | ".join(cells + [f"{collapsed}/{len(members)}"]) + " |")
+    (sweep_dir / "summary.md").write_text("\n".join(lines) + "\n")
+    return rows

@@ -1,0 +1,88 @@
+"""Sweeps: a 2x2 grid of tiny runs, skipping finished cells on re-run, summary and report."""
+
+import csv
+
+import pytest
+from typer.testing import CliRunner
+
+from sfedlora.cli import app
+from sfedlora.errors import SfedloraError
+from sfedlora.sweep import cell_name, cell_overrides, grid_cells, load_sweep, parse_grid, run_sweep
+
+runner = CliRunner()
+
+
+def test_grid_parsing_and_cells():
+    grid = parse_grid("method=fedsa-lora,sfed-lora rank=4,8 train.lr=0.001")
+    assert grid == {"method": ["fedsa-lora", "sfed-lora"], "rank": [4, 8], "train.lr": [0.001]}
+    cells = grid_cells(grid)
+    assert len(cells) == 4 and cells[0] == {"method": "fedsa-lora", "rank": 4, "train.lr": 0.001}
+    assert cell_name(cells[3]) == "method-sfed-lora_rank-8_lr-0.001"
+    assert cell_overrides(cells[3]) == ["method=sfed-lora", "lora.rank=8", "train.lr=0.001"]
+    with pytest.raises(SfedloraError, match="write it as key=v1,v2"):
+        parse_grid("rank")
+
+
+def test_a_bad_cell_is_named_before_anything_runs(tmp_path):
+    with pytest.raises(SfedloraError, match="grid cell method-fedsa-lora_rank-0: config lora.rank"):
+        load_sweep(None, "method=fedsa-lora rank=4,0", [f"output_dir={tmp_path}"])
+
+
+def test_two_by_two_sweep_resumes_and_reports(tiny_overrides, tmp_path):
+    args = ["sweep", "--grid", "method=fedsa-lora,sfed-lora rank=2,4", "--name", "s",
+            *[a for o in tiny_overrides + ["eval.every=1"] for a in ("--set", o)]]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    sweep_dir = tmp_path / "runs" / "s"
+    names = sorted(p.name for p in (sweep_dir / "runs").iterdir())
+    assert names == ["method-fedsa-lora_rank-2", "method-fedsa-lora_rank-4", "method-sfed-lora_rank-2", "method-sfed-lora_rank-4"]
+    rows = list(csv.DictReader((sweep_dir / "summary.csv").open()))
+    assert [(r["method"], r["rank"]) for r in rows] == [("fedsa-lora", "2"), ("fedsa-lora", "4"), ("sfed-lora", "2"), ("sfed-lora", "4")]
+    assert {"final", "best", "rounds_to_target", "final_train_loss", "grad_norm_A", "grad_norm_B", "collapsed",
+            "collapse_reason", "wall_seconds"} <= set(rows[0])
+    assert all(0 <= float(r["final"]) <= 1 for r in rows)
+    assert "| method | rank | n | final |" in (sweep_dir / "summary.md").read_text()
+
+    # Re-running: every finished cell is skipped, and its files stay as they were.
+    metrics = (sweep_dir / "runs" / names[0] / "metrics.jsonl").read_bytes()
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0 and result.output.count("already finished, skipped") == 4
+    assert (sweep_dir / "runs" / names[0] / "metrics.jsonl").read_bytes() == metrics
+
+    result = runner.invoke(app, ["report", str(sweep_dir)])
+    assert result.exit_code == 0, result.output
+    plots = sorted(p.name for p in (sweep_dir / "plots").iterdir())
+    for stem in ("metric_vs_round", "grad_norm_A", "grad_norm_B", "heatmap"):
+        assert f"{stem}.png" in plots and f"{stem}.pdf" in plots
+        assert (sweep_dir / "plots" / f"{stem}.png").stat().st_size > 5000
+    md = (sweep_dir / "report.md").read_text()
+    assert "![metric_vs_round](plots/metric_vs_round.png)" in md and "| fedsa-lora | 2 |" in md
+
+
+def test_a_sweep_directory_holding_another_sweep_is_refused(tiny_overrides, tmp_path):
+    base, grid = load_sweep(None, "rank=2", tiny_overrides)
+    sweep_dir = tmp_path / "x"
+    sweep_dir.mkdir()
+    (sweep_dir / "sweep.yaml").write_text("base: {}\ngrid: {rank: [8]}\n")
+    with pytest.raises(SfedloraError, match="holds a different sweep"):
+        run_sweep(base, grid, sweep_dir)
+
+
+def test_report_of_a_single_run(tiny_config, tmp_path):
+    from sfedlora.experiment import run
+
+    result = run(tiny_config("name=one"))
+    out = runner.invoke(app, ["report", str(result.run_dir)])
+    assert out.exit_code == 0, out.output
+    assert (result.run_dir / "plots" / "run.png").is_file() and (result.run_dir / "plots" / "run.pdf").is_file()
+    assert "**collapsed**" in (result.run_dir / "report.md").read_text()
+    bad = runner.invoke(app, ["report", str(tmp_path)])
+    assert bad.exit_code == 2 and "neither a finished run" in bad.output
+
+
+def test_cells_of_other_methods_do_not_inherit_a_preset_scaling(tiny_overrides):
+    from sfedlora.config import build_config
+
+    base, grid = load_sweep(None, "method=fedsa-lora,sfed-lora,fedsa-rslora", tiny_overrides)
+    rules = [build_config(base, cell_overrides(c)).scaling for c in grid_cells(grid)]
+    assert rules == ["lora", "sfed", "rslora"]
