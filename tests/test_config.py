@@ -62,3 +62,11 @@ def test_resolved_config_round_trips(tmp_path):
 def test_bad_combinations_name_the_field(overrides, message):
     with pytest.raises(SfedloraError, match=message):
         build_config(overrides=overrides)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_sweep_configs_are_valid_in_every_cell(path):
+    from sfedlora.sweep import grid_cells, load_sweep
+
+    base, grid = load_sweep(path, None)
+    assert len(grid_cells(grid)) >= 2
