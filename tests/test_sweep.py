@@ -29,7 +29,7 @@ def test_a_bad_cell_is_named_before_anything_runs(tmp_path):
 
 
 def test_two_by_two_sweep_resumes_and_reports(tiny_overrides, tmp_path):
-    args = ["sweep", "--grid", "method=fedsa-lora,sfed-lora rank=2,4", "--name", "s",
+    args = ["sweep", "--grid", "method=fedsa-lora,sfed-lora rank=2,4", "--name", "s", "--target", "0.3",
             *[a for o in tiny_overrides + ["eval.every=1"] for a in ("--set", o)]]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -41,6 +41,7 @@ def test_two_by_two_sweep_resumes_and_reports(tiny_overrides, tmp_path):
     assert {"final", "best", "rounds_to_target", "final_train_loss", "grad_norm_A", "grad_norm_B", "collapsed",
             "collapse_reason", "wall_seconds"} <= set(rows[0])
     assert all(0 <= float(r["final"]) <= 1 for r in rows)
+    assert all(r["rounds_to_target"] == "1" for r in rows)  # every tiny run is above 0.3 at its first evaluation
     assert "| method | rank | n | final |" in (sweep_dir / "summary.md").read_text()
 
     # Re-running: every finished cell is skipped, and its files stay as they were.

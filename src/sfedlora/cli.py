@@ -142,6 +142,7 @@ def sweep(
     overrides: list[str] = SetOpt,
     name: Optional[str] = typer.Option(None, "--name", help="Sweep directory name under output_dir; reuse it to continue a sweep."),
     jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Cells run at once, each in its own process."),
+    target: Optional[float] = typer.Option(None, "--target", help="Report the first round each run reaches this metric value."),
 ) -> None:
     """Run a grid of experiments, one run directory per cell; finished cells are skipped."""
     from datetime import datetime
@@ -165,7 +166,7 @@ def sweep(
         console.print(f"[{count['n']}/{total}] {cell_name(cell)}: " + ("already finished, skipped" if skipped else f"final {_fmt(final)}"))
 
     try:
-        run_sweep(base, axes, sweep_dir, jobs=jobs, on_cell=on_cell)
+        run_sweep(base, axes, sweep_dir, jobs=jobs, on_cell=on_cell, target=target)
     except SfedloraError as err:
         _fail(str(err))
     console.print(f"summary: {sweep_dir / 'summary.csv'}, {sweep_dir / 'summary.md'}")

@@ -165,8 +165,8 @@ def report(path: str | Path) -> Path:
     if (path / "sweep.yaml").is_file():
         from .sweep import write_summary
 
-        grid = yaml.safe_load((path / "sweep.yaml").read_text())["grid"]
-        write_summary(path, grid)
+        spec = yaml.safe_load((path / "sweep.yaml").read_text())
+        write_summary(path, spec["grid"], spec.get("target"))
         out_dir = path / "plots"
         out_dir.mkdir(exist_ok=True)
         pngs = [p for p in plot_sweep(path, out_dir) if p.suffix == ".png"]

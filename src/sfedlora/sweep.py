@@ -117,15 +117,20 @@ def run_sweep(
     sweep_dir: str | Path,
     jobs: int = 1,
     on_cell: Callable[[dict, Path, bool], None] | None = None,
+    target: float | None = None,
 ) -> list[Path]:
-    """Run every cell of the grid (``jobs`` at a time); returns the run directories."""
+    """Run every cell of the grid (``jobs`` at a time); returns the run directories.
+
+    ``target`` is the metric value whose first-reaching round the summary reports.
+    """
     sweep_dir = Path(sweep_dir)
-    spec = yaml.safe_dump({"base": base, "grid": grid}, sort_keys=False)
     spec_path = sweep_dir / "sweep.yaml"
-    if spec_path.is_file() and spec_path.read_text() != spec:
-        raise SfedloraError(f"{sweep_dir} holds a different sweep (its sweep.yaml differs): choose another --name")
+    if spec_path.is_file():
+        old = yaml.safe_load(spec_path.read_text())
+        if (old.get("base"), old.get("grid")) != (base, grid):
+            raise SfedloraError(f"{sweep_dir} holds a different sweep (its sweep.yaml differs): choose another --name")
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    spec_path.write_text(spec)
+    spec_path.write_text(yaml.safe_dump({"base": base, "grid": grid, "target": target}, sort_keys=False))
     runs_dir = sweep_dir / "runs"
     cells = grid_cells(grid)
     threads = max(1, (os.cpu_count() or 1) // jobs)
@@ -143,7 +148,7 @@ def run_sweep(
                 done.append(Path(future.result()))
                 if on_cell:
                     on_cell(futures[future], done[-1], False)
-    write_summary(sweep_dir, grid)
+    write_summary(sweep_dir, grid, target)
     return done
 
 
