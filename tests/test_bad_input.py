@@ -29,6 +29,13 @@ def files(tmp_path, name, text, *extra):
             "--set", f"data.eval_file={f}", *extra]
 
 
+def eval_label_out_of_range(tmp_path):
+    (tmp_path / "train.csv").write_text("sentence,label\na,0\nb,1\n")
+    (tmp_path / "dev.csv").write_text("sentence,label\nc,7\n")
+    return ["--set", "data.source=files", "--set", "data.task=mine", "--set", f"data.train_file={tmp_path}/train.csv",
+            "--set", f"data.eval_file={tmp_path}/dev.csv"]
+
+
 def under_a_file(tmp_path):
     (tmp_path / "f").write_text("")
     return ["--set", f"output_dir={tmp_path}/f/runs"]
@@ -63,6 +70,8 @@ CASES = {
     "not a GLUE task": (lambda t: ["--set", "data.task=imdb"], "data.task 'imdb' is not a GLUE task"),
     "file format": (lambda t: files(t, "d.parquet", "x"), "d.parquet has an unknown format"),
     "file column": (lambda t: files(t, "d.csv", "text,label\na,0\n"), "training data has no column 'sentence'"),
+    "file label column": (lambda t: files(t, "d.csv", "sentence,y\na,0\n"), "training data has no column 'label'"),
+    "label out of range": (eval_label_out_of_range, "evaluation data: labels must lie in 0..1; found 7..7"),
     "split impossible": (lambda t: ["--set", "partition.min_size=5000"], "cannot give 10 clients at least 5000 examples"),
     "run dir under a file": (under_a_file, "is a file; choose another output_dir="),
 }
@@ -80,9 +89,17 @@ def test_bad_input(case, tmp_path):
     assert not (tmp_path / "runs").exists()  # nothing written
 
 
-def test_a_run_directory_in_use_is_refused_and_left_alone(tmp_path, tiny_overrides):
-    sets = [a for o in tiny_overrides + ["name=busy", "federation.rounds=1"] for a in ("--set", o)]
-    assert runner.invoke(app, ["run", *sets]).exit_code == 0
+def test_a_run_directory_in_use_is_refused_and_left_alone(tmp_path, tiny_config):
+    from sfedlora.experiment import run
+
+    class Stop(Exception):
+        pass
+
+    def stop(record):
+        raise Stop
+
+    with pytest.raises(Stop):  # an unfinished run, as one still running would be
+        run(tiny_config("name=busy"), on_record=stop)
     run_dir = tmp_path / "runs" / "busy"
     owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:

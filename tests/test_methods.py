@@ -32,6 +32,7 @@ def server_round(method_name, round_):
 
 def test_tensor_kinds_follow_peft_names():
     assert [tensor_kind(n) for n in (A, B, HEAD)] == ["A", "B", "head"]
+    assert tensor_kind("m.embed.lora_embedding_A.default") == "A" and tensor_kind("m.embed.lora_embedding_B.default") == "B"
 
 
 def test_fedit_averages_a_b_and_head():
@@ -138,3 +139,25 @@ def test_rolora_trains_and_sends_only_b_then_only_a(tiny_config):
     assert rec["grad_norm_B"] is None and rec["grad_norm_A"] > 0
     assert rec["bytes_up"] == 3 * (sizes["A"] + sizes["head"])
     assert changed(before, fed.server, "A") and not changed(before, fed.server, "B")
+
+
+def test_head_probe_trains_only_the_head_then_freezes_it():
+    method = get_method("sfed-lora", head_probe_rounds=2)
+    assert method.trained(1) == method.trained(2) == {"head"}
+    assert method.trained(3) == {"A", "B"}
+    assert set(method.upload(CLIENTS[0], 1)) == {HEAD} and set(method.upload(CLIENTS[0], 3)) == {A}
+    assert method.has_local_state()
+    rolora = get_method("rolora", head_probe_rounds=1)
+    assert rolora.trained(2) == {"B"} and rolora.trained(3) == {"A"} and not rolora.has_local_state()
+
+
+def test_head_probe_in_a_run(tiny_config):
+    cfg = tiny_config("method=fedit", "federation.head_probe_rounds=1", "train.lr=0.01")
+    fed = build_federation(cfg, load_task(cfg.data, seed=cfg.seed))
+    first = run_round(fed)
+    assert first["grad_norm_A"] is None and first["grad_norm_B"] is None
+    assert changed(fed.initial, fed.server, "head") and not changed(fed.initial, fed.server, "A")
+    head = {n: t.clone() for n, t in kind_tensors(fed.server, "head").items()}
+    second = run_round(fed)
+    assert second["grad_norm_A"] > 0 and second["grad_norm_B"] > 0
+    assert not changed(head, fed.server, "head")

@@ -92,13 +92,25 @@ def test_same_seed_same_outputs_different_seed_different(tiny_config):
 
 
 def test_resume_refuses_a_config_that_changes_results(tiny_config, tiny_overrides):
-    done = run(tiny_config("name=done"))
-    result = runner.invoke(app, ["run", "--resume", str(done.run_dir), *sets(tiny_overrides + ["lora.rank=16", "train.lr=0.1"])])
+    class Stop(Exception):
+        pass
+
+    def stop_after_round_1(record):
+        raise Stop
+
+    with pytest.raises(Stop):
+        run(tiny_config("name=stopped"), on_record=stop_after_round_1)
+    run_dir = tiny_config().output_dir + "/stopped"
+    # --set applies on top of the run's own config.yaml
+    result = runner.invoke(app, ["run", "--resume", run_dir, *sets(["lora.rank=16", "train.lr=0.1"])])
     assert result.exit_code == 2
     assert "lora.rank, train.lr differ" in result.output
     # Keys that do not change results may differ.
-    result = runner.invoke(app, ["run", "--resume", str(done.run_dir), *sets(tiny_overrides + ["name=elsewhere", "checkpoint_every=3"])])
+    result = runner.invoke(app, ["run", "--resume", run_dir, *sets(["name=elsewhere", "checkpoint_every=3"])])
     assert result.exit_code == 0, result.output
+    assert "resumed after round 1" in result.output
+    result = runner.invoke(app, ["run", "--resume", run_dir])
+    assert result.exit_code == 2 and "already finished" in result.output
 
 
 def test_resume_of_a_directory_that_is_not_a_run(tmp_path):

@@ -18,6 +18,9 @@ def test_grid_parsing_and_cells():
     cells = grid_cells(grid)
     assert len(cells) == 4 and cells[0] == {"method": "fedsa-lora", "rank": 4, "train.lr": 0.001}
     assert cell_name(cells[3]) == "method-sfed-lora_rank-8_lr-0.001"
+    assert cell_name({"lora.dropout": 0.1, "faults.dropout": 0.2}) == "lora.dropout-0.1_faults.dropout-0.2"
+    assert cell_overrides({"train.max_grad_norm": None, "federation.local_head": True}) == [
+        "train.max_grad_norm=null", "federation.local_head=true"]
     assert cell_overrides(cells[3]) == ["method=sfed-lora", "lora.rank=8", "train.lr=0.001"]
     with pytest.raises(SfedloraError, match="write it as key=v1,v2"):
         parse_grid("rank")
@@ -87,3 +90,24 @@ def test_cells_of_other_methods_do_not_inherit_a_preset_scaling(tiny_overrides):
     base, grid = load_sweep(None, "method=fedsa-lora,sfed-lora,fedsa-rslora", tiny_overrides)
     rules = [build_config(base, cell_overrides(c)).scaling for c in grid_cells(grid)]
     assert rules == ["lora", "sfed", "rslora"]
+
+
+def test_learning_rate_views(tmp_path):
+    from sfedlora.sweep import _learning_rate_views
+
+    grid = {"method": ["a"], "rank": [4, 8], "lr": [0.1, 0.01], "seed": [0, 1]}
+    finals = {(4, 0.1): [0.8, 0.7], (4, 0.01): [0.6, 0.6], (8, 0.1): [0.5, 0.5], (8, 0.01): [0.9, 0.7]}
+    rows = [{"method": "a", "rank": r, "lr": lr, "seed": s, "final": f}
+            for (r, lr), fs in finals.items() for s, f in enumerate(fs)]
+    text = "\n".join(_learning_rate_views(rows, grid))
+    assert "**lr = 0.1**\n\n| method | r=4 | r=8 |\n|---|---|---|\n| a | 0.7500 | 0.5000 |" in text
+    assert "| a | 0.6000 | 0.8000 |" in text  # lr = 0.01
+    assert "| a | 0.7500 (0.1) | 0.8000 (0.01) |" in text  # tuned
+
+
+@pytest.mark.parametrize("text, message", [("grid: [1, 2]\n", "must map axes to lists"), ("a: [\n", "not valid YAML")])
+def test_bad_sweep_files(tmp_path, text, message):
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    with pytest.raises(SfedloraError, match=message):
+        load_sweep(path, None)

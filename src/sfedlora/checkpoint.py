@@ -50,4 +50,5 @@ def load_checkpoint(fed, run_dir: Path) -> None:
     fed.server = state["server"]
     fed.sampler.bit_generator.state = state["sampler"]
     fed.fault_rng.bit_generator.state = state["fault_rng"]
-    fed.clients = [ClientState(c["tensors"], c["rng"], c["optimizer"], c["steps"]) for c in state["clients"]]
+    # torch.Generator states are CPU byte tensors whatever the device of the rest.
+    fed.clients = [ClientState(c["tensors"], c["rng"].cpu(), c["optimizer"], c["steps"]) for c in state["clients"]]

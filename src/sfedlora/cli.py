@@ -62,8 +62,13 @@ def run(
     """Run a federated fine-tuning experiment on the embedded simulator."""
     from .experiment import headline, run as run_experiment
 
-    # On resume the run's own config.yaml rules; a config or --set given too is checked against it.
-    cfg = _load(config, overrides) if resume is None or config is not None or overrides else None
+    # On resume the run's own config.yaml rules; --set applies on top of it, and the result
+    # (or a config file given instead) may differ from it only in keys that change no result.
+    if resume is not None and config is None:
+        saved = resume / "config.yaml"
+        cfg = _load(saved, overrides) if overrides and saved.is_file() else None
+    else:
+        cfg = _load(config, overrides)
     _quiet_libraries()
     progress = Progress(TextColumn("[bold]round"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.description}"),
                         TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not console.is_terminal)

@@ -63,6 +63,7 @@ class FederationConfig(_Section):
     local_steps: int | None = Field(10, ge=1, description="Optimizer steps per client per round.")
     local_epochs: float | None = Field(None, gt=0, description="Alternative to local_steps: passes over the client's data per round.")
     local_head: bool = Field(False, description="Keep the task head on the client instead of averaging it.")
+    head_probe_rounds: int = Field(0, ge=0, description="First train only the head for this many rounds (a linear probe), then freeze it and train only the adapter; 0 trains both throughout.")
 
     @model_validator(mode="after")
     def _one_way_each(self) -> "FederationConfig":
@@ -72,6 +73,8 @@ class FederationConfig(_Section):
             raise ValueError(f"clients_per_round ({self.clients_per_round}) exceeds n_clients ({self.n_clients})")
         if (self.local_steps is None) == (self.local_epochs is None):
             raise ValueError("set exactly one of local_steps and local_epochs")
+        if self.head_probe_rounds >= self.rounds:
+            raise ValueError(f"head_probe_rounds ({self.head_probe_rounds}) leaves no round for the adapter (rounds = {self.rounds})")
         return self
 
     def sampled_per_round(self) -> int:
@@ -121,7 +124,8 @@ class RunConfig(_Section):
     name: str | None = Field(None, description="Run name; the run directory is <output_dir>/<name>.")
     output_dir: str = Field("runs", description="Parent directory of run directories.")
     seed: int = Field(0, description="Seeds data split, initialisation, sampling and client RNGs.")
-    checkpoint_every: int = Field(1, ge=1, description="Write a resumable checkpoint every k rounds (and after the last).")
+    checkpoint_every: int = Field(1, ge=1, description="Write a resumable checkpoint every k rounds (removed once the run finishes).")
+    save_adapters: bool = Field(True, description="Save the final adapters in PEFT format (turn off for large sweeps that need only metrics).")
     method: str = Field("sfed-lora", description=f"One of {', '.join(PRESETS)}.")
     model: ModelConfig = ModelConfig()
     lora: LoraSettings = LoraSettings()
@@ -205,22 +209,25 @@ def build_config(tree: dict | None = None, overrides: list[str] | tuple[str, ...
         raise SfedloraError(_format_validation_error(err)) from None
 
 
+def read_yaml_mapping(path: str | Path) -> dict:
+    """A YAML config file's top-level mapping, with one-line errors for every way it can be wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise SfedloraError(f"config file {path} not found: pass the path of a YAML file, e.g. examples/sfed-lora.yaml")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark else ""
+        raise SfedloraError(f"config file {path} is not valid YAML{line}: fix its syntax") from None
+    if not isinstance(tree, dict):
+        raise SfedloraError(f"config file {path} must hold a mapping of sections (model:, lora:, ...), not a {type(tree).__name__}")
+    return tree
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Load a YAML config (or the defaults: the main job) and apply ``key=value`` overrides."""
-    tree: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise SfedloraError(f"config file {path} not found: pass the path of a YAML file, e.g. examples/sfed-lora.yaml")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            line = f" at line {mark.line + 1}" if mark else ""
-            raise SfedloraError(f"config file {path} is not valid YAML{line}: fix its syntax") from None
-        if not isinstance(tree, dict):
-            raise SfedloraError(f"config file {path} must hold a mapping of sections (model:, lora:, ...), not a {type(tree).__name__}")
-    return build_config(tree, overrides)
+    return build_config(read_yaml_mapping(path) if path is not None else {}, overrides)
 
 
 def dump_config(cfg: RunConfig) -> str:
@@ -228,7 +235,7 @@ def dump_config(cfg: RunConfig) -> str:
 
 
 # Keys that name where a run lives or how it is shown, not what it computes.
-NON_RESULT_KEYS = frozenset({"name", "output_dir", "checkpoint_every"})
+NON_RESULT_KEYS = frozenset({"name", "output_dir", "checkpoint_every", "save_adapters"})
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

@@ -10,13 +10,13 @@ from typing import Callable
 
 import numpy as np
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from .collapse import detect
 from .config import RunConfig, load_config, result_differences
 from .data import load_task
 from .errors import SfedloraError
 from .models import write_tensors
-from .rundir import MetricsWriter, RunLock, check_run_dir, create_run_dir, truncate_metrics, write_json
+from .rundir import MetricsWriter, RunLock, check_run_dir, create_run_dir, jsonable, truncate_metrics, write_json
 from .simulation import Federation, build_federation, simulate
 
 log = logging.getLogger("sfedlora")
@@ -77,7 +77,9 @@ def _resume_config(run_dir: Path, cfg: RunConfig | None) -> RunConfig:
         if differing:
             raise SfedloraError(f"cannot resume {run_dir} with a config that changes results: {', '.join(differing)} differ "
                                 "(resume with the run's own config, or start a new run)")
-    return saved
+    if (run_dir / "summary.json").is_file():
+        raise SfedloraError(f"{run_dir} already finished (it has summary.json): there is nothing to resume")
+    return saved if cfg is None else cfg
 
 
 def run(
@@ -116,6 +118,7 @@ def run(
         writer = MetricsWriter(run_dir / "metrics.jsonl")
         try:
             for record in simulate(fed):
+                record = jsonable(record)
                 records.append(record)
                 collapse = None if flagged else detect(records, COLLAPSE_METRIC, majority, cfg.federation.rounds)
                 if collapse is not None:
@@ -129,7 +132,8 @@ def run(
                     on_record(record)
         finally:
             writer.close()
-        save_adapters(fed, run_dir)
+        if cfg.save_adapters:
+            save_adapters(fed, run_dir)
         key = headline(fed)
         scores = [r[key] for r in records if r.get(key) is not None]
         collapse = detect(records, COLLAPSE_METRIC, majority, cfg.federation.rounds)
@@ -148,4 +152,6 @@ def run(
             "wall_seconds": time.perf_counter() - start,
         }
         write_json(run_dir / "summary.json", summary)
+        # Finished: nothing left to resume, and client states of a large model are big.
+        (run_dir / CHECKPOINT).unlink(missing_ok=True)
     return RunResult(run_dir, records, summary)

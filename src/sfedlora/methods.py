@@ -10,7 +10,7 @@ on the client. So FedSA-LoRA's B never leaves the client, and FFA-LoRA's A never
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -20,9 +20,9 @@ KINDS: tuple[str, ...] = ("A", "B", "head")
 
 def tensor_kind(name: str) -> str:
     """The kind of a trainable PEFT parameter, from its name."""
-    if ".lora_A." in name:
+    if ".lora_A." in name or ".lora_embedding_A." in name:
         return "A"
-    if ".lora_B." in name:
+    if ".lora_B." in name or ".lora_embedding_B." in name:
         return "B"
     return "head"
 
@@ -35,9 +35,16 @@ class Method:
     global_kinds: frozenset[str]
     trained_kinds: Callable[[int], frozenset[str]]
     description: str
+    # Rounds of linear probing first: only the head trains; afterwards it stays frozen, so
+    # what the adapter learns is not blurred by a head that keeps learning too.
+    probe_rounds: int = 0
 
     def trained(self, round_: int) -> frozenset[str]:
-        return self.trained_kinds(round_)
+        if round_ <= self.probe_rounds:
+            return frozenset({"head"})
+        # Count the adapter's rounds from the end of probing, so RoLoRA still starts with B.
+        kinds = self.trained_kinds(round_ - self.probe_rounds)
+        return kinds - {"head"} if self.probe_rounds else kinds
 
     def uploaded(self, round_: int) -> frozenset[str]:
         return self.trained(round_) & self.global_kinds
@@ -51,8 +58,8 @@ class Method:
         return select(tensors, self.uploaded(round_))
 
     def ever_trained(self) -> frozenset[str]:
-        # Policies are periodic with period at most 2 (RoLoRA).
-        return self.trained(1) | self.trained(2)
+        # Policies are periodic with period at most 2 (RoLoRA) once probing is over.
+        return frozenset().union(*(self.trained(t) for t in range(1, self.probe_rounds + 3)))
 
     def has_local_state(self) -> bool:
         """True when some trained tensor stays on the client, so personalised models differ."""
@@ -60,12 +67,12 @@ class Method:
 
     def with_local_head(self) -> "Method":
         """The same method with the task head trained but never sent."""
-        return Method(
-            name=self.name,
-            global_kinds=self.global_kinds - {"head"},
-            trained_kinds=self.trained_kinds,
-            description=self.description + " Task head kept local.",
-        )
+        return replace(self, global_kinds=self.global_kinds - {"head"}, description=self.description + " Task head kept local.")
+
+    def with_head_probe(self, rounds: int) -> "Method":
+        """The same method after ``rounds`` of head-only training, with the head frozen after."""
+        return replace(self, probe_rounds=rounds,
+                       description=self.description + f" Head trained alone for {rounds} rounds, then frozen.")
 
 
 def _always(*kinds: str) -> Callable[[int], frozenset[str]]:
@@ -103,12 +110,14 @@ PRESETS: dict[str, tuple[str, str | None]] = {
 }
 
 
-def get_method(name: str, local_head: bool = False) -> Method:
+def get_method(name: str, local_head: bool = False, head_probe_rounds: int = 0) -> Method:
     try:
         method = METHODS[PRESETS[name][0]]
     except KeyError:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(PRESETS)}") from None
-    return method.with_local_head() if local_head else method
+    if local_head:
+        method = method.with_local_head()
+    return method.with_head_probe(head_probe_rounds) if head_probe_rounds else method
 
 
 def select(tensors: Mapping[str, torch.Tensor], kinds: frozenset[str]) -> dict[str, torch.Tensor]:

@@ -122,6 +122,8 @@ def plot_sweep(sweep_dir: Path, out_dir: Path) -> list[Path]:
     paths = []
     for combo in itertools.product(*(grid[k] for k in extra)):
         chosen = [f for f in finished if all(f[0][k] == v for k, v in zip(extra, combo))]
+        if not chosen:  # a partial sweep: nothing finished at this combination yet
+            continue
         suffix = "".join(f"_{k.split('.')[-1]}-{v}" for k, v in zip(extra, combo))
         methods = list(dict.fromkeys(f[1].get("method", base["method"]) for f in chosen))
         clients = list(dict.fromkeys(f[1].get("clients", base["federation"]["n_clients"]) for f in chosen))

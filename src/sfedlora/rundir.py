@@ -70,11 +70,10 @@ def atomic_write(path: Path, write) -> None:
         os.close(dir_fd)
 
 
-def _finite(value):
-    # JSON has no NaN/Inf; null keeps every line parseable by strict readers.
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
+def jsonable(record: dict) -> dict:
+    """The record as metrics.jsonl stores it: NaN and Inf become None (JSON has neither;
+    null keeps every line parseable by strict readers)."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
 
 
 class MetricsWriter:
@@ -84,7 +83,7 @@ class MetricsWriter:
         self._file = path.open("a", encoding="utf-8")
 
     def write(self, record: dict) -> None:
-        self._file.write(json.dumps({k: _finite(v) for k, v in record.items()}) + "\n")
+        self._file.write(json.dumps(jsonable(record)) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
 

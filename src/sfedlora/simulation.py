@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Iterator
@@ -19,6 +20,7 @@ from .evaluation import label_mix_accuracy, predict, summarise, task_metrics
 from .methods import Method, aggregate, get_method, select
 from .models import Compute, build_classifier, read_tensors, trainable_parameters, write_tensors
 from .robust import change_norm, check_update, corrupt, norm_outliers
+from .errors import SfedloraError
 from .scaling import gamma
 
 log = logging.getLogger("sfedlora")
@@ -65,7 +67,10 @@ class Federation:
 
 
 def build_federation(cfg: RunConfig, data: TaskData) -> Federation:
-    method = get_method(cfg.method, local_head=cfg.federation.local_head)
+    method = get_method(cfg.method, local_head=cfg.federation.local_head, head_probe_rounds=cfg.federation.head_probe_rounds)
+    if method.has_local_state() and not cfg.eval.personalised:
+        raise SfedloraError(f"eval.personalised=false leaves nothing to evaluate: {cfg.method} has no global model "
+                            "(its clients keep local tensors); set eval.personalised=true")
     fed = cfg.federation
     parts = partition(data.train.labels, fed.n_clients, cfg.partition.kind, cfg.partition.beta,
                       cfg.partition.min_size, cfg.seed)
@@ -148,8 +153,11 @@ def _train_or_restore(fed: Federation, k: int, round_: int) -> ClientResult | No
     before = copy.deepcopy(state)
     steps = steps_per_round(int(fed.client_sizes[k]), cfg.train.batch_size,
                             cfg.federation.local_steps, cfg.federation.local_epochs)
+    # The schedule spans the steps a client is expected to take: it trains in a fraction
+    # n_sampled / n_clients of the rounds.
+    expected_steps = math.ceil(steps * cfg.federation.rounds * fed.n_sampled / len(fed.clients))
     result = train_client(fed.model, fed.params, state, fed.client_data[k], fed.tokenizer,
-                          fed.method.trained(round_), steps, steps * cfg.federation.rounds, cfg.train, fed.compute)
+                          fed.method.trained(round_), steps, expected_steps, cfg.train, fed.compute)
     if not np.isfinite(result.loss):
         fed.clients[k] = before
         return None

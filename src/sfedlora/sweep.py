@@ -26,9 +26,9 @@ import numpy as np
 import yaml
 
 from .collapse import detect
-from .config import apply_overrides, build_config
+from .config import apply_overrides, build_config, read_yaml_mapping
 from .errors import SfedloraError
-from .rundir import read_metrics
+from .rundir import RunLock, read_metrics
 
 # Short names for the axes a study varies most; any dotted config key works as well.
 ALIASES = {
@@ -47,7 +47,10 @@ def parse_grid(text: str) -> dict[str, list]:
             raise SfedloraError(f"bad grid axis {item!r}: write it as key=v1,v2, e.g. rank=4,8,32")
         if key in grid:
             raise SfedloraError(f"grid axis {key!r} appears twice")
-        grid[key] = [yaml.safe_load(v) for v in raw.split(",") if v != ""]
+        try:
+            grid[key] = [yaml.safe_load(v) for v in raw.split(",") if v != ""]
+        except yaml.YAMLError:
+            raise SfedloraError(f"grid axis {key!r}: values {raw!r} are not valid YAML scalars") from None
         if not grid[key]:
             raise SfedloraError(f"grid axis {key!r} has no values: write {key}=v1,v2")
     return grid
@@ -59,23 +62,25 @@ def grid_cells(grid: dict[str, list]) -> list[dict]:
 
 
 def cell_name(cell: dict) -> str:
-    return "_".join(f"{k.split('.')[-1]}-{v}" for k, v in cell.items())
+    """Directory name of a cell: ``rank-8_seed-0``; a key's last part, unless two keys share it."""
+    last = [k.split(".")[-1] for k in cell]
+    return "_".join(f"{s if last.count(s) == 1 else k}-{v}" for k, s, v in zip(cell, last, cell.values()))
 
 
 def cell_overrides(cell: dict) -> list[str]:
-    return [f"{ALIASES.get(k, k)}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in cell.items()]
+    # Strings as they are; anything else as JSON, which YAML reads back to the same value
+    # (None → null, True → true, lists).
+    return [f"{ALIASES.get(k, k)}={v if isinstance(v, str) else json.dumps(v)}" for k, v in cell.items()]
 
 
 def load_sweep(path: str | Path | None, grid_text: str | None, overrides: list[str] | tuple[str, ...] = ()) -> tuple[dict, dict]:
     """The base config tree (raw, unresolved) and the grid: from a YAML file with an
     optional ``grid:`` section, overridden by ``--grid`` text and ``--set`` overrides."""
-    tree: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise SfedloraError(f"sweep config {p} not found")
-        tree = yaml.safe_load(p.read_text()) or {}
-    grid = {k: list(v) if isinstance(v, list) else [v] for k, v in (tree.pop("grid", None) or {}).items()}
+    tree = read_yaml_mapping(path) if path is not None else {}
+    grid_tree = tree.pop("grid", None) or {}
+    if not isinstance(grid_tree, dict):
+        raise SfedloraError(f"the grid: section of {path} must map axes to lists of values, e.g. rank: [4, 8]")
+    grid = {k: list(v) if isinstance(v, list) else [v] for k, v in grid_tree.items()}
     if grid_text:
         grid.update(parse_grid(grid_text))
     if not grid:
@@ -106,6 +111,8 @@ def _run_cell(base: dict, cell: dict, runs_dir: str, threads: int) -> str:
         run(None, resume=run_dir)
     else:
         if run_dir.exists():  # started but not one round checkpointed: nothing to keep
+            with RunLock(run_dir):  # unless another sweep process is running it right now
+                pass
             shutil.rmtree(run_dir)
         run(build_config(base, [*cell_overrides(cell), f"output_dir={runs_dir}", f"name={cell_name(cell)}"]))
     return str(run_dir)
@@ -211,5 +218,45 @@ def write_summary(sweep_dir: Path, grid: dict, target: float | None = None) -> l
         collapsed = sum(m["collapsed"] for m in members)
         cells = [str(v) for v in key] + [str(len(members))] + [_mean_std([m[s] for m in members]) for s in stats]
         lines.append("| " + " | ".join(cells + [f"{collapsed}/{len(members)}"]) + " |")
+    lines += _learning_rate_views(rows, grid)
     (sweep_dir / "summary.md").write_text("\n".join(lines) + "\n")
     return rows
+
+
+def _axis(grid: dict, dotted: str) -> str | None:
+    return next((k for k in grid if ALIASES.get(k, k) == dotted), None)
+
+
+def _learning_rate_views(rows: list[dict], grid: dict) -> list[str]:
+    """With a learning-rate axis: the final metric at each fixed learning rate across ranks
+    (does one setting work at every r?) and at the best learning rate of each cell (tuned)."""
+    lr_key, rank_key = _axis(grid, "train.lr"), _axis(grid, "lora.rank")
+    if lr_key is None or rank_key is None or len(grid[lr_key]) < 2:
+        return []
+    others = [k for k in grid if k not in (lr_key, rank_key, "seed")]
+    finals: dict[tuple, list[float]] = {}
+    for row in rows:
+        if row["final"] is not None:
+            finals.setdefault((tuple(row[k] for k in others), row[rank_key], row[lr_key]), []).append(row["final"])
+    mean = {k: float(np.mean(v)) for k, v in finals.items()}
+    groups = list(dict.fromkeys(k[0] for k in mean))
+    ranks = grid[rank_key]
+    header = "| " + " | ".join(others + [f"r={r}" for r in ranks]) + " |"
+    rule = "|" + "---|" * (len(others) + len(ranks))
+    out = ["", "## Fixed learning rate across ranks", "",
+           "Mean final metric over seeds; one table per learning rate.", ""]
+    for lr in grid[lr_key]:
+        out += [f"**lr = {lr}**", "", header, rule]
+        for g in groups:
+            out.append("| " + " | ".join([str(v) for v in g] + [
+                f"{mean[(g, r, lr)]:.4f}" if (g, r, lr) in mean else "–" for r in ranks]) + " |")
+        out.append("")
+    out += ["## Best learning rate per cell (tuned)", "", "Mean final metric over seeds at the cell's best learning rate (that rate in brackets).", "",
+            header, rule]
+    for g in groups:
+        cells = []
+        for r in ranks:
+            tried = [(mean[(g, r, lr)], lr) for lr in grid[lr_key] if (g, r, lr) in mean]
+            cells.append(f"{max(tried)[0]:.4f} ({max(tried)[1]})" if tried else "–")
+        out.append("| " + " | ".join([str(v) for v in g] + cells) + " |")
+    return out

@@ -66,7 +66,7 @@ def read_glue_tsv(path: str | Path, spec: TaskSpec) -> Examples:
     path = Path(path)
     if not path.is_file():
         raise SfedloraError(f"data file {path} not found: data.data_dir must hold the GLUE {spec.name} files (train.tsv, {spec.dev_file})")
-    with path.open(newline="", encoding="utf-8") as f:
+    with path.open(newline="", encoding="utf-8-sig") as f:  # some GLUE files start with a BOM
         rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
     if not rows:
         raise SfedloraError(f"data file {path} is empty")
@@ -103,7 +103,8 @@ def _load_glue_dir(task: str, data_dir: Path) -> TaskData:
                     spec.num_labels, spec.metric)
 
 
-def _columns_to_examples(table, cfg: DataConfig, where: str, label_ids: dict | None, regression: bool) -> Examples:
+def _columns_to_examples(table, cfg: DataConfig, where: str, label_ids: dict | None, regression: bool,
+                         n_labels: int) -> Examples:
     for col in (cfg.text_column, cfg.text_pair_column, cfg.label_column):
         if col is not None and col not in table.column_names:
             raise SfedloraError(f"{where} has no column {col!r} (columns: {', '.join(table.column_names)}): set data.text_column/text_pair_column/label_column")
@@ -117,6 +118,8 @@ def _columns_to_examples(table, cfg: DataConfig, where: str, label_ids: dict | N
         labels = np.asarray([label_ids[str(v)] for v in raw], dtype=np.int64)
     else:
         labels = np.asarray(raw, dtype=np.int64)
+    if not regression and label_ids is None and len(labels) and (labels.min() < 0 or labels.max() >= n_labels):
+        raise SfedloraError(f"{where}: labels must lie in 0..{n_labels - 1}; found {labels.min()}..{labels.max()}")
     pairs = None if cfg.text_pair_column is None else [str(t) for t in table[cfg.text_pair_column]]
     return Examples([str(t) for t in table[cfg.text_column]], pairs, labels)
 
@@ -152,13 +155,15 @@ def _label_vocabulary(values, num_labels: int | None) -> tuple[dict | None, int]
 
 
 def _load_custom(train, evals, cfg: DataConfig, name: str) -> TaskData:
-    values = list(train[cfg.label_column]) if cfg.label_column in train.column_names else []
+    if cfg.label_column not in train.column_names:
+        raise SfedloraError(f"training data has no column {cfg.label_column!r} (columns: {', '.join(train.column_names)}): set data.label_column")
+    values = list(train[cfg.label_column])
     regression = cfg.num_labels == 1 or (cfg.num_labels is None and values and isinstance(values[0], float))
     label_ids, n = (None, 1) if regression else _label_vocabulary(values, cfg.num_labels)
     return TaskData(
         name,
-        _columns_to_examples(train, cfg, "training data", label_ids, regression),
-        _columns_to_examples(evals, cfg, "evaluation data", label_ids, regression),
+        _columns_to_examples(train, cfg, "training data", label_ids, regression, n),
+        _columns_to_examples(evals, cfg, "evaluation data", label_ids, regression, n),
         n,
         "pearson" if regression else "accuracy",
     )
@@ -177,14 +182,19 @@ def _load_hub(cfg: DataConfig) -> TaskData:
     except Exception as err:
         raise SfedloraError(f"could not load {name}/{config} from the Hugging Face hub ({str(err).splitlines()[0]}); "
                             "check the name and your connection, or use data.source=tsv with local files") from None
+    eval_split = spec.hub_eval_split if spec else "validation"
+    for split in ("train", eval_split):
+        if split not in ds:
+            raise SfedloraError(f"{name}/{config} has no {split!r} split (it has {', '.join(ds)}); sfedlora trains on 'train' "
+                                "and evaluates on 'validation'")
     if spec is None:
         return _load_custom(ds["train"], ds["validation"], cfg, cfg.task)
     columns = DataConfig(text_column=spec.hub_text, text_pair_column=spec.hub_pair, label_column="label")
     regression = spec.is_regression
     return TaskData(
         cfg.task,
-        _columns_to_examples(ds["train"], columns, f"{name}/{config} train", None, regression),
-        _columns_to_examples(ds[spec.hub_eval_split], columns, f"{name}/{config} {spec.hub_eval_split}", None, regression),
+        _columns_to_examples(ds["train"], columns, f"{name}/{config} train", None, regression, spec.num_labels),
+        _columns_to_examples(ds[eval_split], columns, f"{name}/{config} {eval_split}", None, regression, spec.num_labels),
         spec.num_labels,
         spec.metric,
     )
