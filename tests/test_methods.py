@@ -7,7 +7,6 @@ from sfedlora.methods import aggregate, get_method, tensor_kind
 from sfedlora.simulation import build_federation, run_round
 from sfedlora.data import load_task
 
-import numpy as np
 
 A, B, HEAD = "m.layer.q.lora_A.default.weight", "m.layer.q.lora_B.default.weight", "m.classifier.modules_to_save.default.weight"
 SIZES = [1, 3, 6]  # unequal client example counts

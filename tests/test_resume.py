@@ -12,7 +12,6 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from sfedlora.cli import app
-from sfedlora.config import build_config
 from sfedlora.experiment import run
 
 TIMING = {"seconds", "eval_seconds"}

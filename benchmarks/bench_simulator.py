@@ -1,0 +1,147 @@
+"""Simulator speed and memory, measured side by side in one run.
+
+    python benchmarks/bench_simulator.py [--rounds 3] [--out benchmarks/results.json]
+
+Same job everywhere: MiniLM, the bundled SST-2 sample, LoRA r = 16 on query/value, batch
+16, sfed-lora. Reports, after one warm-up round each:
+- rounds/s and training examples/s of the embedded simulator and of a naive simulator
+  that deep-copies the PEFT model for every client, at N = 10 x 10 local steps and
+  N = 100 x 1 step;
+- the overhead of one federated round against the same steps (the same clients' batches)
+  as a plain PEFT training loop on one model with one optimizer (ratio);
+- personalised evaluation of 10 clients against evaluating one model (ratio);
+- peak resident memory of a one-round run at N = 1, 10, 100, each in its own process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from sfedlora.client import train_client
+from sfedlora.config import build_config
+from sfedlora.data import load_task
+from sfedlora.evaluation import predict
+from sfedlora.methods import aggregate
+from sfedlora.models import trainable_parameters
+from sfedlora.simulation import build_federation, evaluate, run_round
+
+BASE = ["lora.rank=16", "train.batch_size=16", "method=sfed-lora", "eval.every=1000", "federation.rounds=1000"]
+
+
+def federation(n_clients: int, local_steps: int, *extra: str):
+    cfg = build_config(overrides=[*BASE, f"federation.n_clients={n_clients}", f"federation.local_steps={local_steps}",
+                                  "partition.min_size=16", *extra])
+    return build_federation(cfg, load_task(cfg.data, seed=0))
+
+
+def timed_rounds(step, rounds: int) -> float:
+    step()  # warm-up
+    start = time.perf_counter()
+    for _ in range(rounds):
+        step()
+    return (time.perf_counter() - start) / rounds
+
+
+def naive_round(fed) -> None:
+    """What the embedded simulator replaces: a model copy per client, state kept in it."""
+    method, round_ = fed.method, fed.round + 1
+    updates = []
+    for k in range(len(fed.clients)):
+        model = copy.deepcopy(fed.model)  # a whole PEFT model per client
+        params = trainable_parameters(model)
+        state = fed.clients[k]
+        state.tensors.update(method.download(fed.server))
+        train_client(model, params, state, fed.client_data[k], fed.tokenizer, method.trained(round_),
+                     fed.cfg.federation.local_steps, 100, fed.cfg.train, fed.compute)
+        updates.append(method.upload(state.tensors, round_))
+        del model
+    fed.server.update(aggregate(updates, fed.client_sizes.tolist()))
+    fed.round = round_
+
+
+def plain_loop(fed) -> None:
+    """One round's training steps (every client's batches, drawn as the simulator draws them)
+    as a plain PEFT loop: one model, one optimizer, no state swapped in or out."""
+    from sfedlora.client import _batch_indices, make_optimizer
+    from sfedlora.data.encoding import collate
+
+    params = list(fed.params.values())
+    for p in params:
+        p.requires_grad_(True)
+    opt = make_optimizer(params, fed.cfg.train)
+    fed.model.train()
+    for k, data in enumerate(fed.client_data):
+        g = torch.Generator().manual_seed(k)
+        for idx in _batch_indices(data.lengths(), fed.cfg.train.batch_size, fed.cfg.federation.local_steps, g, True):
+            loss = fed.compute.forward(fed.model, collate(data, idx, fed.tokenizer)).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+
+def peak_rss_mb(n_clients: int) -> float:
+    code = (
+        "import sys; sys.argv=['x'];"
+        "from sfedlora.config import build_config; from sfedlora.data import load_task;"
+        "from sfedlora.simulation import build_federation, run_round;"
+        f"cfg = build_config(overrides={BASE + [f'federation.n_clients={n_clients}', 'federation.local_steps=1', 'partition.min_size=16']!r});"
+        "fed = build_federation(cfg, load_task(cfg.data)); run_round(fed);"
+        # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forking parent.
+        "print(int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) / 1024)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", default=str(Path(__file__).with_name("results.json")))
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    results: dict = {"machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"}
+
+    for n, steps in [(10, 10), (100, 1)]:
+        fed = federation(n, steps)
+        examples = n * steps * fed.cfg.train.batch_size
+        sim = timed_rounds(lambda: run_round(fed), args.rounds)
+        fed_naive = federation(n, steps)
+        naive = timed_rounds(lambda: naive_round(fed_naive), args.rounds)
+        results[f"N={n}x{steps}"] = {
+            "embedded_s_per_round": sim, "embedded_rounds_per_s": 1 / sim, "embedded_examples_per_s": examples / sim,
+            "naive_copy_s_per_round": naive, "naive_rounds_per_s": 1 / naive, "speedup_vs_naive": naive / sim,
+        }
+        plain = timed_rounds(lambda: plain_loop(fed), args.rounds)
+        results[f"N={n}x{steps}"]["plain_loop_s"] = plain
+        results[f"N={n}x{steps}"]["overhead_ratio"] = sim / plain
+        if (n, steps) == (10, 10):
+            start = time.perf_counter()
+            evaluate(fed)
+            personal = time.perf_counter() - start
+            start = time.perf_counter()
+            predict(fed.model, fed.eval_data, fed.tokenizer, fed.cfg.eval.batch_size, fed.compute)
+            one = time.perf_counter() - start
+            results["evaluation"] = {"personalised_10_clients_s": personal, "one_model_s": one, "ratio": personal / one,
+                                     "examples_per_s": 10 * len(fed.eval_data) / personal}
+
+    results["peak_rss_mb"] = {f"N={n}": peak_rss_mb(n) for n in (1, 10, 100)}
+    fed = federation(1, 1)
+    one_client = sum(t.numel() * t.element_size() for t in fed.clients[0].tensors.values())
+    results["peak_rss_mb"]["one_client_state_mb (adapter only, before optimizer state)"] = one_client / 2**20
+
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
