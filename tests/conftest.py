@@ -23,6 +23,25 @@ def tiny_overrides(tmp_path):
 
 
 @pytest.fixture
+def interrupted_run(tiny_config):
+    """A run stopped by an exception after its first round: checkpointed, not finished."""
+    from sfedlora.experiment import run
+
+    class Stop(Exception):
+        pass
+
+    def stop(record):
+        raise Stop
+
+    def make(name):
+        with pytest.raises(Stop):
+            run(tiny_config(f"name={name}"), on_record=stop)
+        return tiny_config().output_dir + f"/{name}"
+
+    return make
+
+
+@pytest.fixture
 def tiny_config(tiny_overrides):
     def make(*extra):
         return build_config(overrides=[*tiny_overrides, *extra])

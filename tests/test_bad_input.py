@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -89,18 +90,9 @@ def test_bad_input(case, tmp_path):
     assert not (tmp_path / "runs").exists()  # nothing written
 
 
-def test_a_run_directory_in_use_is_refused_and_left_alone(tmp_path, tiny_config):
-    from sfedlora.experiment import run
-
-    class Stop(Exception):
-        pass
-
-    def stop(record):
-        raise Stop
-
-    with pytest.raises(Stop):  # an unfinished run, as one still running would be
-        run(tiny_config("name=busy"), on_record=stop)
-    run_dir = tmp_path / "runs" / "busy"
+def test_a_run_directory_in_use_is_refused_and_left_alone(tmp_path, interrupted_run):
+    run_dir = Path(interrupted_run("busy"))  # unfinished, as one still running would be
+    assert run_dir == tmp_path / "runs" / "busy"
     owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         (run_dir / ".lock").write_text(str(owner.pid))

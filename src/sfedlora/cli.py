@@ -117,14 +117,13 @@ def run(
 def partition(config: Optional[Path] = ConfigArg, overrides: list[str] = SetOpt) -> None:
     """Show how the training data is split: each client's size and label histogram."""
     from .data import label_histograms, load_task
-    from .data import partition as split
+    from .simulation import split_clients
 
     cfg = _load(config, overrides)
     _quiet_libraries()
     try:
         data = load_task(cfg.data, seed=cfg.seed)
-        parts = split(data.train.labels, cfg.federation.n_clients, cfg.partition.kind, cfg.partition.beta,
-                      cfg.partition.min_size, cfg.seed)
+        parts = split_clients(cfg, data.train.labels)
     except SfedloraError as err:
         _fail(str(err))
     hist = label_histograms(data.train.labels, parts, data.num_labels)

@@ -19,8 +19,8 @@ from .data.encoding import encode
 from .evaluation import label_mix_accuracy, predict, summarise, task_metrics
 from .methods import Method, aggregate, get_method, select
 from .models import Compute, build_classifier, read_tensors, trainable_parameters, write_tensors
-from .robust import change_norm, check_update, corrupt, norm_outliers
 from .errors import SfedloraError
+from .robust import change_norm, check_update, corrupt, norm_outliers
 from .scaling import gamma
 
 log = logging.getLogger("sfedlora")
@@ -66,14 +66,19 @@ class Federation:
         return {**self.initial, **self.server}
 
 
+def split_clients(cfg: RunConfig, labels: np.ndarray) -> list[np.ndarray]:
+    """Each client's training-example indices, as the config's partition asks."""
+    p = cfg.partition
+    return partition(labels, cfg.federation.n_clients, p.kind, p.beta, p.min_size, cfg.seed)
+
+
 def build_federation(cfg: RunConfig, data: TaskData) -> Federation:
     method = get_method(cfg.method, local_head=cfg.federation.local_head, head_probe_rounds=cfg.federation.head_probe_rounds)
     if method.has_local_state() and not cfg.eval.personalised:
         raise SfedloraError(f"eval.personalised=false leaves nothing to evaluate: {cfg.method} has no global model "
                             "(its clients keep local tensors); set eval.personalised=true")
     fed = cfg.federation
-    parts = partition(data.train.labels, fed.n_clients, cfg.partition.kind, cfg.partition.beta,
-                      cfg.partition.min_size, cfg.seed)
+    parts = split_clients(cfg, data.train.labels)
     n_sampled = fed.sampled_per_round()
     compute = Compute.resolve(cfg.model.device, cfg.model.precision)
     model, tokenizer = build_classifier(
