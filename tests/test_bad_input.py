@@ -74,6 +74,8 @@ CASES = {
     "file label column": (lambda t: files(t, "d.csv", "sentence,y\na,0\n"), "training data has no column 'label'"),
     "label out of range": (eval_label_out_of_range, "evaluation data: labels must lie in 0..1; found 7..7"),
     "split impossible": (lambda t: ["--set", "partition.min_size=5000"], "cannot give 10 clients at least 5000 examples"),
+    "local judging without personal models": (lambda t: ["--set", "method=fedit", "--set", "eval.personalised=false", "--set", "eval.judged_on=local"],
+                                               "eval.judged_on=local needs a classification task and eval.personalised=true"),
     "run dir under a file": (under_a_file, "is a file; choose another output_dir="),
 }
 

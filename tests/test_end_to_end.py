@@ -41,6 +41,17 @@ def test_run_writes_the_run_directory(tiny_config):
     assert sorted(p.name for p in (d / "adapters").iterdir()) == ["client_00", "client_01", "client_02"]
 
 
+def test_a_run_judged_on_local_label_mixes(tiny_config):
+    cfg = tiny_config("name=local", "partition.kind=dirichlet", "eval.judged_on=local", "save_adapters=false")
+    result = run(cfg)
+    summary = result.summary
+    hist = np.array(json.loads((result.run_dir / "partition.json").read_text())["label_histograms"])
+    assert summary["metric"] == summary["collapse_metric"] == "personal_local_accuracy_mean"
+    # the baseline of a client that always answers its own majority label
+    assert summary["majority_baseline"] == pytest.approx(np.mean(hist.max(1) / hist.sum(1)))
+    assert summary["final"] == result.records[-1]["personal_local_accuracy_mean"]
+
+
 @pytest.mark.parametrize("method, expected", [("fedit", ["global"]), ("fedsa-lora", ["client_00", "client_01", "client_02"])])
 def test_saved_adapter_reloads_with_peft_and_gives_the_same_logits(tiny_config, tmp_path, method, expected):
     from peft import PeftModel

@@ -87,10 +87,6 @@ def run(
         key = state["key"]
         if record["dropped"]:
             progress.console.print(f"[yellow]round {record['round']}: no reply from clients {record['dropped']}[/]")
-        for r in record["rejected"]:
-            progress.console.print(f"[yellow]round {record['round']}: update of client {r['client']} rejected: {r['reason']}[/]")
-        if "collapse" in record:
-            progress.console.print(f"[bold red]round {record['round']}: training collapsed: {record['collapse']}[/]")
         desc = f"loss {record['train_loss']:.4f}"
         if key in record:
             line = f"round {record['round']:>4}  loss {record['train_loss']:.4f}  {key} {record[key]:.4f}"

@@ -102,6 +102,7 @@ class EvalConfig(_Section):
     every: int = Field(20, ge=1, description="Evaluate every k rounds (and always after the last).")
     batch_size: int = Field(128, ge=1, description="Examples per evaluation batch.")
     personalised: bool = Field(True, description="Evaluate every client's personalised model (shared + local tensors).")
+    judged_on: Literal["dev", "local"] = Field("dev", description="What a run is judged by (final/best score, collapse): the personalised models on the whole dev set, or under each client's own training label mix (classification; the client-local test data of FedSA-LoRA's protocol, for non-IID splits).")
 
 
 class FaultConfig(_Section):

@@ -31,16 +31,23 @@ class RunResult:
 
 def headline(fed: Federation) -> str:
     """The metrics-record key a run is judged by: mean personalised score of the task's metric."""
+    if fed.cfg.eval.judged_on == "local":
+        return "personal_local_accuracy_mean"
     return f"personal_{fed.metric}_mean"
 
 
-COLLAPSE_METRIC = "personal_accuracy_mean"
+def collapse_metric(fed: Federation) -> str:
+    """The accuracy that collapse rule 2 compares with the majority-class baseline."""
+    return "personal_local_accuracy_mean" if fed.cfg.eval.judged_on == "local" else "personal_accuracy_mean"
 
 
 def majority_baseline(fed: Federation) -> float | None:
-    """Accuracy of always predicting the most frequent dev label (None for regression)."""
+    """Accuracy of always predicting the most frequent label (None for regression): of the
+    dev set, or, judged on local label mixes, of each client's own labels (mean over clients)."""
     if fed.num_labels == 1:
         return None
+    if fed.cfg.eval.judged_on == "local":
+        return float(np.mean(fed.histograms.max(axis=1) / fed.histograms.sum(axis=1)))
     return float(np.bincount(fed.eval_data.labels, minlength=fed.num_labels).max() / len(fed.eval_data))
 
 
@@ -113,14 +120,14 @@ def run(
             records = []
         if on_start:
             on_start(fed, run_dir)
-        majority = majority_baseline(fed)
+        majority, watched = majority_baseline(fed), collapse_metric(fed)
         flagged = any("collapse" in r for r in records)  # a resumed run flagged it already
         writer = MetricsWriter(run_dir / "metrics.jsonl")
         try:
             for record in simulate(fed):
                 record = jsonable(record)
                 records.append(record)
-                collapse = None if flagged else detect(records, COLLAPSE_METRIC, majority, cfg.federation.rounds)
+                collapse = None if flagged else detect(records, watched, majority, cfg.federation.rounds)
                 if collapse is not None:
                     flagged = True
                     record["collapse"] = collapse.reason
@@ -136,7 +143,7 @@ def run(
             save_adapters(fed, run_dir)
         key = headline(fed)
         scores = [r[key] for r in records if r.get(key) is not None]
-        collapse = detect(records, COLLAPSE_METRIC, majority, cfg.federation.rounds)
+        collapse = detect(records, watched, majority, cfg.federation.rounds)
         summary = {
             "method": cfg.method,
             "scaling": cfg.scaling,
@@ -146,6 +153,7 @@ def run(
             "best": max(scores) if scores else None,
             "rounds": cfg.federation.rounds,
             "majority_baseline": majority,
+            "collapse_metric": watched,
             "collapsed": collapse is not None,
             "collapse_round": collapse.round if collapse else None,
             "collapse_reason": collapse.reason if collapse else None,

@@ -77,6 +77,9 @@ def build_federation(cfg: RunConfig, data: TaskData) -> Federation:
     if method.has_local_state() and not cfg.eval.personalised:
         raise SfedloraError(f"eval.personalised=false leaves nothing to evaluate: {cfg.method} has no global model "
                             "(its clients keep local tensors); set eval.personalised=true")
+    if cfg.eval.judged_on == "local" and (data.num_labels == 1 or not cfg.eval.personalised):
+        raise SfedloraError("eval.judged_on=local needs a classification task and eval.personalised=true "
+                            "(it scores each client's personalised model under its own label mix); use judged_on=dev")
     fed = cfg.federation
     parts = split_clients(cfg, data.train.labels)
     n_sampled = fed.sampled_per_round()

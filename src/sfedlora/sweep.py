@@ -170,7 +170,7 @@ def cell_row(cell: dict, run_dir: Path, target: float | None = None) -> dict:
     metric = summary["metric"]
     evals = [r for r in records if r.get(metric) is not None]
     reached = next((r["round"] for r in evals if target is not None and r[metric] >= target), None)
-    collapse = detect(records, "personal_accuracy_mean", summary.get("majority_baseline"), summary["rounds"])
+    collapse = detect(records, summary["collapse_metric"], summary.get("majority_baseline"), summary["rounds"])
     return {
         **cell,
         "final": summary["final"],
