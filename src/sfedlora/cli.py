@@ -14,6 +14,7 @@ from rich.table import Table
 
 from .config import RunConfig, dump_config, load_config
 from .errors import SfedloraError
+from .logs import quiet_libraries
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, help="Stable federated fine-tuning with LoRA (SFed-LoRA).")
 console = Console(soft_wrap=True)
@@ -21,20 +22,6 @@ err_console = Console(stderr=True)
 
 ConfigArg = typer.Argument(None, help="YAML config; omit for the main job (MiniLM, bundled SST-2, 10 clients, SFed-LoRA).")
 SetOpt = typer.Option([], "--set", "-s", help="Override a config key: --set federation.rounds=20 (repeatable).")
-
-
-def _quiet_libraries() -> None:
-    # The CLI reports progress itself; per-layer load reports would bury it.
-    import warnings
-
-    import datasets
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    # Raised by transformers when PEFT builds the model; nothing a user of ours can act on.
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def _fail(message: str) -> None:
@@ -69,7 +56,7 @@ def run(
         cfg = _load(saved, overrides) if overrides and saved.is_file() else None
     else:
         cfg = _load(config, overrides)
-    _quiet_libraries()
+    quiet_libraries()
     progress = Progress(TextColumn("[bold]round"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.description}"),
                         TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not console.is_terminal)
     state: dict = {}
@@ -116,7 +103,7 @@ def partition(config: Optional[Path] = ConfigArg, overrides: list[str] = SetOpt)
     from .simulation import split_clients
 
     cfg = _load(config, overrides)
-    _quiet_libraries()
+    quiet_libraries()
     try:
         data = load_task(cfg.data, seed=cfg.seed)
         parts = split_clients(cfg, data.train.labels)
@@ -153,7 +140,7 @@ def sweep(
         base, axes = load_sweep(config, grid, overrides)
     except SfedloraError as err:
         _fail(str(err))
-    _quiet_libraries()
+    quiet_libraries()
     sweep_dir = Path(base["output_dir"]) / (name or f"sweep-{datetime.now():%Y%m%d-%H%M%S}")
     total = len(grid_cells(axes))
     console.print(f"sweep of {total} runs into {sweep_dir} ({jobs} at a time)")

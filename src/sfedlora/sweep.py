@@ -102,7 +102,9 @@ def _run_cell(base: dict, cell: dict, runs_dir: str, threads: int) -> str:
     import torch
 
     from .experiment import run
+    from .logs import quiet_libraries
 
+    quiet_libraries()
     torch.set_num_threads(threads)
     run_dir = Path(runs_dir) / cell_name(cell)
     if (run_dir / "summary.json").is_file():
