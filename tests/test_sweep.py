@@ -32,10 +32,13 @@ def test_a_bad_cell_is_named_before_anything_runs(tmp_path):
 
 
 def test_two_by_two_sweep_resumes_and_reports(tiny_overrides, tmp_path):
-    args = ["sweep", "--grid", "method=fedsa-lora,sfed-lora rank=2,4", "--name", "s", "--target", "0.3",
-            *[a for o in tiny_overrides + ["eval.every=1"] for a in ("--set", o)]]
-    result = runner.invoke(app, args)
+    sets = [a for o in tiny_overrides + ["eval.every=1"] for a in ("--set", o)]
+    args = ["sweep", "--grid", "method=fedsa-lora,sfed-lora rank=2,4", "--name", "s", "--target", "0.3", *sets]
+    # Part by part: a narrower grid first; the full grid then runs only the cells left.
+    result = runner.invoke(app, ["sweep", "--grid", "method=fedsa-lora,sfed-lora rank=2", "--name", "s", "--target", "0.3", *sets])
     assert result.exit_code == 0, result.output
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0 and result.output.count("already finished, skipped") == 2, result.output
     sweep_dir = tmp_path / "runs" / "s"
     names = sorted(p.name for p in (sweep_dir / "runs").iterdir())
     assert names == ["method-fedsa-lora_rank-2", "method-fedsa-lora_rank-4", "method-sfed-lora_rank-2", "method-sfed-lora_rank-4"]
@@ -52,6 +55,9 @@ def test_two_by_two_sweep_resumes_and_reports(tiny_overrides, tmp_path):
     result = runner.invoke(app, args)
     assert result.exit_code == 0 and result.output.count("already finished, skipped") == 4
     assert (sweep_dir / "runs" / names[0] / "metrics.jsonl").read_bytes() == metrics
+    # Narrowing the finished sweep again keeps its summary whole.
+    result = runner.invoke(app, ["sweep", "--grid", "method=sfed-lora rank=4", "--name", "s", "--target", "0.3", *sets])
+    assert result.exit_code == 0 and len(list(csv.DictReader((sweep_dir / "summary.csv").open()))) == 4
 
     result = runner.invoke(app, ["report", str(sweep_dir)])
     assert result.exit_code == 0, result.output

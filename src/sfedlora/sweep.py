@@ -120,6 +120,11 @@ def _run_cell(base: dict, cell: dict, runs_dir: str, threads: int) -> str:
     return str(run_dir)
 
 
+def _within(part: dict, whole: dict) -> bool:
+    """Same axes in the same order, each with a subset of ``whole``'s values."""
+    return list(part) == list(whole) and all(set(part[k]) <= set(whole[k]) for k in part)
+
+
 def run_sweep(
     base: dict,
     grid: dict,
@@ -134,12 +139,19 @@ def run_sweep(
     """
     sweep_dir = Path(sweep_dir)
     spec_path = sweep_dir / "sweep.yaml"
+    # A sweep may be run part by part: a grid that narrows the stored one (or widens it)
+    # shares its cells; the summary always covers the widest grid seen.
+    summary_grid = grid
     if spec_path.is_file():
         old = yaml.safe_load(spec_path.read_text())
-        if (old.get("base"), old.get("grid")) != (base, grid):
-            raise SfedloraError(f"{sweep_dir} holds a different sweep (its sweep.yaml differs): choose another --name")
+        stored = old.get("grid") or {}
+        if old.get("base") != base or not (_within(grid, stored) or _within(stored, grid)):
+            raise SfedloraError(f"{sweep_dir} holds a different sweep (its sweep.yaml differs): choose another --name, "
+                                "or narrow its grid with --grid using its own axes and values")
+        if _within(grid, stored):
+            summary_grid = stored
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    spec_path.write_text(yaml.safe_dump({"base": base, "grid": grid, "target": target}, sort_keys=False))
+    spec_path.write_text(yaml.safe_dump({"base": base, "grid": summary_grid, "target": target}, sort_keys=False))
     runs_dir = sweep_dir / "runs"
     cells = grid_cells(grid)
     threads = max(1, (os.cpu_count() or 1) // jobs)
@@ -157,7 +169,7 @@ def run_sweep(
                 done.append(Path(future.result()))
                 if on_cell:
                     on_cell(futures[future], done[-1], False)
-    write_summary(sweep_dir, grid, target)
+    write_summary(sweep_dir, summary_grid, target)
     return done
 
 
