@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
@@ -49,6 +50,11 @@ def _load(config: Optional[Path], overrides: list[str]) -> RunConfig:
         _fail(str(err))
 
 
+class Runtime(str, Enum):
+    simulator = "simulator"
+    flower = "flower"
+
+
 def _fmt(value) -> str:
     return "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
 
@@ -58,9 +64,13 @@ def run(
     config: Optional[Path] = ConfigArg,
     overrides: list[str] = SetOpt,
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this run directory from its last checkpoint."),
+    runtime: Runtime = typer.Option(Runtime.simulator, "--runtime", help="simulator: the embedded one; flower: Flower's simulation engine (one SuperNode per client)."),
 ) -> None:
-    """Run a federated fine-tuning experiment on the embedded simulator."""
+    """Run a federated fine-tuning experiment on the embedded simulator (or on Flower)."""
     from .experiment import headline, run as run_experiment
+
+    if runtime is Runtime.flower and resume is not None:
+        _fail("--resume works with the embedded simulator only: Flower clients keep their state on their nodes")
 
     # On resume the run's own config.yaml rules; --set applies on top of it, and the result
     # (or a config file given instead) may differ from it only in keys that change no result.
@@ -101,7 +111,12 @@ def run(
         progress.update(state["task"], advance=1, description=desc)
 
     try:
-        result = run_experiment(cfg, on_start=on_start, on_record=on_record, resume=resume)
+        if runtime is Runtime.flower:
+            from .flower.engine import run_simulation
+
+            result = run_simulation(cfg, on_start=on_start, on_record=on_record)
+        else:
+            result = run_experiment(cfg, on_start=on_start, on_record=on_record, resume=resume)
     except SfedloraError as err:
         progress.stop()
         _fail(str(err))
