@@ -57,9 +57,8 @@ def _setup(msg: Message, context: Context):
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Handshake: build the run's model and data here, and tell the server which client this is."""
-    cfg, text, _, _, _ = read_request(msg)
-    federation_for(cfg, text)
+    """Handshake: tell the server which client this node holds."""
+    cfg, _, _, _, _ = read_request(msg)
     k = partition_id(context, cfg.federation.n_clients)
     return Message(RecordDict({CONFIG: ConfigRecord({"client": k})}), reply_to=msg)
 
