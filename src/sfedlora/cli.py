@@ -203,6 +203,35 @@ def report(path: Path = typer.Argument(..., help="A run directory or a sweep dir
     console.print(f"report: {out}")
 
 
+flower_app = typer.Typer(help="Run on Flower's Deployment Engine (SuperLink and SuperNodes).")
+app.add_typer(flower_app, name="flower")
+
+
+@flower_app.command("up")
+def flower_up(
+    config: Optional[Path] = ConfigArg,
+    overrides: list[str] = SetOpt,
+    clients: Optional[int] = typer.Option(None, "--clients", min=1, help="SuperNodes to start, one per client (sets federation.n_clients)."),
+    workdir: Optional[Path] = typer.Option(None, "--workdir", help="Certificates, keys and process logs (default: a new temporary directory)."),
+    timeout: float = typer.Option(3600.0, "--timeout", help="Seconds the run may take before everything is stopped."),
+) -> None:
+    """Start a SuperLink and one SuperNode per client on 127.0.0.1 (TLS, SuperNode
+    authentication), run the job, and stop everything."""
+    import tempfile
+
+    from .flower.deploy import up
+
+    cfg = _load(config, [*overrides, *([f"federation.n_clients={clients}"] if clients else [])])
+    workdir = workdir or Path(tempfile.mkdtemp(prefix="sfedlora-flower-"))
+    console.print(f"deployment: 1 SuperLink + {cfg.federation.n_clients} SuperNodes on 127.0.0.1 (TLS, node authentication); "
+                  f"logs in {workdir / 'logs'}")
+    try:
+        run_dir = up(cfg, workdir, timeout=timeout)
+    except SfedloraError as err:
+        _fail(str(err))
+    console.print(f"run directory: {run_dir}")
+
+
 @app.command("config")
 def show_config(config: Optional[Path] = ConfigArg, overrides: list[str] = SetOpt) -> None:
     """Print the fully resolved config (the defaults when no file is given)."""
