@@ -7,6 +7,9 @@ pytest.importorskip("flwr")
 
 from flwr.app import Context, Message, MessageType, RecordDict  # noqa: E402
 
+from typer.testing import CliRunner  # noqa: E402
+
+from sfedlora.cli import app  # noqa: E402
 from sfedlora.data import load_task  # noqa: E402
 from sfedlora.errors import SfedloraError  # noqa: E402
 from sfedlora.experiment import run  # noqa: E402
@@ -14,27 +17,39 @@ from sfedlora.flower import client_app  # noqa: E402
 from sfedlora.flower.engine import run_simulation  # noqa: E402
 from sfedlora.flower.records import DOWNLOAD, STATE_META, STATE_TENSORS, UPDATE, config_text, read_train_reply, request  # noqa: E402
 from sfedlora.methods import tensor_kind  # noqa: E402
+from sfedlora.rundir import read_metrics  # noqa: E402
 from sfedlora.simulation import build_federation, client_round  # noqa: E402
 
 COMPARED = ("train_loss", "personal_accuracy_mean", "personal_accuracy_min", "personal_local_accuracy_mean", "update_norm")
 
 
-def test_flower_simulation_matches_the_embedded_simulator(tiny_config):
+def test_flower_simulation_matches_the_embedded_simulator(tiny_config, tiny_overrides):
     overrides = ("federation.rounds=3", "lora.dropout=0.1", "model.precision=fp32", "method=sfed-lora")
     embedded = run(tiny_config("name=embedded", *overrides))
-    flower = run_simulation(tiny_config("name=flower", *overrides))
-    assert [r["round"] for r in flower.records] == [1, 2, 3]
-    for a, b in zip(embedded.records, flower.records):
+    sets = [a for o in [*tiny_overrides, *overrides, "name=flower"] for a in ("--set", o)]
+    result = CliRunner().invoke(app, ["run", "--runtime", "flower", *sets])
+    assert result.exit_code == 0, result.output
+    run_dir = embedded.run_dir.parent / "flower"
+    flower_records = read_metrics(run_dir)
+    assert [r["round"] for r in flower_records] == [1, 2, 3]
+    for a, b in zip(embedded.records, flower_records):
         assert a["clients"] == b["clients"] and a["aggregated"] == b["aggregated"] == 3
         assert (a["bytes_up"], a["bytes_down"]) == (b["bytes_up"], b["bytes_down"]) and a["bytes_up"] > 0
         for key in COMPARED:
             assert b[key] == pytest.approx(a[key], abs=1e-5), (a["round"], key)
-    assert flower.records[-1]["train_loss"] != flower.records[0]["train_loss"]  # it trained
+    assert flower_records[-1]["train_loss"] != flower_records[0]["train_loss"]  # it trained
     for name in ("config.yaml", "partition.json", "metrics.jsonl", "summary.json"):
-        assert (flower.run_dir / name).is_file()
-    assert not (flower.run_dir / "checkpoint.pt").exists()
+        assert (run_dir / name).is_file()
+    assert not (run_dir / "checkpoint.pt").exists()
     # FedSA-LoRA's B stays on the clients: the server has no personalised adapters to save.
-    assert not (flower.run_dir / "adapters").exists()
+    assert not (run_dir / "adapters").exists()
+
+
+def test_injected_faults_and_resume_are_refused_on_flower(tiny_config):
+    with pytest.raises(SfedloraError, match="faults.dropout and faults.bad_update inject faults"):
+        run_simulation(tiny_config("faults.dropout=0.5"))
+    result = CliRunner().invoke(app, ["run", "--runtime", "flower", "--resume", "somewhere"])
+    assert result.exit_code == 2 and "--resume works with the embedded simulator only" in result.output
 
 
 @pytest.fixture

@@ -164,6 +164,14 @@ class RunConfig(_Section):
             self.lora.scaling = resolved
         return self
 
+    @model_validator(mode="after")
+    def _reachable_min_replies(self) -> "RunConfig":
+        sampled = self.federation.sampled_per_round()
+        if self.server.min_replies > sampled:
+            raise ValueError(f"server.min_replies ({self.server.min_replies}) exceeds the {sampled} clients sampled per round: "
+                             "no round could ever be averaged")
+        return self
+
     @property
     def scaling(self) -> str:
         assert self.lora.scaling is not None  # set by _resolve_method

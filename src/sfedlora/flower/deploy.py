@@ -178,6 +178,22 @@ class LocalDeployment:
             except ProcessLookupError:
                 pass
             proc.wait()
+        # SIGKILL is asynchronous: return once no member of any group is still running.
+        deadline = time.monotonic() + grace
+        while any(_group_running(p.pid) for p in self.processes.values()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
+def _group_running(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` is still alive (not a zombie); Linux /proc."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            return True
+    return False
 
 
 def prepare(cfg: RunConfig) -> RunConfig:

@@ -44,14 +44,22 @@ class FlowerRounds:
         return simulate(fed, step=self.play, personal=lambda: self.personal(fed))
 
     def ask(self, kind: str, clients: list[int], body: Callable[[int], object], group: str) -> dict[int, Message | str]:
-        """Send ``body(k)`` to each client's node; each client's reply, or why there is none."""
+        """Send ``body(k)`` to each client's node; each client's reply, or why there is none.
+
+        Replies are matched to requests by message id: the SuperLink's own error replies
+        (a node it found gone) do not come from the node they answer for.
+        """
         messages = [Message(body(k), dst_node_id=self.nodes[k], message_type=kind, group_id=group) for k in clients]
-        by_node = {self.nodes[k]: k for k in clients}
+        asked = dict(zip(self.grid.push_messages(messages), clients))
         out: dict[int, Message | str] = {k: f"no reply within flower.round_timeout={self.cfg.flower.round_timeout:g}s"
                                          for k in clients}
-        for reply in self.grid.send_and_receive(messages, timeout=self.cfg.flower.round_timeout):
-            k = by_node[reply.metadata.src_node_id]
-            out[k] = f"node failed: {reply.error.reason}" if reply.has_error() else reply
+        deadline = time.monotonic() + self.cfg.flower.round_timeout
+        while asked and time.monotonic() < deadline:
+            for reply in self.grid.pull_messages(list(asked)):
+                k = asked.pop(reply.metadata.reply_to_message_id)
+                out[k] = f"node failed: {reply.error.reason}" if reply.has_error() else reply
+            if asked:
+                time.sleep(0.2)
         return out
 
     def connect(self, n_clients: int) -> dict[int, int]:
