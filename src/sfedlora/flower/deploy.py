@@ -158,42 +158,71 @@ class LocalDeployment:
         proc.wait()
 
     def stop(self, grace: float = 10.0) -> None:
-        """Stop every process (SuperNodes first), politely, then for good; leave none behind."""
+        """Stop every process (SuperNodes first), politely, then for good; leave none behind.
+
+        Flower's helpers may start sessions of their own, so the whole tree of processes
+        each one started is collected first, and every one of them is waited for.
+        """
         order = [n for n in self.processes if n != "superlink"] + [n for n in self.processes if n == "superlink"]
+        tree = _descendants({self.processes[n].pid for n in order})
         for name in order:
-            proc = self.processes[name]
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                continue
+            _signal_group(self.processes[name].pid, signal.SIGTERM)
         deadline = time.monotonic() + grace
         for name in order:
-            proc = self.processes[name]
             try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                self.processes[name].wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
-            try:  # whatever the session still holds (ClientApp/ServerApp children)
-                os.killpg(proc.pid, signal.SIGKILL)
+        for name in order:  # whatever the sessions still hold (ClientApp/ServerApp children)
+            _signal_group(self.processes[name].pid, signal.SIGKILL)
+            self.processes[name].wait()
+        for pid in tree:
+            try:
+                os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            proc.wait()
-        # SIGKILL is asynchronous: return once no member of any group is still running.
+        # SIGKILL is asynchronous: return once none of them is still running.
+        pgids = {p.pid for p in self.processes.values()}
         deadline = time.monotonic() + grace
-        while any(_group_running(p.pid) for p in self.processes.values()) and time.monotonic() < deadline:
+        while _running(pgids, tree) and time.monotonic() < deadline:
             time.sleep(0.1)
 
 
-def _group_running(pgid: int) -> bool:
-    """Whether a process of group ``pgid`` is still alive (not a zombie); Linux /proc."""
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _proc_table() -> list[tuple[int, str, int, int]]:
+    """(pid, state, parent pid, process group) of every process; Linux /proc."""
+    rows = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            return True
-    return False
+        rows.append((int(stat.parent.name), fields[0], int(fields[1]), int(fields[2])))
+    return rows
+
+
+def _descendants(roots: set[int]) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for pid, _, ppid, _ in _proc_table():
+        children.setdefault(ppid, []).append(pid)
+    found, todo = set(), list(roots)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _running(pgids: set[int], pids: set[int]) -> bool:
+    """Whether a process of these groups, or one of these pids, is alive (not a zombie)."""
+    return any(state != "Z" and (pgid in pgids or pid in pids) for pid, state, _, pgid in _proc_table())
 
 
 def prepare(cfg: RunConfig) -> RunConfig:
