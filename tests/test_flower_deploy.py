@@ -74,5 +74,4 @@ def test_a_killed_supernode_is_dropped_and_an_unregistered_key_is_refused(tiny_o
     assert "no reply from client 2" in (workdir / "logs" / "run.log").read_text()
     assert "Failed to activate SuperNode" in (workdir / "logs" / "intruder.log").read_text()
     assert "No SuperNode found with the given public key" in (workdir / "logs" / "superlink.log").read_text()
-    assert deployment.processes["intruder"].returncode != 0
     assert processes_in(workdir) == []
