@@ -76,3 +76,26 @@ def test_non_finite_training_restores_the_client_and_drops_its_update(tiny_confi
     assert all(torch.equal(server[n], fed.server[n]) for n in server)
     for b, c in zip(before, fed.clients):
         assert all(torch.equal(b[n], c.tensors[n]) for n in b) and c.steps == 0 and c.optimizer is None
+
+
+def test_too_few_sound_replies_leave_the_server_unchanged(tiny_config):
+    cfg = tiny_config("server.min_replies=3", "faults.bad_update=1", "faults.bad_kinds=[nan]")
+    fed = build_federation(cfg, load_task(cfg.data, seed=cfg.seed))
+    server = {n: t.clone() for n, t in fed.server.items()}
+    rec = run_round(fed)  # every reply poisoned: none sound
+    assert rec["aggregated"] == 0 and len(rec["rejected"]) == 3
+    fed.cfg.faults.bad_update = 0.0
+    fed.cfg.server.min_replies = 4  # more than the 3 clients can send
+    rec = run_round(fed)
+    assert rec["aggregated"] == 0 and rec["rejected"] == [] and rec["update_norm"] == 0.0
+    assert all(torch.equal(server[n], fed.server[n]) for n in server)
+    fed.cfg.server.min_replies = 3
+    rec = run_round(fed)
+    assert rec["aggregated"] == 3 and not all(torch.equal(server[n], fed.server[n]) for n in server)
+
+
+def test_unreachable_min_replies_is_refused(tiny_config):
+    from sfedlora.errors import SfedloraError
+
+    with pytest.raises(SfedloraError, match=r"server.min_replies \(4\) exceeds the 3 clients sampled per round"):
+        tiny_config("server.min_replies=4")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
@@ -36,6 +37,11 @@ def _load(config: Optional[Path], overrides: list[str]) -> RunConfig:
         _fail(str(err))
 
 
+class Runtime(str, Enum):
+    simulator = "simulator"
+    flower = "flower"
+
+
 def _fmt(value) -> str:
     return "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
 
@@ -45,9 +51,13 @@ def run(
     config: Optional[Path] = ConfigArg,
     overrides: list[str] = SetOpt,
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this run directory from its last checkpoint."),
+    runtime: Runtime = typer.Option(Runtime.simulator, "--runtime", help="simulator: the embedded one; flower: Flower's simulation engine (one SuperNode per client)."),
 ) -> None:
-    """Run a federated fine-tuning experiment on the embedded simulator."""
+    """Run a federated fine-tuning experiment on the embedded simulator (or on Flower)."""
     from .experiment import headline, run as run_experiment
+
+    if runtime is Runtime.flower and resume is not None:
+        _fail("--resume works with the embedded simulator only: Flower clients keep their state on their nodes")
 
     # On resume the run's own config.yaml rules; --set applies on top of it, and the result
     # (or a config file given instead) may differ from it only in keys that change no result.
@@ -84,7 +94,12 @@ def run(
         progress.update(state["task"], advance=1, description=desc)
 
     try:
-        result = run_experiment(cfg, on_start=on_start, on_record=on_record, resume=resume)
+        if runtime is Runtime.flower:
+            from .flower.engine import run_simulation
+
+            result = run_simulation(cfg, on_start=on_start, on_record=on_record)
+        else:
+            result = run_experiment(cfg, on_start=on_start, on_record=on_record, resume=resume)
     except SfedloraError as err:
         progress.stop()
         _fail(str(err))
@@ -169,6 +184,35 @@ def report(path: Path = typer.Argument(..., help="A run directory or a sweep dir
     except SfedloraError as err:
         _fail(str(err))
     console.print(f"report: {out}")
+
+
+flower_app = typer.Typer(help="Run on Flower's Deployment Engine (SuperLink and SuperNodes).")
+app.add_typer(flower_app, name="flower")
+
+
+@flower_app.command("up")
+def flower_up(
+    config: Optional[Path] = ConfigArg,
+    overrides: list[str] = SetOpt,
+    clients: Optional[int] = typer.Option(None, "--clients", min=1, help="SuperNodes to start, one per client (sets federation.n_clients)."),
+    workdir: Optional[Path] = typer.Option(None, "--workdir", help="Certificates, keys and process logs (default: a new temporary directory)."),
+    timeout: float = typer.Option(3600.0, "--timeout", help="Seconds the run may take before everything is stopped."),
+) -> None:
+    """Start a SuperLink and one SuperNode per client on 127.0.0.1 (TLS, SuperNode
+    authentication), run the job, and stop everything."""
+    import tempfile
+
+    from .flower.deploy import up
+
+    cfg = _load(config, [*overrides, *([f"federation.n_clients={clients}"] if clients else [])])
+    workdir = workdir or Path(tempfile.mkdtemp(prefix="sfedlora-flower-"))
+    console.print(f"deployment: 1 SuperLink + {cfg.federation.n_clients} SuperNodes on 127.0.0.1 (TLS, node authentication); "
+                  f"logs in {workdir / 'logs'}")
+    try:
+        run_dir = up(cfg, workdir, timeout=timeout)
+    except SfedloraError as err:
+        _fail(str(err))
+    console.print(f"run directory: {run_dir}")
 
 
 @app.command("config")

@@ -119,6 +119,16 @@ class ServerConfig(_Section):
 
     outlier_rule: Literal["none", "median"] = Field("none", description="median: refuse updates whose change norm exceeds outlier_factor x the median's.")
     outlier_factor: float = Field(10.0, gt=1, description="Threshold of the median rule.")
+    min_replies: int = Field(1, ge=1, description="Sound replies a round needs to be averaged; with fewer, the server's tensors stay as they were.")
+
+
+class FlowerConfig(_Section):
+    """The Flower runtime (``sfedlora run --runtime flower``, ``flwr run .``); the embedded simulator ignores it."""
+
+    round_timeout: float = Field(600.0, gt=0, description="Seconds the server waits for a round's replies; clients silent by then count as dropped and the round goes on without them.")
+    connect_timeout: float = Field(120.0, gt=0, description="Seconds the server waits at the start for one SuperNode per client to connect.")
+    client_cpus: float = Field(1.0, gt=0, description="Flower simulation: CPU cores reserved per ClientApp (clients train concurrently as cores allow).")
+    client_gpus: float = Field(0.0, ge=0, description="Flower simulation: share of a GPU per ClientApp (0.25 lets four share one); 0 trains clients on the CPU.")
 
 
 class RunConfig(_Section):
@@ -137,6 +147,7 @@ class RunConfig(_Section):
     eval: EvalConfig = EvalConfig()
     server: ServerConfig = ServerConfig()
     faults: FaultConfig = FaultConfig()
+    flower: FlowerConfig = FlowerConfig()
 
     @model_validator(mode="after")
     def _resolve_method(self) -> "RunConfig":
@@ -152,6 +163,14 @@ class RunConfig(_Section):
         resolved = self.lora.scaling or preset_rule or "lora"
         if self.lora.scaling != resolved:
             self.lora.scaling = resolved
+        return self
+
+    @model_validator(mode="after")
+    def _reachable_min_replies(self) -> "RunConfig":
+        sampled = self.federation.sampled_per_round()
+        if self.server.min_replies > sampled:
+            raise ValueError(f"server.min_replies ({self.server.min_replies}) exceeds the {sampled} clients sampled per round: "
+                             "no round could ever be averaged")
         return self
 
     @property
@@ -236,7 +255,9 @@ def dump_config(cfg: RunConfig) -> str:
 
 
 # Keys that name where a run lives or how it is shown, not what it computes.
-NON_RESULT_KEYS = frozenset({"name", "output_dir", "checkpoint_every", "save_adapters"})
+NON_RESULT_KEYS = frozenset({"name", "output_dir", "checkpoint_every", "save_adapters",
+                             "flower.round_timeout", "flower.connect_timeout", "flower.client_cpus",
+                             "flower.client_gpus"})
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

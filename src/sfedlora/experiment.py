@@ -6,7 +6,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -94,12 +94,16 @@ def run(
     on_start: Callable[[Federation, Path], None] | None = None,
     on_record: Callable[[dict], None] | None = None,
     resume: str | Path | None = None,
+    rounds: Callable[[Federation], Iterator[dict]] = simulate,
+    clients_here: bool = True,
 ) -> RunResult:
     """Run ``cfg`` on the embedded simulator, writing everything into a new run directory.
 
     With ``resume``, continue that run directory from its last checkpoint instead (``cfg``
     may then be None; if given, it must not differ from the run's own in a way that
-    changes results).
+    changes results). ``rounds`` is the runtime that yields each round's record (Flower
+    passes its own); with ``clients_here=False`` the clients' state lives elsewhere, so
+    there are no checkpoints and only a global adapter is saved.
     """
     start = time.perf_counter()
     if resume is not None:
@@ -124,7 +128,7 @@ def run(
         flagged = any("collapse" in r for r in records)  # a resumed run flagged it already
         writer = MetricsWriter(run_dir / "metrics.jsonl")
         try:
-            for record in simulate(fed):
+            for record in rounds(fed):
                 record = jsonable(record)
                 records.append(record)
                 collapse = None if flagged else detect(records, watched, majority, cfg.federation.rounds)
@@ -133,13 +137,13 @@ def run(
                     record["collapse"] = collapse.reason
                     log.warning("round %d: training collapsed: %s", collapse.round, collapse.reason)
                 writer.write(record)
-                if fed.round % cfg.checkpoint_every == 0 or fed.round == cfg.federation.rounds:
+                if clients_here and (fed.round % cfg.checkpoint_every == 0 or fed.round == cfg.federation.rounds):
                     save_checkpoint(fed, run_dir)
                 if on_record:
                     on_record(record)
         finally:
             writer.close()
-        if cfg.save_adapters:
+        if cfg.save_adapters and (clients_here or not fed.method.has_local_state()):
             save_adapters(fed, run_dir)
         key = headline(fed)
         scores = [r[key] for r in records if r.get(key) is not None]

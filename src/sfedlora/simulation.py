@@ -6,8 +6,8 @@ import copy
 import logging
 import math
 import time
-from dataclasses import dataclass
-from typing import Iterator
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -115,37 +115,43 @@ def build_federation(cfg: RunConfig, data: TaskData) -> Federation:
     )
 
 
-def evaluate(fed: Federation) -> dict[str, float]:
+def logits_of(fed: Federation, tensors: dict[str, torch.Tensor]) -> np.ndarray:
+    """Dev-set logits of the shared model under ``tensors``."""
+    write_tensors(fed.params, tensors)
+    return predict(fed.model, fed.eval_data, fed.tokenizer, fed.cfg.eval.batch_size, fed.compute)
+
+
+def client_scores(fed: Federation, k: int, logits: np.ndarray) -> dict[str, float]:
+    """Client ``k``'s scores on the dev set; for classification also under its own label mix."""
+    scores = task_metrics(logits, fed.eval_data.labels, fed.num_labels)
+    if fed.num_labels > 1:
+        scores["local_accuracy"] = label_mix_accuracy(logits, fed.eval_data.labels, fed.histograms[k])
+    return scores
+
+
+def evaluate(fed: Federation, personal: Callable[[], list[dict[str, float]]] | None = None) -> dict[str, float]:
     """Personalised models (mean/min over clients) and, where one exists, the global model.
 
     Every score is on the whole dev set. For classification, ``personal_local_accuracy``
-    adds each client's accuracy under its own training label mix.
+    adds each client's accuracy under its own training label mix. ``personal`` gives the
+    clients' scores where their tensors live elsewhere (Flower); by default they are
+    computed here from ``fed.clients``.
     """
-    cfg = fed.cfg.eval
-    labels = fed.eval_data.labels
-
-    def logits_of(tensors):
-        write_tensors(fed.params, tensors)
-        return predict(fed.model, fed.eval_data, fed.tokenizer, cfg.batch_size, fed.compute)
-
-    def personal_scores(k, logits):
-        scores = task_metrics(logits, labels, fed.num_labels)
-        if fed.num_labels > 1:
-            scores["local_accuracy"] = label_mix_accuracy(logits, labels, fed.histograms[k])
-        return scores
-
     out: dict[str, float] = {}
     global_logits = None
     if not fed.method.has_local_state():
-        global_logits = logits_of(fed.global_tensors())
-        out.update({f"global_{k}": v for k, v in task_metrics(global_logits, labels, fed.num_labels).items()})
-    if cfg.personalised:
+        global_logits = logits_of(fed, fed.global_tensors())
+        out.update({f"global_{k}": v for k, v in task_metrics(global_logits, fed.eval_data.labels, fed.num_labels).items()})
+    if fed.cfg.eval.personalised:
         # Without local tensors every client's model is the global one: no second pass.
-        per_client = [
-            personal_scores(k, global_logits if global_logits is not None else logits_of(fed.personal_tensors(k)))
-            for k in range(len(fed.clients))
-        ]
-        out.update({f"personal_{k}": v for k, v in summarise(per_client).items()})
+        if global_logits is not None:
+            per_client = [client_scores(fed, k, global_logits) for k in range(len(fed.clients))]
+        elif personal is not None:
+            per_client = personal()
+        else:
+            per_client = [client_scores(fed, k, logits_of(fed, fed.personal_tensors(k))) for k in range(len(fed.clients))]
+        if per_client:
+            out.update({f"personal_{k}": v for k, v in summarise(per_client).items()})
     return out
 
 
@@ -154,60 +160,77 @@ def _mean_of(results: list[ClientResult], kind: str) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def _train_or_restore(fed: Federation, k: int, round_: int) -> ClientResult | None:
-    """Train client ``k``; if its loss turns non-finite, put its state back and return None."""
+@dataclass
+class ClientOutcome:
+    """What one client's round leaves behind: its next state, and what it sends (if anything)."""
+
+    state: ClientState
+    result: ClientResult | None  # None: the loss turned non-finite, so nothing is sent
+    update: dict[str, torch.Tensor]  # what the method uploads; empty when result is None
+
+
+def client_round(fed: Federation, k: int, state: ClientState, download: dict[str, torch.Tensor], round_: int) -> ClientOutcome:
+    """Client side of a round, for every runtime: take the download, train, pick the upload.
+
+    ``state`` itself is left untouched. If the loss turns non-finite, the outcome's state
+    is ``state`` with the download but without the training, and nothing is sent.
+    """
     cfg = fed.cfg
-    state = fed.clients[k]
-    before = copy.deepcopy(state)
+    received = ClientState({**state.tensors, **{n: t.clone() for n, t in download.items()}},
+                           state.rng, state.optimizer, state.steps)
+    # Optimizer state is updated in place while training: train a copy, keep ``received`` intact.
+    trained = copy.deepcopy(received)
     steps = steps_per_round(int(fed.client_sizes[k]), cfg.train.batch_size,
                             cfg.federation.local_steps, cfg.federation.local_epochs)
     # The schedule spans the steps a client is expected to take: it trains in a fraction
     # n_sampled / n_clients of the rounds.
     expected_steps = math.ceil(steps * cfg.federation.rounds * fed.n_sampled / len(fed.clients))
-    result = train_client(fed.model, fed.params, state, fed.client_data[k], fed.tokenizer,
+    result = train_client(fed.model, fed.params, trained, fed.client_data[k], fed.tokenizer,
                           fed.method.trained(round_), steps, expected_steps, cfg.train, fed.compute)
     if not np.isfinite(result.loss):
-        fed.clients[k] = before
-        return None
-    return result
+        return ClientOutcome(received, None, {})
+    return ClientOutcome(trained, result, fed.method.upload(trained.tensors, round_))
 
 
-def run_round(fed: Federation) -> dict:
-    """The next communication round; returns its metrics record (without evaluation).
+DIVERGED = "non-finite training loss; client state restored"
 
-    Sampled clients download the global tensors, train and reply; the server refuses
-    malformed, non-finite and (optionally) outlying replies, then averages the rest.
+
+@dataclass
+class Inbox:
+    """What reached the server in one round, in client order, before its checks."""
+
+    clients: list[int]  # the sampled clients
+    results: list[tuple[int, ClientResult]] = field(default_factory=list)  # clients that trained
+    updates: list[tuple[int, dict[str, torch.Tensor]]] = field(default_factory=list)  # replies to check
+    dropped: list[int] = field(default_factory=list)  # no reply
+    rejected: list[dict] = field(default_factory=list)  # refused before the checks, with a reason
+    injected: list[dict] = field(default_factory=list)
+    bytes_up: int = 0
+    bytes_down: int = 0
+
+
+def expected_update(fed: Federation, round_: int) -> dict[str, torch.Tensor]:
+    """The server's current value of every tensor clients upload in ``round_``."""
+    return {n: fed.server[n] for n in fed.method.upload(fed.initial, round_)}
+
+
+def conclude_round(fed: Federation, round_: int, inbox: Inbox, start: float) -> dict:
+    """Server side of a round, for every runtime: refuse malformed, non-finite and
+    (optionally) outlying replies, average the rest, and return the round's record.
+
+    With fewer than ``server.min_replies`` sound replies the server's tensors stay as they were.
     """
-    start = time.perf_counter()
-    cfg, method, faults = fed.cfg, fed.method, fed.cfg.faults
-    round_ = fed.round + 1
-    sampled = np.sort(fed.sampler.choice(len(fed.clients), size=fed.n_sampled, replace=False))
-    expected = {n: fed.server[n] for n in method.upload(fed.initial, round_)}
-    results, replies, dropped, rejected, injected = [], [], [], [], []
-    bytes_up = bytes_down = 0
-    for k in sampled.tolist():
-        u_drop, u_bad, kind = fed.fault_rng.random(), fed.fault_rng.random(), fed.fault_rng.choice(faults.bad_kinds)
-        download = method.download(fed.server)
-        fed.clients[k].tensors.update({n: t.clone() for n, t in download.items()})
-        bytes_down += nbytes(download)
-        if u_drop < faults.dropout:
-            dropped.append(k)
-            continue
-        result = _train_or_restore(fed, k, round_)
-        if result is None:
-            rejected.append({"client": k, "reason": "non-finite training loss; client state restored"})
-            continue
-        results.append((k, result))
-        update = method.upload(fed.clients[k].tensors, round_)
-        if u_bad < faults.bad_update:
-            update = corrupt(update, expected, str(kind), fed.fault_rng)
-            injected.append({"client": k, "kind": str(kind)})
-        bytes_up += nbytes(update)
+    cfg = fed.cfg
+    min_replies = cfg.server.min_replies
+    expected = expected_update(fed, round_)
+    replies, rejected = [], list(inbox.rejected)
+    for k, update in inbox.updates:
         reason = check_update(update, expected)
         if reason is None:
             replies.append((k, update))
         else:
             rejected.append({"client": k, "reason": reason})
+    rejected.sort(key=lambda r: r["client"])  # one entry per client, in the order clients were asked
     if cfg.server.outlier_rule == "median" and replies:
         norms = [change_norm(u, expected) for _, u in replies]
         outlier = norm_outliers(norms, cfg.server.outlier_factor)
@@ -217,40 +240,88 @@ def run_round(fed: Federation) -> dict:
     for r in rejected:
         log.warning("round %d: update of client %d rejected: %s", round_, r["client"], r["reason"])
     update_norm = 0.0
-    if expected and replies:
+    if expected and replies and len(replies) >= min_replies:
         new = aggregate([u for _, u in replies], [float(fed.client_sizes[k]) for k, _ in replies])
         update_norm = change_norm(new, expected)
         fed.server.update(new)
+    elif expected and replies:
+        log.warning("round %d: %d sound replies, fewer than the %d required; skipping aggregation",
+                    round_, len(replies), min_replies)
+        replies = []
     elif expected:
         log.warning("round %d: no update accepted; the server's tensors stay as they were", round_)
     fed.round = round_
-    trained = [r for _, r in results]
+    trained = [r for _, r in inbox.results]
     return {
         "round": round_,
-        "clients": sampled.tolist(),
-        "train_loss": float(np.average([r.loss for r in trained], weights=[fed.client_sizes[k] for k, _ in results]))
+        "clients": inbox.clients,
+        "train_loss": float(np.average([r.loss for r in trained], weights=[fed.client_sizes[k] for k, _ in inbox.results]))
         if trained else float("nan"),
         "grad_norm_A": _mean_of(trained, "A"),
         "grad_norm_B": _mean_of(trained, "B"),
         "update_norm": update_norm,
         "gamma": fed.gamma,
         "aggregated": len(replies),
-        "dropped": dropped,
+        "dropped": inbox.dropped,
         "rejected": rejected,
-        "injected": injected,
-        "bytes_up": bytes_up,
-        "bytes_down": bytes_down,
+        "injected": inbox.injected,
+        "bytes_up": inbox.bytes_up,
+        "bytes_down": inbox.bytes_down,
         "seconds": time.perf_counter() - start,
     }
 
 
-def simulate(fed: Federation) -> Iterator[dict]:
-    """Run the remaining rounds, yielding each round's record (with evaluation where due)."""
+def sample_clients(fed: Federation) -> list[int]:
+    """The clients of the next round, drawn from the federation's seeded sampler."""
+    return np.sort(fed.sampler.choice(len(fed.clients), size=fed.n_sampled, replace=False)).tolist()
+
+
+def run_round(fed: Federation) -> dict:
+    """The next communication round; returns its metrics record (without evaluation).
+
+    Sampled clients download the global tensors, train and reply; faults are injected
+    as the config asks; :func:`conclude_round` checks and averages the replies.
+    """
+    start = time.perf_counter()
+    faults = fed.cfg.faults
+    round_ = fed.round + 1
+    inbox = Inbox(sample_clients(fed))
+    expected = expected_update(fed, round_)
+    for k in inbox.clients:
+        u_drop, u_bad, kind = fed.fault_rng.random(), fed.fault_rng.random(), fed.fault_rng.choice(faults.bad_kinds)
+        download = fed.method.download(fed.server)
+        inbox.bytes_down += nbytes(download)
+        if u_drop < faults.dropout:
+            fed.clients[k].tensors.update({n: t.clone() for n, t in download.items()})
+            inbox.dropped.append(k)
+            continue
+        outcome = client_round(fed, k, fed.clients[k], download, round_)
+        fed.clients[k] = outcome.state
+        if outcome.result is None:
+            inbox.rejected.append({"client": k, "reason": DIVERGED})
+            continue
+        inbox.results.append((k, outcome.result))
+        update = outcome.update
+        if u_bad < faults.bad_update:
+            update = corrupt(update, expected, str(kind), fed.fault_rng)
+            inbox.injected.append({"client": k, "kind": str(kind)})
+        inbox.bytes_up += nbytes(update)
+        inbox.updates.append((k, update))
+    return conclude_round(fed, round_, inbox, start)
+
+
+def simulate(fed: Federation, step: Callable[[Federation], dict] = run_round,
+             personal: Callable[[], list[dict[str, float]]] | None = None) -> Iterator[dict]:
+    """Run the remaining rounds, yielding each round's record (with evaluation where due).
+
+    ``step`` plays one round and ``personal`` scores the clients' models (see
+    :func:`evaluate`): the defaults run here, Flower passes its own.
+    """
     rounds, every = fed.cfg.federation.rounds, fed.cfg.eval.every
     while fed.round < rounds:
-        record = run_round(fed)
+        record = step(fed)
         if fed.round % every == 0 or fed.round == rounds:
             start = time.perf_counter()
-            record.update(evaluate(fed))
+            record.update(evaluate(fed, personal))
             record["eval_seconds"] = time.perf_counter() - start
         yield record

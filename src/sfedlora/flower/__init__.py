@@ -1,0 +1,1 @@
+"""The Flower runtime: a ServerApp and a ClientApp over the simulator's own round functions."""

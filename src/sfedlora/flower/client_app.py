@@ -1,0 +1,79 @@
+"""The Flower ClientApp: one client of the federation per SuperNode.
+
+The node's ``partition-id`` (node config) says which client it is. The config comes with
+every message, so a node needs nothing but the package and the data. Training and
+scoring are the simulator's own :func:`client_round` and :func:`client_scores`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from ..data import load_task
+from ..errors import SfedloraError
+from ..simulation import Federation, build_federation, client_round, client_scores, logits_of
+from .records import CONFIG, RESULT, load_state, read_request, save_state, train_reply
+
+log = logging.getLogger("sfedlora")
+
+app = ClientApp()
+
+# The base model, data split and encodings of the run this process serves: built on the
+# first message, reused for every later one (the client's own state is in Context.state).
+_built: dict[str, Federation] = {}
+
+
+def federation_for(cfg, text: str) -> Federation:
+    key = hashlib.sha256(text.encode()).hexdigest()
+    if key not in _built:
+        _built.clear()
+        _built[key] = build_federation(cfg, load_task(cfg.data, seed=cfg.seed))
+    return _built[key]
+
+
+def partition_id(context: Context, n_clients: int) -> int:
+    try:
+        k = int(context.node_config["partition-id"])
+    except (KeyError, ValueError):
+        raise SfedloraError("this SuperNode has no integer partition-id: start it with "
+                            "--node-config 'partition-id=K' (K = 0 .. n_clients-1)") from None
+    if not 0 <= k < n_clients:
+        raise SfedloraError(f"partition-id {k} is outside 0..{n_clients - 1} (federation.n_clients={n_clients})")
+    return k
+
+
+def _setup(msg: Message, context: Context):
+    cfg, text, client, round_, download = read_request(msg)
+    fed = federation_for(cfg, text)
+    k = partition_id(context, cfg.federation.n_clients)
+    if client != k:
+        raise SfedloraError(f"server asked this node for client {client}, but it holds partition {k}")
+    return fed, k, round_, download, load_state(context.state, fed.clients[k])
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Handshake: tell the server which client this node holds."""
+    cfg, _, _, _, _ = read_request(msg)
+    k = partition_id(context, cfg.federation.n_clients)
+    return Message(RecordDict({CONFIG: ConfigRecord({"client": k})}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    fed, k, round_, download, state = _setup(msg, context)
+    outcome = client_round(fed, k, state, download, round_)
+    save_state(context.state, outcome.state)
+    return Message(train_reply(outcome.result, outcome.update), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Score this client's personalised model: its own tensors under the server's global ones."""
+    fed, k, _, download, state = _setup(msg, context)
+    scores = client_scores(fed, k, logits_of(fed, {**state.tensors, **download}))
+    return Message(RecordDict({RESULT: MetricRecord(scores)}), reply_to=msg)

@@ -1,0 +1,251 @@
+"""A Flower deployment on this machine: one SuperLink and a SuperNode per client on
+127.0.0.1, TLS with self-signed certificates, SuperNode authentication, one run, then
+everything stopped. What ``sfedlora flower up`` does; the README shows the same steps
+across machines.
+
+Every process runs in its own session, so stopping it stops the ClientApp/ServerApp
+processes it spawned too; each writes its log to ``<workdir>/logs``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from ..config import RunConfig, dump_config
+from ..errors import SfedloraError
+from ..rundir import check_run_dir, default_run_name
+from .credentials import make_node_key, make_tls
+from .server_app import check_runnable
+
+HOST = "127.0.0.1"
+LINK = "sfedlora"  # the SuperLink connection's name in the flwr CLI's config
+
+APP_PYPROJECT = """\
+# A Flower app that runs the installed sfedlora package (flwr run builds it into a FAB).
+[project]
+name = "sfedlora-job"
+version = "0.1.0"
+description = "sfedlora federated LoRA run"
+license = "MIT"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "sfedlora"
+
+[tool.flwr.app.components]
+serverapp = "sfedlora.flower.server_app:app"
+clientapp = "sfedlora.flower.client_app:app"
+
+[tool.flwr.app.config]
+config = ""
+overrides = ""
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def _tool(name: str) -> str:
+    # Prefer the Flower tools installed next to this interpreter (a virtual environment).
+    local = Path(sys.executable).parent / name
+    found = str(local) if local.exists() else shutil.which(name)
+    if found is None:
+        raise SfedloraError(f"{name} not found: install Flower with pip install 'flwr[simulation]~=1.42.0'")
+    return found
+
+
+class LocalDeployment:
+    """A SuperLink and ``n_clients`` SuperNodes on this machine, stopped on exit."""
+
+    def __init__(self, workdir: Path, n_clients: int, startup_timeout: float = 120.0):
+        self.workdir = workdir.resolve()
+        self.n_clients = n_clients
+        self.startup_timeout = startup_timeout
+        self.port = free_port()
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.env = {**os.environ, "FLWR_HOME": str(self.workdir / "flwr-home"), "FLWR_TELEMETRY_ENABLED": "0",
+                    # The app's dependencies are this package's: installed already, never fetched at run time.
+                    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+
+    def __enter__(self) -> "LocalDeployment":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "logs").mkdir(exist_ok=True)
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _start(self) -> None:
+        self.tls = make_tls(self.workdir / "certs", [HOST, "localhost"])
+        home = Path(self.env["FLWR_HOME"])
+        home.mkdir(exist_ok=True)
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{LINK}"\n\n[superlink.{LINK}]\naddress = "{HOST}:{self.port}"\n'
+            f'root-certificates = "{self.tls.ca_cert}"\n')
+        (self.workdir / "app").mkdir(exist_ok=True)
+        (self.workdir / "app" / "pyproject.toml").write_text(APP_PYPROJECT)
+        self.spawn("superlink", [_tool("flower-superlink"), "--ssl-ca-certfile", str(self.tls.ca_cert),
+                                 "--ssl-certfile", str(self.tls.server_cert), "--ssl-keyfile", str(self.tls.server_key),
+                                 "--enable-supernode-auth", "--disable-runtime-dependency-installation",
+                                 "--host", HOST, "--port", str(self.port)])
+        for k in range(self.n_clients):
+            private, public = make_node_key(self.workdir / "keys", f"node-{k}")
+            self.register(public)
+            self.start_node(k, private)
+
+    def spawn(self, name: str, command: list[str]) -> subprocess.Popen:
+        log = (self.workdir / "logs" / f"{name}.log").open("ab")
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir,
+                                start_new_session=True)
+        log.close()
+        self.processes[name] = proc
+        return proc
+
+    def flwr(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
+        return subprocess.run([_tool("flwr"), *args], env=self.env, cwd=self.workdir, capture_output=True, text=True,
+                              timeout=timeout)
+
+    def register(self, public_key: Path) -> None:
+        """Authorise a SuperNode's key, retrying while the SuperLink starts."""
+        deadline = time.monotonic() + self.startup_timeout
+        while True:
+            done = self.flwr("supernode", "register", str(public_key), LINK)
+            if done.returncode == 0:
+                return
+            if self.processes["superlink"].poll() is not None:
+                raise SfedloraError(f"the SuperLink stopped (exit code {self.processes['superlink'].returncode}): "
+                                    f"see {self.workdir / 'logs' / 'superlink.log'}")
+            if time.monotonic() > deadline:
+                raise SfedloraError(f"could not register SuperNode key {public_key.name}: {done.stdout.strip()[-300:]} "
+                                    f"{done.stderr.strip()[-300:]}")
+            time.sleep(0.5)
+
+    def start_node(self, k: int, private_key: Path, name: str | None = None) -> subprocess.Popen:
+        return self.spawn(name or f"supernode-{k}", [
+            _tool("flower-supernode"), "--superlink", f"{HOST}:{self.port}", "--root-certificates", str(self.tls.ca_cert),
+            "--auth-supernode-private-key", str(private_key), "--port", str(free_port()),
+            "--node-config", f"partition-id={k} num-partitions={self.n_clients}"])
+
+    def submit(self, cfg: RunConfig) -> subprocess.Popen:
+        """Start ``cfg`` on the federation; the returned ``flwr run --stream`` exits with the run."""
+        path = self.workdir / "config.yaml"
+        path.write_text(dump_config(cfg))
+        return self.spawn("run", [_tool("flwr"), "run", str(self.workdir / "app"), LINK, "--stream",
+                                  "--run-config", f"config='{path}'"])
+
+    def kill(self, name: str) -> None:
+        """Stop one process and everything it started, at once (a machine that dies)."""
+        proc = self.processes[name]
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Stop every process (SuperNodes first), politely, then for good; leave none behind.
+
+        Flower's helpers may start sessions of their own, so the whole tree of processes
+        each one started is collected first, and every one of them is waited for.
+        """
+        order = [n for n in self.processes if n != "superlink"] + [n for n in self.processes if n == "superlink"]
+        tree = _descendants({self.processes[n].pid for n in order})
+        for name in order:
+            _signal_group(self.processes[name].pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for name in order:
+            try:
+                self.processes[name].wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for name in order:  # whatever the sessions still hold (ClientApp/ServerApp children)
+            _signal_group(self.processes[name].pid, signal.SIGKILL)
+            self.processes[name].wait()
+        for pid in tree:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        # SIGKILL is asynchronous: return once none of them is still running.
+        pgids = {p.pid for p in self.processes.values()}
+        deadline = time.monotonic() + grace
+        while _running(pgids, tree) and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _proc_table() -> list[tuple[int, str, int, int]]:
+    """(pid, state, parent pid, process group) of every process; Linux /proc."""
+    rows = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        rows.append((int(stat.parent.name), fields[0], int(fields[1]), int(fields[2])))
+    return rows
+
+
+def _descendants(roots: set[int]) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for pid, _, ppid, _ in _proc_table():
+        children.setdefault(ppid, []).append(pid)
+    found, todo = set(), list(roots)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _running(pgids: set[int], pids: set[int]) -> bool:
+    """Whether a process of these groups, or one of these pids, is alive (not a zombie)."""
+    return any(state != "Z" and (pgid in pgids or pid in pids) for pid, state, _, pgid in _proc_table())
+
+
+def prepare(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with an absolute run directory fixed now: the ServerApp runs elsewhere."""
+    check_runnable(cfg)
+    tree = cfg.model_dump(mode="json")
+    tree["name"] = cfg.name or default_run_name(cfg)
+    tree["output_dir"] = str(Path(cfg.output_dir).resolve())
+    fixed = RunConfig.model_validate(yaml.safe_load(yaml.safe_dump(tree)))
+    check_run_dir(fixed)
+    return fixed
+
+
+def up(cfg: RunConfig, workdir: Path, timeout: float = 3600.0) -> Path:
+    """Run ``cfg`` on a fresh local deployment; the run directory it wrote."""
+    cfg = prepare(cfg)
+    run_dir = Path(cfg.output_dir) / cfg.name
+    with LocalDeployment(workdir, cfg.federation.n_clients) as deployment:
+        job = deployment.submit(cfg)
+        try:
+            job.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise SfedloraError(f"the run did not finish within {timeout:g}s: see the logs in {workdir / 'logs'}") from None
+    if not (run_dir / "summary.json").is_file():
+        raise SfedloraError(f"the run stopped before it finished: see {workdir / 'logs'} (run.log, superlink.log)")
+    return run_dir

@@ -1,0 +1,99 @@
+"""What crosses the wire between the ServerApp and the ClientApps, and what a ClientApp
+keeps in its ``Context.state`` between rounds.
+
+Tensors travel as ``ArrayRecord`` (exact: fp32 bytes in, the same bytes out). A client's
+own state (every adapter tensor, optimizer state, RNG, step count) lives only in
+``Context.state``, which Flower keeps on the node: FedSA-LoRA's B and the optimizer's
+moments are never put in a message.
+"""
+
+from __future__ import annotations
+
+import io
+
+import torch
+import yaml
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from ..client import ClientResult, ClientState
+from ..config import RunConfig, build_config, dump_config
+
+CONFIG = "sfedlora"  # ConfigRecord: the run's config, the client asked, the round
+DOWNLOAD = "download"  # ArrayRecord: the server's global tensors
+UPDATE = "update"  # ArrayRecord: what the method uploads
+RESULT = "result"  # MetricRecord: training statistics (or evaluation scores)
+STATE_TENSORS = "sfedlora.tensors"
+STATE_META = "sfedlora.client"
+
+
+def tensors_record(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
+    return ArrayRecord({n: t.detach().cpu() for n, t in tensors.items()})
+
+
+def record_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    return dict(record.to_torch_state_dict())
+
+
+def request(cfg_text: str, client: int, round_: int, download: dict[str, torch.Tensor]) -> RecordDict:
+    """A server → client message body: the config (so a fresh node needs nothing else), the
+    client index the server expects at that node, the round, and the download."""
+    return RecordDict({
+        CONFIG: ConfigRecord({"config": cfg_text, "client": client, "round": round_}),
+        DOWNLOAD: tensors_record(download),
+    })
+
+
+def config_text(cfg: RunConfig) -> str:
+    return dump_config(cfg)
+
+
+def read_request(msg: Message) -> tuple[RunConfig, str, int, int, dict[str, torch.Tensor]]:
+    """(config, its text, client, round, download) of a server message."""
+    meta = msg.content.config_records[CONFIG]
+    text = str(meta["config"])
+    download = record_tensors(msg.content.array_records[DOWNLOAD]) if DOWNLOAD in msg.content.array_records else {}
+    return build_config(yaml.safe_load(text)), text, int(meta["client"]), int(meta["round"]), download
+
+
+def train_reply(result: ClientResult | None, update: dict[str, torch.Tensor]) -> RecordDict:
+    """A client's reply to a training request; ``result`` None means its loss diverged."""
+    stats: dict[str, float | int] = {"diverged": int(result is None)}
+    if result is not None:
+        stats.update({"loss": result.loss, "steps": result.steps})
+        stats.update({f"grad_norm.{k}": v for k, v in result.grad_norm.items()})
+    return RecordDict({UPDATE: tensors_record(update), RESULT: MetricRecord(stats)})
+
+
+def read_train_reply(msg: Message) -> tuple[ClientResult | None, dict[str, torch.Tensor]]:
+    stats = msg.content.metric_records[RESULT]
+    if stats["diverged"]:
+        return None, {}
+    norms = {k.removeprefix("grad_norm."): float(v) for k, v in stats.items() if k.startswith("grad_norm.")}
+    result = ClientResult(loss=float(stats["loss"]), steps=int(stats["steps"]), grad_norm=norms)
+    return result, record_tensors(msg.content.array_records[UPDATE])
+
+
+def _pack(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def save_state(state: RecordDict, client: ClientState) -> None:
+    """Keep ``client`` in a ClientApp's ``Context.state`` until its next round."""
+    state[STATE_TENSORS] = tensors_record(client.tensors)
+    state[STATE_META] = ConfigRecord({
+        "rng": client.rng.numpy().tobytes(),
+        "steps": client.steps,
+        "optimizer": _pack(client.optimizer),
+    })
+
+
+def load_state(state: RecordDict, fresh: ClientState) -> ClientState:
+    """The client state kept in ``Context.state``, or ``fresh`` before the client's first round."""
+    if STATE_TENSORS not in state:
+        return fresh
+    meta = state.config_records[STATE_META]
+    optimizer = torch.load(io.BytesIO(meta["optimizer"]), weights_only=True)
+    rng = torch.frombuffer(bytearray(meta["rng"]), dtype=torch.uint8).clone()
+    return ClientState(record_tensors(state.array_records[STATE_TENSORS]), rng, optimizer, int(meta["steps"]))

@@ -1,0 +1,162 @@
+"""The Flower ServerApp: the simulator's server side, with messages instead of calls.
+
+The run is :func:`sfedlora.experiment.run` with Flower's rounds in place of the embedded
+ones: same sampling, checks, aggregation and records (:func:`conclude_round`), same run
+directory. Clients the server cannot reach, or that stay silent past
+``flower.round_timeout``, count as dropped; the round goes on with the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Iterator
+
+from flwr.app import Context, Message, MessageType
+from flwr.serverapp import Grid, ServerApp
+
+from ..config import RunConfig, load_config
+from ..errors import SfedloraError
+from ..experiment import RunResult, run
+from ..simulation import DIVERGED, Federation, Inbox, conclude_round, nbytes, sample_clients, simulate
+from .records import CONFIG, RESULT, config_text, read_train_reply, request
+
+log = logging.getLogger("sfedlora")
+
+
+def check_runnable(cfg: RunConfig) -> None:
+    if cfg.faults.dropout or cfg.faults.bad_update:
+        raise SfedloraError("faults.dropout and faults.bad_update inject faults in the embedded simulator only; "
+                            "on Flower faults are real (stop a SuperNode): set both to 0")
+
+
+class FlowerRounds:
+    """The rounds of a run, played over a Flower ``Grid``; called by :func:`experiment.run`."""
+
+    def __init__(self, grid: Grid, cfg: RunConfig):
+        self.grid = grid
+        self.cfg = cfg
+        self.text = config_text(cfg)
+        self.nodes: dict[int, int] = {}  # client index → node id
+
+    def __call__(self, fed: Federation) -> Iterator[dict]:
+        self.nodes = self.connect(len(fed.clients))
+        return simulate(fed, step=self.play, personal=lambda: self.personal(fed))
+
+    def ask(self, kind: str, clients: list[int], body: Callable[[int], object], group: str) -> dict[int, Message | str]:
+        """Send ``body(k)`` to each client's node; each client's reply, or why there is none.
+
+        Replies are matched to requests by message id: the SuperLink's own error replies
+        (a node it found gone) do not come from the node they answer for.
+        """
+        messages = [Message(body(k), dst_node_id=self.nodes[k], message_type=kind, group_id=group) for k in clients]
+        asked = dict(zip(self.grid.push_messages(messages), clients))
+        out: dict[int, Message | str] = {k: f"no reply within flower.round_timeout={self.cfg.flower.round_timeout:g}s"
+                                         for k in clients}
+        deadline = time.monotonic() + self.cfg.flower.round_timeout
+        while asked and time.monotonic() < deadline:
+            for reply in self.grid.pull_messages(list(asked)):
+                k = asked.pop(reply.metadata.reply_to_message_id)
+                out[k] = f"node failed: {reply.error.reason}" if reply.has_error() else reply
+            if asked:
+                time.sleep(0.2)
+        return out
+
+    def connect(self, n_clients: int) -> dict[int, int]:
+        """Wait for the SuperNodes, then learn which client each one holds."""
+        deadline = time.monotonic() + self.cfg.flower.connect_timeout
+        while len(ids := list(self.grid.get_node_ids())) < n_clients:
+            if time.monotonic() > deadline:
+                raise SfedloraError(f"{len(ids)} of {n_clients} SuperNodes connected within flower.connect_timeout="
+                                    f"{self.cfg.flower.connect_timeout:g}s: start one per client (federation.n_clients)")
+            time.sleep(0.5)
+        self.nodes = {i: node for i, node in enumerate(ids)}  # provisional, to address the handshake
+        held: dict[int, int] = {}
+        for i, reply in self.ask(MessageType.QUERY, list(self.nodes), lambda i: request(self.text, -1, 0, {}), "hello").items():
+            if isinstance(reply, str):
+                raise SfedloraError(f"SuperNode {self.nodes[i]} did not answer the handshake ({reply})")
+            k = int(reply.content.config_records[CONFIG]["client"])
+            if k in held:
+                raise SfedloraError(f"SuperNodes {held[k]} and {self.nodes[i]} both hold partition-id {k}: give each its own")
+            held[k] = self.nodes[i]
+        missing = sorted(set(range(n_clients)) - set(held))
+        if missing:
+            raise SfedloraError(f"no SuperNode holds client(s) {missing}: start them with --node-config 'partition-id=K'")
+        log.info("%d SuperNodes connected: %s", len(held), held)
+        return held
+
+    def play(self, fed: Federation) -> dict:
+        """One round: the simulator's :func:`run_round`, with messages instead of calls."""
+        start = time.perf_counter()
+        round_ = fed.round + 1
+        inbox = Inbox(sample_clients(fed))
+        download = fed.method.download(fed.server)
+        replies = self.ask(MessageType.TRAIN, inbox.clients, lambda k: request(self.text, k, round_, download), str(round_))
+        for k in inbox.clients:
+            inbox.bytes_down += nbytes(download)
+            reply = replies[k]
+            if isinstance(reply, str):
+                log.warning("round %d: no reply from client %d (node %d): %s", round_, k, self.nodes[k], reply)
+                inbox.dropped.append(k)
+                continue
+            result, update = read_train_reply(reply)
+            if result is None:
+                inbox.rejected.append({"client": k, "reason": DIVERGED})
+                continue
+            inbox.results.append((k, result))
+            inbox.bytes_up += nbytes(update)
+            inbox.updates.append((k, update))
+        return conclude_round(fed, round_, inbox, start)
+
+    def personal(self, fed: Federation) -> list[dict[str, float]]:
+        """Every reachable client's scores of its personalised model."""
+        clients = list(range(len(fed.clients)))
+        download = fed.method.download(fed.server)
+        replies = self.ask(MessageType.EVALUATE, clients, lambda k: request(self.text, k, fed.round, download),
+                           f"eval-{fed.round}")
+        scores = []
+        for k, reply in replies.items():
+            if isinstance(reply, str):
+                log.warning("round %d: client %d (node %d) not evaluated: %s", fed.round, k, self.nodes[k], reply)
+            else:
+                scores.append(dict(reply.content.metric_records[RESULT]))
+        return scores
+
+
+def run_on_grid(grid: Grid, cfg: RunConfig, on_start=None, on_record=None) -> RunResult:
+    check_runnable(cfg)
+    return run(cfg, on_start=on_start, on_record=on_record, rounds=FlowerRounds(grid, cfg), clients_here=False)
+
+
+def config_from_context(context: Context) -> RunConfig:
+    """The run's config from the app's run config: ``config`` (a YAML path, or empty for the
+    defaults) and ``overrides`` (``key=value`` pairs separated by spaces)."""
+    path = str(context.run_config.get("config", "")) or None
+    overrides = str(context.run_config.get("overrides", "")).split()
+    return load_config(path, overrides)
+
+
+def make_server_app(cfg: RunConfig | None = None, on_start=None, on_record=None,
+                    outcome: dict | None = None) -> ServerApp:
+    """A ServerApp that runs ``cfg`` (or the config named in the run config, for ``flwr run``).
+
+    ``outcome`` receives the ``result`` or the ``error``: the app may run in a thread of
+    Flower's that logs exceptions instead of passing them on.
+    """
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        try:
+            result = run_on_grid(grid, cfg or config_from_context(context), on_start, on_record)
+        except Exception as err:
+            if outcome is not None:
+                outcome["error"] = err
+            raise
+        if outcome is not None:
+            outcome["result"] = result
+
+    return server_app
+
+
+app = make_server_app()

@@ -1,0 +1,97 @@
+"""The Flower runtime: same results as the embedded simulator; only what the method sends leaves a client."""
+
+import pytest
+import torch
+
+pytest.importorskip("flwr")
+
+from flwr.app import Context, Message, MessageType, RecordDict  # noqa: E402
+
+from typer.testing import CliRunner  # noqa: E402
+
+from sfedlora.cli import app  # noqa: E402
+from sfedlora.data import load_task  # noqa: E402
+from sfedlora.errors import SfedloraError  # noqa: E402
+from sfedlora.experiment import run  # noqa: E402
+from sfedlora.flower import client_app  # noqa: E402
+from sfedlora.flower.engine import run_simulation  # noqa: E402
+from sfedlora.flower.records import DOWNLOAD, STATE_META, STATE_TENSORS, UPDATE, config_text, read_train_reply, request  # noqa: E402
+from sfedlora.methods import tensor_kind  # noqa: E402
+from sfedlora.rundir import read_metrics  # noqa: E402
+from sfedlora.simulation import build_federation, client_round  # noqa: E402
+
+COMPARED = ("train_loss", "personal_accuracy_mean", "personal_accuracy_min", "personal_local_accuracy_mean", "update_norm")
+
+
+def test_flower_simulation_matches_the_embedded_simulator(tiny_config, tiny_overrides):
+    overrides = ("federation.rounds=3", "lora.dropout=0.1", "model.precision=fp32", "method=sfed-lora")
+    embedded = run(tiny_config("name=embedded", *overrides))
+    sets = [a for o in [*tiny_overrides, *overrides, "name=flower"] for a in ("--set", o)]
+    result = CliRunner().invoke(app, ["run", "--runtime", "flower", *sets])
+    assert result.exit_code == 0, result.output
+    run_dir = embedded.run_dir.parent / "flower"
+    flower_records = read_metrics(run_dir)
+    assert [r["round"] for r in flower_records] == [1, 2, 3]
+    for a, b in zip(embedded.records, flower_records):
+        assert a["clients"] == b["clients"] and a["aggregated"] == b["aggregated"] == 3
+        assert (a["bytes_up"], a["bytes_down"]) == (b["bytes_up"], b["bytes_down"]) and a["bytes_up"] > 0
+        for key in COMPARED:
+            assert b[key] == pytest.approx(a[key], abs=1e-5), (a["round"], key)
+    assert flower_records[-1]["train_loss"] != flower_records[0]["train_loss"]  # it trained
+    for name in ("config.yaml", "partition.json", "metrics.jsonl", "summary.json"):
+        assert (run_dir / name).is_file()
+    assert not (run_dir / "checkpoint.pt").exists()
+    # FedSA-LoRA's B stays on the clients: the server has no personalised adapters to save.
+    assert not (run_dir / "adapters").exists()
+
+
+def test_injected_faults_and_resume_are_refused_on_flower(tiny_config):
+    with pytest.raises(SfedloraError, match="faults.dropout and faults.bad_update inject faults"):
+        run_simulation(tiny_config("faults.dropout=0.5"))
+    result = CliRunner().invoke(app, ["run", "--runtime", "flower", "--resume", "somewhere"])
+    assert result.exit_code == 2 and "--resume works with the embedded simulator only" in result.output
+
+
+@pytest.fixture
+def server_identity(monkeypatch):
+    """What Flower sets in a ServerApp process, so that tests can create messages."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+
+
+def _message(cfg, k, round_, download):
+    return Message(request(config_text(cfg), k, round_, download), dst_node_id=7, message_type=MessageType.TRAIN)
+
+
+def test_client_app_sends_only_a_and_keeps_b_and_optimizer_in_context_state(tiny_config, server_identity):
+    cfg = tiny_config("method=sfed-lora")
+    fed = build_federation(cfg, load_task(cfg.data, seed=cfg.seed))
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 1}, state=RecordDict(), run_config={})
+    state = fed.clients[1]
+    for round_ in (1, 2):
+        download = {n: t + 0.01 * round_ for n, t in fed.method.download(fed.server).items()}
+        msg = _message(cfg, 1, round_, download)
+        assert all(tensor_kind(n) != "B" for n in msg.content.array_records[DOWNLOAD])
+        reply = client_app.train(msg, context)
+        sent = reply.content.array_records[UPDATE]
+        assert {tensor_kind(n) for n in sent} == {"A", "head"}
+        # The simulator's own client step, on the same state, gives the same bits.
+        expected = client_round(fed, 1, state, download, round_)
+        result, update = read_train_reply(reply)
+        assert result.loss == expected.result.loss and result.steps == 2
+        assert all(torch.equal(update[n], expected.update[n]) for n in expected.update)
+        state = expected.state
+        kept = context.state.array_records[STATE_TENSORS]
+        assert any(tensor_kind(n) == "B" for n in kept)
+        assert all(torch.equal(torch.from_numpy(kept[n].numpy()), state.tensors[n]) for n in kept)
+        assert context.state.config_records[STATE_META]["steps"] == 2 * round_
+        assert len(context.state.config_records[STATE_META]["optimizer"]) > 0
+
+
+def test_client_app_refuses_a_request_for_another_partition(tiny_config, server_identity):
+    cfg = tiny_config()
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 2}, state=RecordDict(), run_config={})
+    with pytest.raises(SfedloraError, match="server asked this node for client 0, but it holds partition 2"):
+        client_app.train(_message(cfg, 0, 1, {}), context)
