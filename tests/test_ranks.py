@@ -177,3 +177,24 @@ def test_a_mixed_rank_run_writes_a_peft_adapter_per_client_at_its_rank(tiny_conf
         with torch.no_grad():
             ours, theirs = fed.model(**batch).logits, reloaded(**batch).logits
         torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+
+
+def test_one_listed_rank_equal_to_lora_rank_reproduces_the_uniform_run(tiny_config):
+    # The mixed-rank path (cuts, padding, row-wise mean, γ set per client) with one rank
+    # for all is the uniform run: same losses and scores, up to the last bits of γ.
+    common = ("method=sfed-lora", "model.precision=fp32", "save_adapters=false")
+    uniform = run(tiny_config(*common, "name=uniform")).records
+    listed = run(tiny_config(*common, "name=listed", "lora.client_ranks=[4]")).records
+    for a, b in zip(uniform, listed):
+        assert b["client_ranks"] == [4, 4, 4] and b["client_gammas"] == pytest.approx([a["gamma"]] * 3, rel=1e-12)
+        for key in ("train_loss", "update_norm", "personal_accuracy_mean"):
+            assert b[key] == pytest.approx(a[key], abs=1e-6), key
+
+
+def test_fedit_with_mixed_ranks_saves_the_global_adapter_and_one_per_client(tiny_config):
+    result = run(tiny_config(*MIXED, "name=fedit-mixed", "method=fedit", "federation.rounds=1"))
+    saved = sorted(p.name for p in (result.run_dir / "adapters").iterdir())
+    assert saved == ["client_00", "client_01", "client_02", "global"]
+    ranks = [json.loads((result.run_dir / "adapters" / n / "adapter_config.json").read_text())["r"] for n in saved]
+    assert ranks == [2, 4, 8, 8]
+    assert result.records[0]["aggregated"] == 3 and "personal_accuracy_min" in result.records[0]
