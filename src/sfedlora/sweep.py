@@ -259,7 +259,7 @@ def _learning_rate_views(rows: list[dict], grid: dict) -> list[str]:
             finals.setdefault((tuple(row[k] for k in others), row[rank_key], row[lr_key]), []).append(row["final"])
     mean = {k: float(np.mean(v)) for k, v in finals.items()}
     # The best learning rate is the one with the best final metric: the lowest, for a perplexity.
-    sign = 1.0 if all(higher_is_better(r["metric"]) for r in rows) else -1.0
+    sign = 1.0 if all(higher_is_better(r.get("metric", "")) for r in rows) else -1.0
     groups = list(dict.fromkeys(k[0] for k in mean))
     ranks = grid[rank_key]
     header = "| " + " | ".join(others + [f"r={r}" for r in ranks]) + " |"
