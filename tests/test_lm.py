@@ -126,11 +126,16 @@ def test_loss_falls_on_answer_tokens_only(tiny_tokenizer):
     assert int(keep.sum()) == sum(len(f["input_ids"]) - n for f, n in zip(enc.features, enc.prompt_lengths))
 
 
-def test_truncation_cuts_answers_and_drops_examples_without_one(tiny_tokenizer, caplog):
-    ex = LMExamples(["Q: short", "Q: " + "long " * 80], ["A: " + "word " * 80 + "#### 1", "#### 2"], ["1", "2"])
+def test_truncation_cuts_answers_and_keeps_every_example(tiny_tokenizer, caplog):
+    ex = LMExamples(["Q: short", "Q: " + "long " * 80 + "end?"], ["A: " + "word " * 80 + "#### 1", "#### 2"], ["1", "2"])
     enc = encode_lm(ex, tiny_tokenizer, max_length=32)
-    assert len(enc) == 1 and len(enc.features[0]["input_ids"]) == 32 and enc.references == ["1"]
-    assert "2 of 2 training examples are longer than model.max_length=32 tokens and were truncated; 1 whose prompt alone fills it were dropped" in caplog.text
+    assert len(enc) == 2 and enc.references == ["1", "2"]  # one-to-one with the examples the partition split
+    assert len(enc.features[0]["input_ids"]) == 32 and len(enc.features[1]["input_ids"]) <= 32
+    long_prompt = enc.features[1]
+    assert enc.prompt_lengths[1] == 16 and tiny_tokenizer.decode(long_prompt["input_ids"][:16]).endswith("end?")
+    assert long_prompt["labels"][16:] == long_prompt["input_ids"][16:]  # the answer is kept and carries loss
+    assert ("2 of 2 training examples are longer than model.max_length=32 tokens and were truncated "
+            "(1 prompts that alone filled it kept only their end)") in caplog.text
 
 
 def test_alpaca_files_hold_out_an_evaluation_split(tmp_path):

@@ -29,6 +29,11 @@ LAYERS = 2
 HEADS = 4
 MLP = 172  # about 8/3 x hidden, as in LLaMA
 MAX_POSITIONS = 2048
+# Fan-in init, std 1/sqrt(hidden): LLaMA's 0.02 is that scale for hidden ~2,500-4,096. At
+# hidden 64, 0.02 would leave the frozen output layer able to move a logit by only ~1 nat
+# after the final RMSNorm (|logit| <= 0.02 * sqrt(64) * sqrt(64)), so no adapter could take
+# the loss much below ln(vocab); at 1/sqrt(64) the adapter has room to learn.
+INIT_STD = HIDDEN ** -0.5
 SPECIALS = ("<unk>", "<s>", "</s>")
 
 
@@ -55,7 +60,7 @@ def train_tokenizer(texts: list[str]):
 
 
 def _key(texts: list[str]) -> str:
-    h = hashlib.sha256(repr((VOCAB_SIZE, HIDDEN, LAYERS, HEADS, MLP, MAX_POSITIONS)).encode())
+    h = hashlib.sha256(repr((VOCAB_SIZE, HIDDEN, LAYERS, HEADS, MLP, MAX_POSITIONS, INIT_STD)).encode())
     for t in texts:
         h.update(t.encode())
         h.update(b"\0")
@@ -75,7 +80,8 @@ def tiny_llama_dir(texts: list[str], cache: Path | None = None) -> Path:
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=MLP, num_hidden_layers=LAYERS,
                          num_attention_heads=HEADS, num_key_value_heads=HEADS, max_position_embeddings=MAX_POSITIONS,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
+                         pad_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
+                         initializer_range=INIT_STD)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     # Build beside the target and rename: a process that finds config.json finds a whole model,

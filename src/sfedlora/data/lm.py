@@ -228,27 +228,26 @@ def encode_lm(examples: LMExamples, tokenizer, max_length: int, split: str = "tr
     """Prompt ids (with the tokenizer's BOS) + target ids + EOS, cut at ``max_length`` tokens.
 
     Prompt and target are tokenised apart so the loss mask falls exactly on the boundary.
-    Examples whose prompt leaves no target token within ``max_length`` teach nothing and are
-    dropped; how many were cut or dropped is logged once.
+    A longer example loses the end of its target. A prompt that alone fills ``max_length``
+    keeps only its last ``max_length // 2`` tokens (where the question is asked), so that
+    every example keeps answer tokens to learn from and examples stay one-to-one with the
+    data the partition split. How many were cut is logged once.
     """
     prompt_ids = tokenizer(examples.prompts)["input_ids"]
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     target_ids = [ids + eos for ids in tokenizer(examples.targets, add_special_tokens=False)["input_ids"]]
-    features, prompt_lengths, refs, cut, dropped = [], [], [], 0, 0
-    for p, t, ref in zip(prompt_ids, target_ids, examples.references):
+    features, prompt_lengths, cut, long_prompts = [], [], 0, 0
+    for p, t in zip(prompt_ids, target_ids):
         if len(p) + len(t) > max_length:
             cut += 1
             if len(p) >= max_length:
-                dropped += 1
-                continue
+                long_prompts += 1
+                p = p[-(max_length // 2):]
             t = t[: max_length - len(p)]
         features.append({"input_ids": p + t, "labels": [IGNORE] * len(p) + t})
         prompt_lengths.append(len(p))
-        refs.append(ref)
     if cut:
         log.warning("%d of %d %s examples are longer than model.max_length=%d tokens and were truncated%s",
                     cut, len(examples), split, max_length,
-                    f"; {dropped} whose prompt alone fills it were dropped" if dropped else "")
-    if not features:
-        raise SfedloraError(f"no {split} example fits in model.max_length={max_length} tokens: raise model.max_length")
-    return LMEncoded(features, prompt_lengths, refs)
+                    f" ({long_prompts} prompts that alone filled it kept only their end)" if long_prompts else "")
+    return LMEncoded(features, prompt_lengths, list(examples.references))
