@@ -285,3 +285,10 @@ def test_cuda_half_precision_with_gradient_checkpointing(lm_overrides, precision
     assert {p.dtype for p in fed.params.values()} == {torch.float32}
     record = run_round(fed)
     assert np.isfinite(record["train_loss"]) and record["grad_norm_A"] > 0
+
+
+def test_partition_command_shows_a_size_split(lm_overrides):
+    sets = [a for o in lm_overrides for a in ("--set", o)]
+    result = runner.invoke(app, ["partition", *sets, "--set", "partition.kind=size", "--set", "federation.n_clients=4"])
+    assert result.exit_code == 0, result.output
+    assert "gsm8k: 40 training examples, 4 clients, sizes from Dirichlet β=0.5" in result.output
