@@ -91,6 +91,14 @@ def build_model(cfg: RunConfig, data: TaskData, compute: Compute, n_sampled: int
                            target_modules=m.target_modules, lora_mlp=m.lora_mlp, dtype=compute.base_dtype, seed=cfg.seed)
 
 
+def encode_split(data: TaskData, split: str, tokenizer, max_length: int):
+    """The training or evaluation split, tokenised once: Encoded, or LMEncoded for a causal LM."""
+    examples = data.train if split == "training" else data.eval
+    if data.num_labels == CAUSAL_LM:
+        return encode_lm(examples, tokenizer, max_length, split)
+    return encode(examples, tokenizer, max_length)
+
+
 def build_federation(cfg: RunConfig, data: TaskData) -> Federation:
     method = get_method(cfg.method, local_head=cfg.federation.local_head, head_probe_rounds=cfg.federation.head_probe_rounds)
     if method.has_local_state() and not cfg.eval.personalised:
@@ -111,8 +119,7 @@ def build_federation(cfg: RunConfig, data: TaskData) -> Federation:
     model.to(compute.device)
     params = trainable_parameters(model)
     initial = read_tensors(params)
-    encoder = encode_lm if data.num_labels == CAUSAL_LM else encode
-    train_enc = encoder(data.train, tokenizer, cfg.model.max_length)
+    train_enc = encode_split(data, "training", tokenizer, cfg.model.max_length)
     client_data = [train_enc.subset(p) for p in parts]
     return Federation(
         cfg=cfg,
@@ -126,8 +133,7 @@ def build_federation(cfg: RunConfig, data: TaskData) -> Federation:
         client_data=client_data,
         client_sizes=np.array([len(p) for p in parts]),
         histograms=label_histograms(data.train.labels, parts, data.num_labels),
-        eval_data=encode_lm(data.eval, tokenizer, cfg.model.max_length, "evaluation") if data.num_labels == CAUSAL_LM
-        else encode(data.eval, tokenizer, cfg.model.max_length),
+        eval_data=encode_split(data, "evaluation", tokenizer, cfg.model.max_length),
         num_labels=data.num_labels,
         metric=data.metric,
         gamma=gamma(cfg.scaling, cfg.lora.alpha, cfg.lora.rank, n_sampled),
