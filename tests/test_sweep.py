@@ -110,6 +110,11 @@ def test_learning_rate_views(tmp_path):
     assert "| a | 0.6000 | 0.8000 |" in text  # lr = 0.01
     assert "| a | 0.7500 (0.1) | 0.8000 (0.01) |" in text  # tuned
 
+    # Where lower is better (a perplexity), the tuned rate is the one with the lowest final value.
+    for row in rows:
+        row["metric"] = "personal_perplexity_mean"
+    assert "| a | 0.6000 (0.01) | 0.5000 (0.1) |" in "\n".join(_learning_rate_views(rows, grid))
+
 
 @pytest.mark.parametrize("text, message", [("grid: [1, 2]\n", "must map axes to lists"), ("a: [\n", "not valid YAML")])
 def test_bad_sweep_files(tmp_path, text, message):

@@ -128,7 +128,8 @@ def partition(config: Optional[Path] = ConfigArg, overrides: list[str] = SetOpt)
     except SfedloraError as err:
         _fail(str(err))
     hist = label_histograms(data.train.labels, parts, data.num_labels)
-    desc = "IID" if cfg.partition.kind == "iid" else f"Dirichlet β={cfg.partition.beta}"
+    desc = {"iid": "IID", "dirichlet": f"Dirichlet β={cfg.partition.beta} over labels",
+            "size": f"sizes from Dirichlet β={cfg.partition.beta}"}[cfg.partition.kind]
     table = Table(title=f"{data.name}: {len(data.train)} training examples, {len(parts)} clients, {desc}")
     table.add_column("client", justify="right")
     table.add_column("size", justify="right")

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .config import TrainConfig
-from .data.encoding import Encoded, collate
+from .data.encoding import Encoded
 from .methods import tensor_kind
 from .models import Compute, read_tensors, write_tensors
 
@@ -94,7 +94,7 @@ def train_client(
     model: torch.nn.Module,
     params: Mapping[str, torch.nn.Parameter],
     state: ClientState,
-    data: Encoded,
+    data: Encoded,  # or data.lm.LMEncoded: anything with lengths() and collate()
     tokenizer,
     trained_kinds: frozenset[str],
     steps: int,
@@ -121,17 +121,22 @@ def train_client(
     torch.manual_seed(int(torch.randint(2**62, (1,), generator=g)))
 
     model.train()
+    # fp16 activations underflow small gradients: scale the loss up, and the gradients back
+    # down before they are measured, clipped or applied (a step with inf/nan is skipped).
+    scaler = torch.amp.GradScaler(torch.device(compute.device).type, enabled=compute.precision == "fp16")
     losses, norms = [], []
     for idx in _batch_indices(data.lengths(), cfg.batch_size, steps, g, cfg.group_by_length):
-        batch = collate(data, idx, tokenizer)
+        batch = data.collate(idx, tokenizer)
         loss = compute.forward(model, batch).loss
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
         norms.append(_kind_norms(params))
         if cfg.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_([p for p in ordered if p.grad is not None], cfg.max_grad_norm)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(state.steps, total_steps, cfg)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
         state.steps += 1

@@ -20,10 +20,12 @@ class _Section(BaseModel):
 
 class ModelConfig(_Section):
     name_or_path: str = Field("minilm", description="Hub id or local path of the base model; 'minilm' is the bundled all-MiniLM-L6-v2.")
-    target_modules: list[str] | None = Field(None, description="Modules that get LoRA; default per architecture (query/value for BERT-like models).")
+    target_modules: list[str] | None = Field(None, description="Modules that get LoRA; default per architecture (query/value for BERT-like models; q_proj, k_proj, v_proj, o_proj for LLaMA-like causal LMs).")
+    lora_mlp: bool = Field(False, description="Causal LMs: also put LoRA on the MLP projections (LLaMA: gate_proj, up_proj, down_proj) when target_modules is not set.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: much less GPU memory for long sequences (LLaMA-2-7B), about 30% more time.")
     max_length: int = Field(128, gt=0, description="Tokens per example after truncation.")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto (a CUDA GPU when there is one), cpu, cuda or cuda:N.")
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="Forward-pass precision (torch.autocast); auto = bf16 where the GPU or CPU (AVX512-BF16, AMX) runs it fast, else fp32. Adapters and optimizer state stay fp32.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="Forward-pass precision (torch.autocast); auto = bf16 where the GPU or CPU (AVX512-BF16, AMX) runs it fast, else fp32; fp16 (GPUs without bf16) adds loss scaling. Adapters and optimizer state stay fp32; a causal LM's frozen base weights are stored in bf16/fp16 on a GPU.")
 
 
 class LoraSettings(_Section):
@@ -51,24 +53,26 @@ class LoraSettings(_Section):
 
 
 class DataConfig(_Section):
-    task: str = Field("sst2", description="GLUE task name (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli) or 'custom'.")
-    source: Literal["bundled", "tsv", "hub", "files"] = Field("bundled", description="bundled SST-2 sample, GLUE TSV directory, Hugging Face hub, or your own files.")
+    task: str = Field("sst2", description="GLUE task name (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli), a causal-LM task (gsm8k, alpaca) or any other name for your own classification data.")
+    source: Literal["bundled", "tsv", "hub", "files"] = Field("bundled", description="bundled SST-2 sample, GLUE TSV directory, Hugging Face hub, or your own files (gsm8k/alpaca: JSON or JSONL).")
     data_dir: str | None = Field(None, description="For source=tsv: directory with train.tsv and dev.tsv in the GLUE layout.")
     hub_name: str | None = Field(None, description="For source=hub: dataset id (default 'nyu-mll/glue' with the task as config).")
     hub_config: str | None = Field(None, description="For source=hub: dataset configuration name.")
-    train_file: str | None = Field(None, description="For source=files: CSV, TSV or JSONL training file.")
-    eval_file: str | None = Field(None, description="For source=files: CSV, TSV or JSONL evaluation file.")
+    train_file: str | None = Field(None, description="For source=files: CSV, TSV or JSONL training file (gsm8k/alpaca: JSONL, or JSON holding an array of records).")
+    eval_file: str | None = Field(None, description="For source=files: CSV, TSV or JSONL evaluation file; optional for gsm8k/alpaca (then holdout_fraction of the training file is held out).")
     text_column: str = Field("sentence", description="For files/hub data: column with the (first) text.")
     text_pair_column: str | None = Field(None, description="For files/hub data: column with the second text of a pair.")
     label_column: str = Field("label", description="For files/hub data: column with the label.")
     num_labels: int | None = Field(None, ge=1, description="For custom data: number of classes (1 = regression); inferred when omitted.")
     max_train_examples: int | None = Field(None, gt=0, description="Keep a seeded random subset of the training set of this size.")
     max_eval_examples: int | None = Field(None, gt=0, description="Keep the first N evaluation examples.")
+    prompt_template: str | None = Field(None, description="gsm8k/alpaca: Python format string for the prompt, with the record's fields ({question}; {instruction}, {input}); null = the task's default (gsm8k: 'Question: {question}\\nAnswer:'; alpaca: Stanford Alpaca's prompts).")
+    holdout_fraction: float = Field(0.05, gt=0, lt=1, description="gsm8k/alpaca without an evaluation split (Alpaca from the hub, no eval_file): seeded share of the training data held out for evaluation.")
 
 
 class PartitionConfig(_Section):
-    kind: Literal["iid", "dirichlet"] = Field("iid", description="How training examples are split among clients.")
-    beta: float = Field(0.5, gt=0, description="Dirichlet concentration over labels; smaller is more skewed.")
+    kind: Literal["iid", "dirichlet", "size"] = Field("iid", description="How training examples are split among clients: iid; dirichlet (label skew, Dir(beta) per class); size (quantity skew for data without labels, e.g. gsm8k: client shares of the data drawn from Dir(beta), examples assigned at random).")
+    beta: float = Field(0.5, gt=0, description="Dirichlet concentration (over labels for dirichlet, over client sizes for size); smaller is more skewed.")
     min_size: int = Field(8, ge=1, description="Every client gets at least this many examples.")
 
 
@@ -119,6 +123,7 @@ class EvalConfig(_Section):
     every: int = Field(20, ge=1, description="Evaluate every k rounds (and always after the last).")
     batch_size: int = Field(128, ge=1, description="Examples per evaluation batch.")
     personalised: bool = Field(True, description="Evaluate every client's personalised model (shared + local tensors).")
+    max_new_tokens: int = Field(256, ge=1, description="gsm8k: tokens generated (greedily) per evaluation answer.")
     judged_on: Literal["dev", "local"] = Field("dev", description="What a run is judged by (final/best score, collapse): the personalised models on the whole dev set, or under each client's own training label mix (classification; the client-local test data of FedSA-LoRA's protocol, for non-IID splits).")
 
 

@@ -53,11 +53,29 @@ def predict(model: torch.nn.Module, data: Encoded, tokenizer, batch_size: int, c
     return out
 
 
+# Metrics where lower is better; every other metric (accuracy, F1, MCC, correlations) is higher-better.
+LOWER_IS_BETTER = ("loss", "perplexity")
+
+
+def higher_is_better(key: str) -> bool:
+    """Whether larger values of a metric, or of a metrics-record key built on one
+    (``personal_perplexity_mean``, ``train_loss``), are better."""
+    return not key.removesuffix("_mean").removesuffix("_min").removesuffix("_max").endswith(LOWER_IS_BETTER)
+
+
+def best_of(values, key: str):
+    """The best of ``values`` of metric ``key``: the largest, or the smallest where lower is better."""
+    return max(values) if higher_is_better(key) else min(values)
+
+
 def summarise(per_client: list[dict[str, float]]) -> dict[str, float]:
-    """Mean and min over clients of each metric: ``{name}_mean``, ``{name}_min``."""
+    """Mean and min over clients of each metric: ``{name}_mean``, ``{name}_min``; for metrics
+    where lower is better also ``{name}_max``, the worst client."""
     out = {}
     for name in per_client[0]:
         values = [m[name] for m in per_client]
         out[f"{name}_mean"] = float(np.mean(values))
         out[f"{name}_min"] = float(np.min(values))
+        if not higher_is_better(name):
+            out[f"{name}_max"] = float(np.max(values))
     return out

@@ -15,6 +15,7 @@ from .collapse import detect
 from .config import RunConfig, load_config, result_differences
 from .data import load_task
 from .errors import SfedloraError
+from .evaluation import best_of, higher_is_better
 from .rundir import MetricsWriter, RunLock, check_run_dir, create_run_dir, jsonable, truncate_metrics, write_json
 from .simulation import Federation, build_federation, simulate
 
@@ -41,9 +42,9 @@ def collapse_metric(fed: Federation) -> str:
 
 
 def majority_baseline(fed: Federation) -> float | None:
-    """Accuracy of always predicting the most frequent label (None for regression): of the
+    """Accuracy of always predicting the most frequent label (None for regression and causal LMs): of the
     dev set, or, judged on local label mixes, of each client's own labels (mean over clients)."""
-    if fed.num_labels == 1:
+    if fed.num_labels < 2:  # regression, causal LM: no classes
         return None
     if fed.cfg.eval.judged_on == "local":
         return float(np.mean(fed.histograms.max(axis=1) / fed.histograms.sum(axis=1)))
@@ -152,7 +153,8 @@ def run(
             **fed.ranks.summary(),
             "metric": key,
             "final": scores[-1] if scores else None,
-            "best": max(scores) if scores else None,
+            "best": best_of(scores, key) if scores else None,
+            "higher_is_better": higher_is_better(key),
             "rounds": cfg.federation.rounds,
             "majority_baseline": majority,
             "collapse_metric": watched,

@@ -55,6 +55,29 @@ def _head_modules(model, missing_keys) -> list[str]:
     return sorted(n for n in names if not any(n.startswith(o + ".") for o in names if o != n))
 
 
+def _with_lora(base, name_or_path: str, task_type: str, rank: int, alpha: float, rule: str, n_clients: int,
+               dropout: float, target_modules: list[str] | None, modules_to_save: list[str] | None):
+    """``base`` with a LoRA adapter whose scaling is ``gamma(rule, alpha, rank, n_clients)``, checked layer by layer."""
+    from peft import LoraConfig, get_peft_model
+
+    lora_config = LoraConfig(
+        task_type=task_type,
+        r=rank,
+        lora_dropout=dropout,
+        target_modules=target_modules,
+        modules_to_save=modules_to_save,
+        **peft_scaling_kwargs(rule, alpha, rank, n_clients),
+    )
+    try:
+        model = get_peft_model(base, lora_config)
+    except ValueError as err:
+        raise SfedloraError(f"cannot put LoRA on {name_or_path!r}: {str(err).splitlines()[0]} (set model.target_modules)") from None
+    expected = gamma(rule, alpha, rank, n_clients)
+    if any(abs(s - expected) > 1e-9 * max(1.0, expected) for s in lora_scalings(model)):
+        raise RuntimeError(f"PEFT did not realise γ={expected} (got {sorted(set(lora_scalings(model)))}); is this PEFT version supported?")
+    return model
+
+
 def build_classifier(
     name_or_path: str,
     num_labels: int,
@@ -71,7 +94,7 @@ def build_classifier(
     Returns (peft_model, tokenizer). The base weights are frozen; only LoRA and head
     parameters are trainable. Initialisation (LoRA A, classifier) is seeded.
     """
-    from peft import LoraConfig, TaskType, get_peft_model
+    from peft import TaskType
     from transformers import AutoModelForSequenceClassification
 
     path = resolve_model_path(name_or_path)
@@ -85,22 +108,82 @@ def build_classifier(
         raise SfedloraError(f"could not load model {name_or_path!r} ({str(err).splitlines()[0]}): check model.name_or_path") from None
     if base.config.pad_token_id is None:
         base.config.pad_token_id = tokenizer.pad_token_id
-    lora_config = LoraConfig(
-        task_type=TaskType.SEQ_CLS,
-        r=rank,
-        lora_dropout=dropout,
-        target_modules=target_modules,
-        modules_to_save=_head_modules(base, info["missing_keys"]),
-        **peft_scaling_kwargs(rule, alpha, rank, n_clients),
-    )
-    try:
-        model = get_peft_model(base, lora_config)
-    except ValueError as err:
-        raise SfedloraError(f"cannot put LoRA on {name_or_path!r}: {str(err).splitlines()[0]} (set model.target_modules)") from None
-    expected = gamma(rule, alpha, rank, n_clients)
-    if any(abs(s - expected) > 1e-9 * max(1.0, expected) for s in lora_scalings(model)):
-        raise RuntimeError(f"PEFT did not realise γ={expected} (got {sorted(set(lora_scalings(model)))}); is this PEFT version supported?")
+    model = _with_lora(base, name_or_path, TaskType.SEQ_CLS, rank, alpha, rule, n_clients, dropout, target_modules,
+                       _head_modules(base, info["missing_keys"]))
     return model, tokenizer
+
+
+# Default LoRA targets of decoder-only architectures, by ``config.model_type``: the attention
+# projections (the usual choice for LLaMA-2 LoRA, and FedSA-LoRA's), and the MLP when asked.
+_ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+_GATED_MLP = ["gate_proj", "up_proj", "down_proj"]
+LM_TARGETS: dict[str, tuple[list[str], list[str]]] = {
+    **{t: (_ATTENTION, _GATED_MLP) for t in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2")},
+    "opt": (["q_proj", "k_proj", "v_proj", "out_proj"], ["fc1", "fc2"]),
+    "gpt2": (["c_attn"], ["c_fc"]),
+    "gpt_neox": (["query_key_value", "dense"], ["dense_h_to_4h", "dense_4h_to_h"]),
+}
+
+
+def lm_target_modules(model_type: str, target_modules: list[str] | None, mlp: bool) -> list[str] | None:
+    """LoRA targets of a causal LM: ``target_modules`` if given, else the architecture's default.
+
+    None leaves the choice to PEFT's own table (an architecture we have no entry for).
+    """
+    if target_modules:
+        return target_modules
+    if model_type not in LM_TARGETS:
+        if mlp:
+            raise SfedloraError(f"model.lora_mlp: no default MLP modules for architecture {model_type!r}; "
+                                "list them in model.target_modules instead")
+        return None
+    attention, mlp_modules = LM_TARGETS[model_type]
+    return attention + (mlp_modules if mlp else [])
+
+
+def build_causal_lm(
+    name_or_path: str,
+    rank: int,
+    alpha: float,
+    rule: str,
+    n_clients: int,
+    dropout: float = 0.0,
+    target_modules: list[str] | None = None,
+    lora_mlp: bool = False,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+):
+    """Causal LM with a LoRA adapter whose scaling is ``gamma(rule, alpha, rank, n_clients)``.
+
+    Returns (peft_model, tokenizer). There is no task head: only LoRA parameters train.
+    ``dtype`` is the storage dtype of the frozen base weights; the adapter stays fp32.
+    """
+    from peft import TaskType
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = resolve_model_path(name_or_path)
+    tokenizer = load_tokenizer(path)
+    torch.manual_seed(seed)
+    try:
+        model_type = AutoConfig.from_pretrained(path).model_type
+        base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as err:
+        raise SfedloraError(f"could not load causal LM {name_or_path!r} ({str(err).splitlines()[0]}): check model.name_or_path") from None
+    if base.config.pad_token_id is None:
+        base.config.pad_token_id = tokenizer.pad_token_id
+    targets = lm_target_modules(model_type, target_modules, lora_mlp)
+    model = _with_lora(base, name_or_path, TaskType.CAUSAL_LM, rank, alpha, rule, n_clients, dropout, targets, None)
+    return model, tokenizer
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute activations in the backward pass: less memory for long sequences, ~30% more time.
+
+    Non-reentrant checkpointing needs no input that requires grad, so it works with a frozen
+    embedding layer under PEFT.
+    """
+    model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.base_model.model.config.use_cache = False  # a KV cache is useless in training and clashes with checkpointing
 
 
 def lora_scalings(model) -> list[float]:
@@ -150,12 +233,15 @@ def _fast_bf16(device: str) -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 @dataclass(frozen=True)
 class Compute:
     """Where and in what precision forward passes run; adapter and optimizer stay fp32."""
 
     device: str = "cpu"
-    precision: str = "fp32"  # or bf16: torch.autocast, about 1.5-2x faster on CPUs with AVX512-BF16
+    precision: str = "fp32"  # or bf16 / fp16: torch.autocast (bf16 about 1.5-2x faster on CPUs with AVX512-BF16)
 
     @classmethod
     def resolve(cls, device: str, precision: str) -> "Compute":
@@ -165,10 +251,25 @@ class Compute:
             raise SfedloraError(f"model.device={device} but PyTorch sees no CUDA GPU: use model.device=cpu (or auto)")
         if precision == "auto":
             precision = "bf16" if _fast_bf16(device) else "fp32"
+        if precision == "fp16" and not device.startswith("cuda"):
+            raise SfedloraError("model.precision=fp16 needs a CUDA GPU: use model.precision=bf16 or fp32 on the CPU")
         return cls(device, precision)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _DTYPES[self.precision]
+
+    @property
+    def base_dtype(self) -> torch.dtype:
+        """The dtype to store frozen base weights in: the autocast dtype on a GPU, where it halves
+        the memory of a large model (LLaMA-2-7B: 13.5 GB instead of 27); fp32 on the CPU, where
+        stored half weights save little time and would change the small models' numerics."""
+        return self.dtype if self.device.startswith("cuda") else torch.float32
+
+    def autocast(self):
+        return torch.autocast(torch.device(self.device).type, dtype=self.dtype, enabled=self.precision != "fp32")
 
     def forward(self, model: torch.nn.Module, batch: Mapping[str, torch.Tensor]):
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        device_type = torch.device(self.device).type
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+        with self.autocast():
             return model(**batch)

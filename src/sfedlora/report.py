@@ -22,6 +22,7 @@ import yaml
 from matplotlib.ticker import MaxNLocator
 
 from .errors import SfedloraError
+from .evaluation import higher_is_better
 from .config import build_config
 from .rundir import read_metrics
 from .sweep import ALIASES, cell_name, grid_cells, value_text
@@ -117,6 +118,15 @@ def _grid_figure(plt, runs_by_cell, methods, clients, ranks, key, title, log_y=F
     return fig
 
 
+def colour_scale(metric: str, values: list) -> dict:
+    """Heatmap colours, green for good, one scale for every panel: accuracies on a fixed
+    0.4-1; a loss or perplexity from its smallest to its largest value, colours reversed."""
+    if higher_is_better(metric):
+        return {"vmin": 0.4, "vmax": 1.0, "cmap": "RdYlGn"}
+    finite = [v for v in values if v is not None and np.isfinite(v)]
+    return {"vmin": min(finite, default=0.0), "vmax": max(finite, default=1.0), "cmap": "RdYlGn_r"}
+
+
 def plot_sweep(sweep_dir: Path, out_dir: Path) -> list[Path]:
     plt = _plt()
     spec = yaml.safe_load((sweep_dir / "sweep.yaml").read_text())
@@ -159,7 +169,7 @@ def plot_sweep(sweep_dir: Path, out_dir: Path) -> list[Path]:
         for ax, method in zip(axes[0], methods):
             table = np.array([[np.mean([v for v in finals.get((method, n, r), []) if v is not None] or [np.nan])
                                for r in ranks] for n in clients])
-            im = ax.imshow(table, vmin=0.4, vmax=1.0, cmap="RdYlGn", aspect="auto")
+            im = ax.imshow(table, aspect="auto", **colour_scale(metric, [v for vs in finals.values() for v in vs]))
             ax.set_xticks(range(len(ranks)), [str(r) for r in ranks])
             ax.set_yticks(range(len(clients)), [str(n) for n in clients])
             ax.set_xlabel("rank r")

@@ -14,14 +14,17 @@ import torch
 
 from .client import ClientResult, ClientState, new_client_state, steps_per_round, train_client
 from .config import RunConfig
-from .data import TaskData, label_histograms, partition
+from .data import CAUSAL_LM, LM_TASKS, TaskData, encode_lm, label_histograms, partition
 from .data.encoding import encode
 from .evaluation import label_mix_accuracy, predict, summarise, task_metrics
+from .lm_eval import lm_scores
 from .methods import Method, get_method, select
-from .models import Compute, build_classifier, read_tensors, trainable_parameters
+from .models import (Compute, build_causal_lm, build_classifier, enable_gradient_checkpointing, read_tensors,
+                     trainable_parameters)
 from .errors import SfedloraError
 from .ranks import RankPlan, pad
 from .robust import change_norm, check_update, corrupt, norm_outliers
+from .tiny_llama import TINY_LLAMA, tiny_llama_dir
 
 log = logging.getLogger("sfedlora")
 
@@ -42,11 +45,11 @@ class Federation:
     initial: dict[str, torch.Tensor]  # the adapter at initialisation, identical on every client
     server: dict[str, torch.Tensor]  # latest aggregate of every global tensor
     clients: list[ClientState]
-    client_data: list  # Encoded training data of each client
+    client_data: list  # Encoded (LMEncoded for a causal LM) training data of each client
     client_sizes: np.ndarray
     histograms: np.ndarray  # label counts per client
-    eval_data: object  # Encoded
-    num_labels: int
+    eval_data: object  # Encoded, or LMEncoded
+    num_labels: int  # 0 (CAUSAL_LM): a causal LM
     metric: str
     ranks: RankPlan  # each client's LoRA rank and γ
     compute: Compute
@@ -82,7 +85,31 @@ class Federation:
 def split_clients(cfg: RunConfig, labels: np.ndarray) -> list[np.ndarray]:
     """Each client's training-example indices, as the config's partition asks."""
     p = cfg.partition
+    if p.kind == "dirichlet" and cfg.data.task in LM_TASKS:
+        raise SfedloraError(f"partition.kind=dirichlet splits by label, and {cfg.data.task} has no labels: "
+                            "use partition.kind=iid, or size for clients of unequal size")
     return partition(labels, cfg.federation.n_clients, p.kind, p.beta, p.min_size, cfg.seed)
+
+
+def build_model(cfg: RunConfig, data: TaskData, compute: Compute, n_sampled: int):
+    """The base model with its LoRA adapter, and its tokenizer: a causal LM for gsm8k/alpaca, else a classifier."""
+    m, lora = cfg.model, cfg.lora
+    if data.num_labels != CAUSAL_LM:
+        return build_classifier(m.name_or_path, data.num_labels, lora.rank, lora.alpha, cfg.scaling, n_sampled,
+                                dropout=lora.dropout, target_modules=m.target_modules, seed=cfg.seed)
+    name = m.name_or_path
+    if name == TINY_LLAMA:
+        name = str(tiny_llama_dir(data.train.prompts + data.train.targets))
+    return build_causal_lm(name, lora.rank, lora.alpha, cfg.scaling, n_sampled, dropout=lora.dropout,
+                           target_modules=m.target_modules, lora_mlp=m.lora_mlp, dtype=compute.base_dtype, seed=cfg.seed)
+
+
+def encode_split(data: TaskData, split: str, tokenizer, max_length: int):
+    """The training or evaluation split, tokenised once: Encoded, or LMEncoded for a causal LM."""
+    examples = data.train if split == "training" else data.eval
+    if data.num_labels == CAUSAL_LM:
+        return encode_lm(examples, tokenizer, max_length, split)
+    return encode(examples, tokenizer, max_length)
 
 
 def build_federation(cfg: RunConfig, data: TaskData) -> Federation:
@@ -90,22 +117,23 @@ def build_federation(cfg: RunConfig, data: TaskData) -> Federation:
     if method.has_local_state() and not cfg.eval.personalised:
         raise SfedloraError(f"eval.personalised=false leaves nothing to evaluate: {cfg.method} has no global model "
                             "(its clients keep local tensors); set eval.personalised=true")
-    if cfg.eval.judged_on == "local" and (data.num_labels == 1 or not cfg.eval.personalised):
+    if cfg.eval.judged_on == "local" and (data.num_labels < 2 or not cfg.eval.personalised):
         raise SfedloraError("eval.judged_on=local needs a classification task and eval.personalised=true "
                             "(it scores each client's personalised model under its own label mix); use judged_on=dev")
     fed = cfg.federation
     parts = split_clients(cfg, data.train.labels)
     n_sampled = fed.sampled_per_round()
+    if data.num_labels == CAUSAL_LM and fed.head_probe_rounds:
+        raise SfedloraError("federation.head_probe_rounds trains a task head, and a causal LM has none: set it to 0")
     compute = Compute.resolve(cfg.model.device, cfg.model.precision)
-    model, tokenizer = build_classifier(
-        cfg.model.name_or_path, data.num_labels, cfg.lora.rank, cfg.lora.alpha, cfg.scaling, n_sampled,
-        dropout=cfg.lora.dropout, target_modules=cfg.model.target_modules, seed=cfg.seed,
-    )
+    model, tokenizer = build_model(cfg, data, compute, n_sampled)
+    if cfg.model.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     model.to(compute.device)
     params = trainable_parameters(model)
     initial = read_tensors(params)
     ranks = RankPlan.build(cfg.scaling, cfg.lora.alpha, cfg.lora.rank, cfg.lora.client_ranks, fed.n_clients, n_sampled)
-    train_enc = encode(data.train, tokenizer, cfg.model.max_length)
+    train_enc = encode_split(data, "training", tokenizer, cfg.model.max_length)
     client_data = [train_enc.subset(p) for p in parts]
     return Federation(
         cfg=cfg,
@@ -119,7 +147,7 @@ def build_federation(cfg: RunConfig, data: TaskData) -> Federation:
         client_data=client_data,
         client_sizes=np.array([len(p) for p in parts]),
         histograms=label_histograms(data.train.labels, parts, data.num_labels),
-        eval_data=encode(data.eval, tokenizer, cfg.model.max_length),
+        eval_data=encode_split(data, "evaluation", tokenizer, cfg.model.max_length),
         num_labels=data.num_labels,
         metric=data.metric,
         ranks=ranks,
@@ -129,17 +157,29 @@ def build_federation(cfg: RunConfig, data: TaskData) -> Federation:
     )
 
 
-def logits_of(fed: Federation, tensors: dict[str, torch.Tensor], k: int | None = None) -> np.ndarray:
-    """Dev-set logits of the shared model under client ``k``'s ``tensors`` (None: the global model's)."""
+def outputs_of(fed: Federation, tensors: dict[str, torch.Tensor], k: int | None = None):
+    """What the shared model under client ``k``'s ``tensors`` (None: the global model's) produces on the dev set: logits for a classifier
+    (scored by :func:`task_scores`); for a causal LM, its scores already (loss, perplexity and,
+    for GSM8K, exact-match accuracy of greedy answers), which need the model itself."""
     fed.ranks.load(fed.model, fed.params, tensors, k)
-    return predict(fed.model, fed.eval_data, fed.tokenizer, fed.cfg.eval.batch_size, fed.compute)
+    e = fed.cfg.eval
+    if fed.num_labels == CAUSAL_LM:
+        return lm_scores(fed.model, fed.eval_data, fed.tokenizer, e.batch_size, e.max_new_tokens, fed.compute)
+    return predict(fed.model, fed.eval_data, fed.tokenizer, e.batch_size, fed.compute)
 
 
-def client_scores(fed: Federation, k: int, logits: np.ndarray) -> dict[str, float]:
+def task_scores(fed: Federation, outputs) -> dict[str, float]:
+    """The task's metrics of one model's :func:`outputs_of`."""
+    if fed.num_labels == CAUSAL_LM:
+        return dict(outputs)
+    return task_metrics(outputs, fed.eval_data.labels, fed.num_labels)
+
+
+def client_scores(fed: Federation, k: int, outputs) -> dict[str, float]:
     """Client ``k``'s scores on the dev set; for classification also under its own label mix."""
-    scores = task_metrics(logits, fed.eval_data.labels, fed.num_labels)
+    scores = task_scores(fed, outputs)
     if fed.num_labels > 1:
-        scores["local_accuracy"] = label_mix_accuracy(logits, fed.eval_data.labels, fed.histograms[k])
+        scores["local_accuracy"] = label_mix_accuracy(outputs, fed.eval_data.labels, fed.histograms[k])
     return scores
 
 
@@ -152,18 +192,18 @@ def evaluate(fed: Federation, personal: Callable[[], list[dict[str, float]]] | N
     computed here from ``fed.clients``.
     """
     out: dict[str, float] = {}
-    global_logits = None
+    global_outputs = None
     if not fed.method.has_local_state():
-        global_logits = logits_of(fed, fed.global_tensors())
-        out.update({f"global_{k}": v for k, v in task_metrics(global_logits, fed.eval_data.labels, fed.num_labels).items()})
+        global_outputs = outputs_of(fed, fed.global_tensors())
+        out.update({f"global_{k}": v for k, v in task_scores(fed, global_outputs).items()})
     if fed.cfg.eval.personalised:
         # Without local tensors (and with one rank) every client's model is the global one: no second pass.
-        if global_logits is not None and not fed.ranks.mixed:
-            per_client = [client_scores(fed, k, global_logits) for k in range(len(fed.clients))]
+        if global_outputs is not None and not fed.ranks.mixed:
+            per_client = [client_scores(fed, k, global_outputs) for k in range(len(fed.clients))]
         elif personal is not None:
             per_client = personal()
         else:
-            per_client = [client_scores(fed, k, logits_of(fed, fed.personal_tensors(k), k)) for k in range(len(fed.clients))]
+            per_client = [client_scores(fed, k, outputs_of(fed, fed.personal_tensors(k), k)) for k in range(len(fed.clients))]
         if per_client:
             out.update({f"personal_{k}": v for k, v in summarise(per_client).items()})
     return out

@@ -28,6 +28,7 @@ import yaml
 from .collapse import detect
 from .config import apply_overrides, build_config, read_yaml_mapping
 from .errors import SfedloraError
+from .evaluation import higher_is_better
 from .rundir import RunLock, read_metrics
 
 # Short names for the axes a study varies most; any dotted config key works as well.
@@ -193,10 +194,12 @@ def cell_row(cell: dict, run_dir: Path, target: float | None = None) -> dict:
     records = read_metrics(run_dir)
     metric = summary["metric"]
     evals = [r for r in records if r.get(metric) is not None]
-    reached = next((r["round"] for r in evals if target is not None and r[metric] >= target), None)
+    higher = higher_is_better(metric)
+    reached = next((r["round"] for r in evals if target is not None and (r[metric] >= target if higher else r[metric] <= target)), None)
     collapse = detect(records, summary["collapse_metric"], summary.get("majority_baseline"), summary["rounds"])
     return {
         **cell,
+        "metric": metric,
         "final": summary["final"],
         "best": summary["best"],
         "rounds_to_target": reached,
@@ -265,6 +268,8 @@ def _learning_rate_views(rows: list[dict], grid: dict) -> list[str]:
         if row["final"] is not None:
             finals.setdefault((tuple(row[k] for k in others), row[rank_key], row[lr_key]), []).append(row["final"])
     mean = {k: float(np.mean(v)) for k, v in finals.items()}
+    # The best learning rate is the one with the best final metric: the lowest, for a perplexity.
+    sign = 1.0 if all(higher_is_better(r.get("metric", "")) for r in rows) else -1.0
     groups = list(dict.fromkeys(k[0] for k in mean))
     ranks = grid[rank_key]
     header = "| " + " | ".join(others + [f"r={r}" for r in ranks]) + " |"
@@ -282,7 +287,7 @@ def _learning_rate_views(rows: list[dict], grid: dict) -> list[str]:
     for g in groups:
         cells = []
         for r in ranks:
-            tried = [(mean[(g, r, lr)], lr) for lr in grid[lr_key] if (g, r, lr) in mean]
-            cells.append(f"{max(tried)[0]:.4f} ({max(tried)[1]})" if tried else "–")
+            tried = [(sign * mean[(g, r, lr)], lr) for lr in grid[lr_key] if (g, r, lr) in mean]
+            cells.append(f"{sign * max(tried)[0]:.4f} ({max(tried)[1]})" if tried else "–")
         out.append("| " + " | ".join([str(v) for v in g] + cells) + " |")
     return out

@@ -24,6 +24,10 @@ class Encoded:
     def lengths(self) -> np.ndarray:
         return np.fromiter((len(f["input_ids"]) for f in self.features), dtype=np.int64, count=len(self.features))
 
+    def collate(self, idx, tokenizer) -> dict[str, torch.Tensor]:
+        # A method, so training takes batches from any encoded task alike (see data.lm.LMEncoded).
+        return collate(self, idx, tokenizer)
+
 
 def encode(examples: Examples, tokenizer, max_length: int) -> Encoded:
     enc = tokenizer(examples.texts, examples.pairs, truncation=True, max_length=max_length)

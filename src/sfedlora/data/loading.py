@@ -12,6 +12,7 @@ import numpy as np
 
 from ..config import DataConfig
 from ..errors import SfedloraError
+from .lm import LM_TASKS, load_lm_task
 from .tasks import GLUE_TASKS, TaskSpec
 
 csv.field_size_limit(sys.maxsize)
@@ -38,10 +39,10 @@ class Examples:
 @dataclass
 class TaskData:
     name: str
-    train: Examples
+    train: Examples  # or data.lm.LMExamples for a causal-LM task
     eval: Examples
-    num_labels: int  # 1 means regression
-    metric: str  # headline metric besides accuracy: accuracy, f1, mcc or pearson
+    num_labels: int  # 1 means regression, 0 (data.lm.CAUSAL_LM) causal language modelling
+    metric: str  # headline metric: accuracy, f1, mcc or pearson; causal LM: accuracy (exact match) or perplexity
 
 
 def bundled_sst2_dir() -> Path:
@@ -210,7 +211,9 @@ def load_task(cfg: DataConfig, seed: int = 0) -> TaskData:
     """Load the train and evaluation splits that ``cfg`` names."""
     if cfg.source in ("bundled", "tsv") and cfg.task not in GLUE_TASKS:
         raise SfedloraError(f"data.task {cfg.task!r} is not a GLUE task ({', '.join(GLUE_TASKS)}); use data.source=files for your own data")
-    if cfg.source == "bundled":
+    if cfg.task in LM_TASKS:
+        data = load_lm_task(cfg, seed)
+    elif cfg.source == "bundled":
         if cfg.task != "sst2":
             raise SfedloraError(f"only SST-2 is bundled; for {cfg.task} set data.source=tsv with data.data_dir, or data.source=hub")
         data = _load_glue_dir("sst2", bundled_sst2_dir())

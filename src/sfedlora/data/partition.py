@@ -1,4 +1,4 @@
-"""Split training examples among clients: IID or Dirichlet(β) over labels."""
+"""Split training examples among clients: IID, Dirichlet(β) over labels, or Dirichlet(β) over client sizes."""
 
 from __future__ import annotations
 
@@ -53,6 +53,19 @@ def dirichlet_partition(
     )
 
 
+def size_partition(n_examples: int, n_clients: int, beta: float, min_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Quantity skew, for data without labels (GSM8K, Alpaca): client shares of the data
+    are drawn from Dir(β·1), on top of ``min_size`` examples each; examples are assigned at
+    random, so every client's data is drawn like the whole. β → ∞ approaches equal sizes.
+    """
+    _check_room(n_examples, n_clients, min_size)
+    shares = rng.dirichlet(np.full(n_clients, beta))
+    sizes = min_size + np.floor(shares * (n_examples - n_clients * min_size)).astype(np.int64)
+    # Flooring leaves fewer than n_clients examples over: one more each for the largest shares.
+    sizes[np.argsort(-shares, kind="stable")[: n_examples - sizes.sum()]] += 1
+    return [np.sort(part) for part in np.split(rng.permutation(n_examples), np.cumsum(sizes)[:-1])]
+
+
 def partition(labels: np.ndarray, n_clients: int, kind: str, beta: float, min_size: int, seed: int) -> list[np.ndarray]:
     """Indices of each client's training examples; every example goes to exactly one client."""
     rng = np.random.default_rng(seed)
@@ -61,11 +74,13 @@ def partition(labels: np.ndarray, n_clients: int, kind: str, beta: float, min_si
         return iid_partition(len(labels), n_clients, rng)
     if kind == "dirichlet":
         return dirichlet_partition(labels, n_clients, beta, min_size, rng)
-    raise SfedloraError(f"unknown partition kind {kind!r}: use iid or dirichlet")
+    if kind == "size":
+        return size_partition(len(labels), n_clients, beta, min_size, rng)
+    raise SfedloraError(f"unknown partition kind {kind!r}: use iid, dirichlet or size")
 
 
 def label_histograms(labels: np.ndarray, parts: list[np.ndarray], num_labels: int) -> np.ndarray:
-    """Counts of each label per client, shape (n_clients, num_labels); regression gives sizes only."""
-    if num_labels == 1:
+    """Counts of each label per client, shape (n_clients, num_labels); regression and causal LM give sizes only."""
+    if num_labels < 2:
         return np.array([[len(p)] for p in parts])
     return np.stack([np.bincount(labels[p], minlength=num_labels) for p in parts])

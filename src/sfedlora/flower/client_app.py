@@ -15,7 +15,7 @@ from flwr.clientapp import ClientApp
 
 from ..data import load_task
 from ..errors import SfedloraError
-from ..simulation import Federation, build_federation, client_round, client_scores, logits_of
+from ..simulation import Federation, build_federation, client_round, client_scores, outputs_of
 from .records import CONFIG, RESULT, load_state, read_request, save_state, train_reply
 
 log = logging.getLogger("sfedlora")
@@ -75,5 +75,5 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Score this client's personalised model: its own tensors under the server's global ones."""
     fed, k, _, download, state = _setup(msg, context)
-    scores = client_scores(fed, k, logits_of(fed, {**state.tensors, **download}, k))
+    scores = client_scores(fed, k, outputs_of(fed, {**state.tensors, **download}, k))
     return Message(RecordDict({RESULT: MetricRecord(scores)}), reply_to=msg)

@@ -1,0 +1,123 @@
+"""Causal-LM evaluation: final-number extraction, batched greedy generation, answer perplexity.
+
+GSM8K is scored by exact match of the final number: a reference answer ends in
+``#### <number>``, and a generated answer is read the same way (the number after its first
+``####``, else its last number). Alpaca-style data is scored by the perplexity of the
+held-out responses (prompt tokens carry no loss, as in training).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from decimal import Decimal, InvalidOperation
+
+import numpy as np
+import torch
+
+from .models import Compute
+
+ANSWER_MARK = "####"
+
+# A number as GSM8K writes it: optional sign and dollar sign in either order ("-$5", "$-5"),
+# thousands separators only in groups of three (so "1,2,3" is three numbers, not 123), an
+# optional decimal part. A minus directly after a digit or letter is subtraction ("5-3"), not a sign.
+_NUMBER = re.compile(r"(?<![\w.])(-)?\$?(-)?(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)")
+
+
+def normalise_number(sign: bool, digits: str) -> str | None:
+    """Canonical text of a number: no separators, no trailing zeros ("1,000.50" → "1000.5")."""
+    try:
+        value = Decimal(digits.replace(",", ""))
+    except InvalidOperation:
+        return None
+    if sign:
+        value = -value
+    text = format(value.normalize(), "f")
+    return "0" if text in ("-0", "0") else text
+
+
+def _numbers(text: str) -> list[str]:
+    return [n for m in _NUMBER.finditer(text) if (n := normalise_number(bool(m.group(1) or m.group(2)), m.group(3)))]
+
+
+def final_number(text: str) -> str | None:
+    """The answer a text gives: the first number after its first ``####``, else its last number.
+
+    None when there is no number at all. Commas, ``$`` and trailing zeros are normalised away,
+    so "$1,234.50" and "1234.5" are the same answer.
+    """
+    head, mark, tail = text.partition(ANSWER_MARK)
+    if mark:
+        after = _numbers(tail)
+        if after:
+            return after[0]
+    found = _numbers(head if mark else text)
+    return found[-1] if found else None
+
+
+def exact_match(predictions: list[str], references: list[str | None]) -> float:
+    """Share of predictions whose final number equals the reference's."""
+    hits = [ref is not None and final_number(p) == ref for p, ref in zip(predictions, references)]
+    return float(np.mean(hits)) if hits else 0.0
+
+
+def _length_order(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    order = np.argsort(lengths, kind="stable")
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], tokenizer, batch_size: int, max_new_tokens: int,
+             compute: Compute = Compute()) -> list[str]:
+    """Greedy continuations of token-id prompts, decoded, in the prompts' order.
+
+    Batches of similar length are left-padded so that every prompt ends where generation
+    starts; the attention mask keeps padding out of attention and position ids.
+    """
+    from transformers import GenerationConfig
+
+    model.eval()
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
+                              pad_token_id=pad, eos_token_id=eos)
+    out: list[str] = [""] * len(prompts)
+    for idx in _length_order(np.array([len(p) for p in prompts]), batch_size):
+        width = max(len(prompts[i]) for i in idx)
+        ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in idx])
+        mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx])
+        with compute.autocast():
+            generated = model.generate(input_ids=ids.to(compute.device), attention_mask=mask.to(compute.device),
+                                       generation_config=config)
+        for i, row in zip(idx, generated[:, width:].tolist()):
+            if eos in row:
+                row = row[: row.index(eos)]
+            out[i] = tokenizer.decode(row, skip_special_tokens=True)
+    return out
+
+
+@torch.no_grad()
+def answer_nll(model, data, tokenizer, batch_size: int, compute: Compute = Compute()) -> tuple[float, int]:
+    """Summed negative log-likelihood of the answer tokens of ``data`` (an LMEncoded), and their count."""
+    model.eval()
+    total, count = 0.0, 0
+    for idx in _length_order(data.lengths(), batch_size):
+        batch = data.collate(idx, tokenizer)
+        labels = batch.pop("labels").to(compute.device)
+        logits = compute.forward(model, batch).logits.float()
+        # Token t predicts token t+1: drop the last logit and the first label.
+        total += float(torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"))
+        count += int((labels[:, 1:] != -100).sum())
+    return total, count
+
+
+def lm_scores(model, data, tokenizer, batch_size: int, max_new_tokens: int, compute: Compute = Compute()) -> dict[str, float]:
+    """Answer loss and perplexity on ``data``; with reference numbers (GSM8K) also exact-match accuracy."""
+    total, count = answer_nll(model, data, tokenizer, batch_size, compute)
+    loss = total / max(count, 1)
+    scores = {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf}
+    if any(r is not None for r in data.references):
+        predictions = generate(model, data.prompts(), tokenizer, batch_size, max_new_tokens, compute)
+        scores["accuracy"] = exact_match(predictions, data.references)
+    return scores
