@@ -198,3 +198,35 @@ def test_fedit_with_mixed_ranks_saves_the_global_adapter_and_one_per_client(tiny
     ranks = [json.loads((result.run_dir / "adapters" / n / "adapter_config.json").read_text())["r"] for n in saved]
     assert ranks == [2, 4, 8, 8]
     assert result.records[0]["aggregated"] == 3 and "personal_accuracy_min" in result.records[0]
+
+
+def test_a_mixed_rank_run_resumes_exactly(tiny_config):
+    # Checkpoints hold each client's tensors at its own rank; partial participation makes
+    # n_k an expectation (4 clients, 2 sampled per round).
+    common = (*MIXED, "federation.n_clients=4", "federation.clients_per_round=2", "federation.rounds=3",
+              "save_adapters=false")
+
+    class Stop(Exception):
+        pass
+
+    def stop(record):
+        if record["round"] == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run(tiny_config(*common, "name=stopped"), on_record=stop)
+    stopped = tiny_config(*common, "name=stopped")
+    resumed = run(None, resume=f"{stopped.output_dir}/stopped").records
+    whole = run(tiny_config(*common, "name=whole")).records
+    timing = {"seconds", "eval_seconds"}
+    assert [{k: v for k, v in r.items() if k not in timing} for r in resumed] == \
+           [{k: v for k, v in r.items() if k not in timing} for r in whole]
+    assert all(len(r["client_ranks"]) == 2 for r in whole)
+    # ranks 2, 4, 8, 2: m_k = 4, 2, 1, 4 clients with r ≥ r_k; n_k = 1 + (2 − 1)(m_k − 1)/(4 − 1)
+    n = [1 + 3 / 3, 1 + 1 / 3, 1.0, 1 + 3 / 3]
+    got = run_gammas(whole)
+    assert len(got) >= 3 and got == pytest.approx({k: 16 * math.sqrt(n[k] / [2, 4, 8, 2][k]) for k in got})
+
+
+def run_gammas(records) -> dict[int, float]:
+    return {k: g for r in records for k, g in zip(r["clients"], r["client_gammas"])}

@@ -122,3 +122,15 @@ def test_bad_sweep_files(tmp_path, text, message):
     path.write_text(text)
     with pytest.raises(SfedloraError, match=message):
         load_sweep(path, None)
+
+
+def test_rank_lists_as_a_grid_axis(tmp_path):
+    path = tmp_path / "mixed.yaml"
+    path.write_text("lora: {rank: 8}\ngrid:\n  method: [sfed-lora]\n  client_ranks: [[8], [2, 4, 8]]\n")
+    base, grid = load_sweep(path, None, [f"output_dir={tmp_path}"])
+    cells = grid_cells(grid)
+    assert [cell_name(c) for c in cells] == ["method-sfed-lora_client_ranks-8", "method-sfed-lora_client_ranks-2+4+8"]
+    assert cell_overrides(cells[1]) == ["method=sfed-lora", "lora.client_ranks=[2, 4, 8]"]
+    path.write_text("lora: {rank: 4}\ngrid:\n  client_ranks: [[2, 8]]\n")
+    with pytest.raises(SfedloraError, match="grid cell client_ranks-2\\+8: config lora.client_ranks: rank 8 exceeds lora.rank=4"):
+        load_sweep(path, None, [])

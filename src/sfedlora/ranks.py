@@ -58,15 +58,12 @@ def assign_ranks(listed: Sequence[int] | None, n_clients: int, rank: int) -> tup
 def holders(ranks: Sequence[int], n_sampled: int) -> tuple[float, ...]:
     """n_k: how many of a round's sampled clients hold all of client k's rows.
 
-    With everyone sampled, the clients with r_j ≥ r_k; otherwise the expected number in a
-    round in which k is sampled (k itself plus its share of the other N − 1).
+    The expected number in a round in which k is sampled: k itself plus its share of the
+    other N − 1, 1 + (N − 1)(m_k − 1)/(n − 1), with m_k the clients with r_j ≥ r_k. With
+    everyone sampled (N = n) that is exactly m_k.
     """
     n = len(ranks)
-    out = []
-    for r in ranks:
-        m = sum(1 for s in ranks if s >= r)
-        out.append(float(m) if n_sampled >= n else 1.0 + (n_sampled - 1) * (m - 1) / max(1, n - 1))
-    return tuple(out)
+    return tuple(1.0 + (n_sampled - 1) * (sum(1 for s in ranks if s >= r) - 1) / max(1, n - 1) for r in ranks)
 
 
 def client_gammas(rule: str, alpha: float, ranks: Sequence[int], n_sampled: int) -> tuple[float, ...]:
