@@ -292,3 +292,30 @@ def test_partition_command_shows_a_size_split(lm_overrides):
     result = runner.invoke(app, ["partition", *sets, "--set", "partition.kind=size", "--set", "federation.n_clients=4"])
     assert result.exit_code == 0, result.output
     assert "gsm8k: 40 training examples, 4 clients, sizes from Dirichlet β=0.5" in result.output
+
+
+def test_flower_client_app_trains_and_scores_a_causal_lm_client(lm_overrides, monkeypatch):
+    """The Flower ClientApp runs the same code for a causal LM: it sends only A, and its
+    evaluation reply carries the LM scores of its personalised model."""
+    pytest.importorskip("flwr")
+    from flwr.app import Context, Message, MessageType, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from sfedlora.flower import client_app
+    from sfedlora.flower.records import RESULT, UPDATE, config_text, request
+    from sfedlora.methods import tensor_kind
+    from sfedlora.simulation import build_federation, client_scores, outputs_of
+
+    for attr in ("_run_id", "_node_id", "_task_id"):  # what Flower sets in a ServerApp process
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+    cfg = build_config(overrides=[*lm_overrides, "method=sfed-lora"])
+    fed = build_federation(cfg, load_task(cfg.data, seed=cfg.seed))
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 1}, state=RecordDict(), run_config={})
+    download = fed.method.download(fed.server)
+    ask = lambda kind: Message(request(config_text(cfg), 1, 1, download), dst_node_id=7, message_type=kind)  # noqa: E731
+    sent = client_app.train(ask(MessageType.TRAIN), context).content.array_records[UPDATE]
+    assert {tensor_kind(n) for n in sent} == {"A"}  # no head on a causal LM, and B stays home
+    scores = dict(client_app.evaluate(ask(MessageType.EVALUATE), context).content.metric_records[RESULT])
+    assert set(scores) == {"loss", "perplexity", "accuracy"}
+    untrained = client_scores(fed, 1, outputs_of(fed, fed.personal_tensors(1)))
+    assert scores["loss"] != pytest.approx(untrained["loss"])  # the node scored its trained adapter
