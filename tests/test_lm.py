@@ -55,7 +55,8 @@ def lm_overrides(tmp_path, cache, monkeypatch):
 
 @pytest.fixture
 def tiny_tokenizer(cache):
-    texts = [gsm8k_record(i)["question"] + gsm8k_record(i)["answer"] for i in range(40)]
+    records = [gsm8k_record(i) for i in range(40)]  # the runs' training text: one tiny LLaMA for every test
+    texts = [GSM8K_TEMPLATE.format(question=r["question"]) for r in records] + [r["answer"] for r in records]
     return load_tokenizer(str(tiny_llama_dir(texts, cache)))
 
 
@@ -319,3 +320,40 @@ def test_flower_client_app_trains_and_scores_a_causal_lm_client(lm_overrides, mo
     assert set(scores) == {"loss", "perplexity", "accuracy"}
     untrained = client_scores(fed, 1, outputs_of(fed, fed.personal_tensors(1)))
     assert scores["loss"] != pytest.approx(untrained["loss"])  # the node scored its trained adapter
+
+
+def test_hub_sources_use_the_test_split_or_hold_out(monkeypatch):
+    """openai/gsm8k (main) is scored on its test split; tatsu-lab/alpaca has only train, so part is held out."""
+    import datasets
+
+    asked = []
+
+    def fake_load_dataset(name, config=None):
+        asked.append((name, config))
+        if name == "openai/gsm8k":
+            return datasets.DatasetDict({"train": datasets.Dataset.from_list([gsm8k_record(i) for i in range(10)]),
+                                         "test": datasets.Dataset.from_list([gsm8k_record(50 + i) for i in range(3)])})
+        rows = [{"instruction": f"Say {i}.", "input": "", "output": str(i), "text": "ignored"} for i in range(20)]
+        return datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    gsm8k = load_task(build_config(overrides=["data.task=gsm8k", "data.source=hub"]).data)
+    alpaca = load_task(build_config(overrides=["data.task=alpaca", "data.source=hub", "data.holdout_fraction=0.25"]).data)
+    assert asked == [("openai/gsm8k", "main"), ("tatsu-lab/alpaca", None)]
+    assert (len(gsm8k.train), len(gsm8k.eval)) == (10, 3) and gsm8k.eval.references[0] == final_number(gsm8k_record(50)["answer"])
+    assert (len(alpaca.train), len(alpaca.eval)) == (15, 5)
+
+
+def test_an_interrupted_causal_lm_run_resumes_exactly(lm_overrides):
+    class Stop(Exception):
+        pass
+
+    def stop(record):
+        raise Stop
+
+    whole = run(build_config(overrides=[*lm_overrides, "name=whole"]))
+    with pytest.raises(Stop):
+        run(build_config(overrides=[*lm_overrides, "name=part"]), on_record=stop)
+    resumed = run(None, resume=whole.run_dir.parent / "part")
+    strip = lambda rs: [{k: v for k, v in r.items() if "seconds" not in k} for r in rs]  # noqa: E731
+    assert strip(resumed.records) == strip(whole.records)
