@@ -357,3 +357,18 @@ def test_an_interrupted_causal_lm_run_resumes_exactly(lm_overrides):
     resumed = run(None, resume=whole.run_dir.parent / "part")
     strip = lambda rs: [{k: v for k, v in r.items() if "seconds" not in k} for r in rs]  # noqa: E731
     assert strip(resumed.records) == strip(whole.records)
+
+
+@pytest.mark.parametrize("path", ["configs/paper/gsm8k-llama2-7b.yaml", "configs/paper/alpaca-llama2-7b.yaml",
+                                  "configs/demo/gsm8k-tiny-llama.yaml"])
+def test_shipped_causal_lm_configs_are_valid(path):
+    from sfedlora.config import load_config
+    from sfedlora.sweep import load_sweep, grid_cells
+
+    full = Path(__file__).resolve().parents[1] / path
+    if "paper" in path:
+        base, grid = load_sweep(full, None)  # validates every cell
+        assert len(grid_cells(grid)) == 24 and base["model"]["name_or_path"] == "meta-llama/Llama-2-7b-hf"
+    else:
+        cfg = load_config(full)
+        assert cfg.model.name_or_path == "tiny-llama" and cfg.data.task == "gsm8k" and cfg.scaling == "sfed"
