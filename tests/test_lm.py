@@ -178,6 +178,13 @@ def test_lower_is_better_metrics():
     assert summarise([{"perplexity": 3.0}, {"perplexity": 5.0}]) == {"perplexity_mean": 4.0, "perplexity_min": 3.0, "perplexity_max": 5.0}
 
 
+def test_report_heatmap_colours_point_the_right_way():
+    from sfedlora.report import colour_scale
+
+    assert colour_scale("personal_accuracy_mean", [0.5]) == {"vmin": 0.4, "vmax": 1.0, "cmap": "RdYlGn"}
+    assert colour_scale("personal_perplexity_mean", [3.0, None, 5.0, float("nan")]) == {"vmin": 3.0, "vmax": 5.0, "cmap": "RdYlGn_r"}
+
+
 def test_lora_targets_default_per_architecture():
     assert lm_target_modules("llama", None, mlp=False) == ["q_proj", "k_proj", "v_proj", "o_proj"]
     assert lm_target_modules("llama", None, mlp=True)[-3:] == ["gate_proj", "up_proj", "down_proj"]
