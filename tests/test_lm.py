@@ -242,6 +242,7 @@ LM_BAD_INPUT = {
                       "m.jsonl:1: no field 'answer'"),
     "template placeholder": (lambda t: ["--set", 'data.prompt_template="{query}"'], "data.prompt_template: cannot fill '{query}'"),
     "label split of unlabelled data": (lambda t: ["--set", "partition.kind=dirichlet"], "partition.kind=dirichlet splits by label, and gsm8k has no labels"),
+    "fp16 on a CPU": (lambda t: ["--set", "model.device=cpu", "--set", "model.precision=fp16"], "model.precision=fp16 needs a CUDA GPU"),
     "head probe without a head": (lambda t: ["--set", "federation.head_probe_rounds=1"], "a causal LM has none"),
 }
 
