@@ -198,7 +198,7 @@ def test_tiny_llama_federated_run_writes_a_run_directory_whose_adapters_reload(l
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    result = run(build_config(overrides=[*lm_overrides, "name=lm", "method=sfed-lora"]))
+    result = run(build_config(overrides=[*lm_overrides, "name=lm", "method=fedsa-lora", "lora.scaling=sfed"]))
     d = result.run_dir
     lines = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in lines] == [1, 2]
@@ -207,7 +207,9 @@ def test_tiny_llama_federated_run_writes_a_run_directory_whose_adapters_reload(l
         assert 0 <= r["personal_accuracy_mean"] <= 1 and r["personal_perplexity_mean"] > 1
         assert r["gamma"] == pytest.approx(16 * np.sqrt(2 / 4))
     summary = json.loads((d / "summary.json").read_text())
+    assert (summary["method"], summary["scaling"]) == ("fedsa-lora", "sfed") and summary["collapsed"] is False
     assert summary["metric"] == "personal_accuracy_mean" and summary["higher_is_better"] and summary["majority_baseline"] is None
+    assert {"config.yaml", "metrics.jsonl", "partition.json", "summary.json", "adapters"} <= {p.name for p in d.iterdir()}
     assert json.loads((d / "partition.json").read_text())["sizes"] == [20, 20]
     assert sorted(p.name for p in (d / "adapters").iterdir()) == ["client_00", "client_01"]  # B stays on each client
 
