@@ -185,7 +185,7 @@ def build_causal_lm(
 
 
 def enable_gradient_checkpointing(model) -> None:
-    """Recompute activations in the backward pass: less memory for long sequences, ~30% more time.
+    """Recompute activations in the backward pass: less memory for long sequences, one more forward pass of compute.
 
     Non-reentrant checkpointing needs no input that requires grad, so it works with a frozen
     embedding layer under PEFT.
