@@ -55,7 +55,8 @@ def lm_overrides(tmp_path, cache, monkeypatch):
 
 @pytest.fixture
 def tiny_tokenizer(cache):
-    texts = [gsm8k_record(i)["question"] + gsm8k_record(i)["answer"] for i in range(40)]
+    records = [gsm8k_record(i) for i in range(40)]  # the runs' training text: one tiny LLaMA for every test
+    texts = [GSM8K_TEMPLATE.format(question=r["question"]) for r in records] + [r["answer"] for r in records]
     return load_tokenizer(str(tiny_llama_dir(texts, cache)))
 
 
@@ -177,6 +178,13 @@ def test_lower_is_better_metrics():
     assert summarise([{"perplexity": 3.0}, {"perplexity": 5.0}]) == {"perplexity_mean": 4.0, "perplexity_min": 3.0, "perplexity_max": 5.0}
 
 
+def test_report_heatmap_colours_point_the_right_way():
+    from sfedlora.report import colour_scale
+
+    assert colour_scale("personal_accuracy_mean", [0.5]) == {"vmin": 0.4, "vmax": 1.0, "cmap": "RdYlGn"}
+    assert colour_scale("personal_perplexity_mean", [3.0, None, 5.0, float("nan")]) == {"vmin": 3.0, "vmax": 5.0, "cmap": "RdYlGn_r"}
+
+
 def test_lora_targets_default_per_architecture():
     assert lm_target_modules("llama", None, mlp=False) == ["q_proj", "k_proj", "v_proj", "o_proj"]
     assert lm_target_modules("llama", None, mlp=True)[-3:] == ["gate_proj", "up_proj", "down_proj"]
@@ -190,7 +198,7 @@ def test_tiny_llama_federated_run_writes_a_run_directory_whose_adapters_reload(l
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    result = run(build_config(overrides=[*lm_overrides, "name=lm", "method=sfed-lora"]))
+    result = run(build_config(overrides=[*lm_overrides, "name=lm", "method=fedsa-lora", "lora.scaling=sfed"]))
     d = result.run_dir
     lines = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in lines] == [1, 2]
@@ -199,7 +207,9 @@ def test_tiny_llama_federated_run_writes_a_run_directory_whose_adapters_reload(l
         assert 0 <= r["personal_accuracy_mean"] <= 1 and r["personal_perplexity_mean"] > 1
         assert r["gamma"] == pytest.approx(16 * np.sqrt(2 / 4))
     summary = json.loads((d / "summary.json").read_text())
+    assert (summary["method"], summary["scaling"]) == ("fedsa-lora", "sfed") and summary["collapsed"] is False
     assert summary["metric"] == "personal_accuracy_mean" and summary["higher_is_better"] and summary["majority_baseline"] is None
+    assert {"config.yaml", "metrics.jsonl", "partition.json", "summary.json", "adapters"} <= {p.name for p in d.iterdir()}
     assert json.loads((d / "partition.json").read_text())["sizes"] == [20, 20]
     assert sorted(p.name for p in (d / "adapters").iterdir()) == ["client_00", "client_01"]  # B stays on each client
 
@@ -234,6 +244,7 @@ LM_BAD_INPUT = {
                       "m.jsonl:1: no field 'answer'"),
     "template placeholder": (lambda t: ["--set", 'data.prompt_template="{query}"'], "data.prompt_template: cannot fill '{query}'"),
     "label split of unlabelled data": (lambda t: ["--set", "partition.kind=dirichlet"], "partition.kind=dirichlet splits by label, and gsm8k has no labels"),
+    "fp16 on a CPU": (lambda t: ["--set", "model.device=cpu", "--set", "model.precision=fp16"], "model.precision=fp16 needs a CUDA GPU"),
     "head probe without a head": (lambda t: ["--set", "federation.head_probe_rounds=1"], "a causal LM has none"),
 }
 
@@ -292,3 +303,82 @@ def test_partition_command_shows_a_size_split(lm_overrides):
     result = runner.invoke(app, ["partition", *sets, "--set", "partition.kind=size", "--set", "federation.n_clients=4"])
     assert result.exit_code == 0, result.output
     assert "gsm8k: 40 training examples, 4 clients, sizes from Dirichlet β=0.5" in result.output
+
+
+def test_flower_client_app_trains_and_scores_a_causal_lm_client(lm_overrides, monkeypatch):
+    """The Flower ClientApp runs the same code for a causal LM: it sends only A, and its
+    evaluation reply carries the LM scores of its personalised model."""
+    pytest.importorskip("flwr")
+    from flwr.app import Context, Message, MessageType, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from sfedlora.flower import client_app
+    from sfedlora.flower.records import RESULT, UPDATE, config_text, request
+    from sfedlora.methods import tensor_kind
+    from sfedlora.simulation import build_federation, client_scores, outputs_of
+
+    for attr in ("_run_id", "_node_id", "_task_id"):  # what Flower sets in a ServerApp process
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+    cfg = build_config(overrides=[*lm_overrides, "method=sfed-lora"])
+    fed = build_federation(cfg, load_task(cfg.data, seed=cfg.seed))
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 1}, state=RecordDict(), run_config={})
+    download = fed.method.download(fed.server)
+    ask = lambda kind: Message(request(config_text(cfg), 1, 1, download), dst_node_id=7, message_type=kind)  # noqa: E731
+    sent = client_app.train(ask(MessageType.TRAIN), context).content.array_records[UPDATE]
+    assert {tensor_kind(n) for n in sent} == {"A"}  # no head on a causal LM, and B stays home
+    scores = dict(client_app.evaluate(ask(MessageType.EVALUATE), context).content.metric_records[RESULT])
+    assert set(scores) == {"loss", "perplexity", "accuracy"}
+    untrained = client_scores(fed, 1, outputs_of(fed, fed.personal_tensors(1)))
+    assert scores["loss"] != pytest.approx(untrained["loss"])  # the node scored its trained adapter
+
+
+def test_hub_sources_use_the_test_split_or_hold_out(monkeypatch):
+    """openai/gsm8k (main) is scored on its test split; tatsu-lab/alpaca has only train, so part is held out."""
+    import datasets
+
+    asked = []
+
+    def fake_load_dataset(name, config=None):
+        asked.append((name, config))
+        if name == "openai/gsm8k":
+            return datasets.DatasetDict({"train": datasets.Dataset.from_list([gsm8k_record(i) for i in range(10)]),
+                                         "test": datasets.Dataset.from_list([gsm8k_record(50 + i) for i in range(3)])})
+        rows = [{"instruction": f"Say {i}.", "input": "", "output": str(i), "text": "ignored"} for i in range(20)]
+        return datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    gsm8k = load_task(build_config(overrides=["data.task=gsm8k", "data.source=hub"]).data)
+    alpaca = load_task(build_config(overrides=["data.task=alpaca", "data.source=hub", "data.holdout_fraction=0.25"]).data)
+    assert asked == [("openai/gsm8k", "main"), ("tatsu-lab/alpaca", None)]
+    assert (len(gsm8k.train), len(gsm8k.eval)) == (10, 3) and gsm8k.eval.references[0] == final_number(gsm8k_record(50)["answer"])
+    assert (len(alpaca.train), len(alpaca.eval)) == (15, 5)
+
+
+def test_an_interrupted_causal_lm_run_resumes_exactly(lm_overrides):
+    class Stop(Exception):
+        pass
+
+    def stop(record):
+        raise Stop
+
+    whole = run(build_config(overrides=[*lm_overrides, "name=whole"]))
+    with pytest.raises(Stop):
+        run(build_config(overrides=[*lm_overrides, "name=part"]), on_record=stop)
+    resumed = run(None, resume=whole.run_dir.parent / "part")
+    strip = lambda rs: [{k: v for k, v in r.items() if "seconds" not in k} for r in rs]  # noqa: E731
+    assert strip(resumed.records) == strip(whole.records)
+
+
+@pytest.mark.parametrize("path", ["configs/paper/gsm8k-llama2-7b.yaml", "configs/paper/alpaca-llama2-7b.yaml",
+                                  "configs/demo/gsm8k-tiny-llama.yaml"])
+def test_shipped_causal_lm_configs_are_valid(path):
+    from sfedlora.config import load_config
+    from sfedlora.sweep import load_sweep, grid_cells
+
+    full = Path(__file__).resolve().parents[1] / path
+    if "paper" in path:
+        base, grid = load_sweep(full, None)  # validates every cell
+        assert len(grid_cells(grid)) == 24 and base["model"]["name_or_path"] == "meta-llama/Llama-2-7b-hf"
+    else:
+        cfg = load_config(full)
+        assert cfg.model.name_or_path == "tiny-llama" and cfg.data.task == "gsm8k" and cfg.scaling == "sfed"

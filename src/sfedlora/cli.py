@@ -54,6 +54,7 @@ def run(
     runtime: Runtime = typer.Option(Runtime.simulator, "--runtime", help="simulator: the embedded one; flower: Flower's simulation engine (one SuperNode per client)."),
 ) -> None:
     """Run a federated fine-tuning experiment on the embedded simulator (or on Flower)."""
+    from .evaluation import higher_is_better
     from .experiment import headline, run as run_experiment
 
     if runtime is Runtime.flower and resume is not None:
@@ -90,9 +91,10 @@ def run(
         desc = f"loss {record['train_loss']:.4f}"
         if key in record:
             line = f"round {record['round']:>4}  loss {record['train_loss']:.4f}  {key} {record[key]:.4f}"
-            min_key = key.replace("_mean", "_min")
-            if min_key in record:
-                line += f"  (min over clients {record[min_key]:.4f})"
+            # The worst client: the lowest score, or the highest where lower is better (perplexity).
+            worst, word = (key.replace("_mean", "_min"), "min") if higher_is_better(key) else (key.replace("_mean", "_max"), "max")
+            if worst in record:
+                line += f"  ({word} over clients {record[worst]:.4f})"
             progress.console.print(line)
         progress.update(state["task"], advance=1, description=desc)
 

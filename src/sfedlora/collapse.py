@@ -5,7 +5,9 @@ A run is flagged as collapsed, at the first round where one of these holds:
 1. **non-finite loss**: a client's training loss in a round is NaN or infinite;
 2. **no better than the majority class**: an evaluation after the first third of the
    rounds scores no more than ``majority + margin`` (accuracy; 2 points by default), and
-   no later evaluation does better (so a slow start that recovers is not a collapse);
+   no later evaluation does better (so a slow start that recovers is not a collapse).
+   Classification only: regression and causal LMs have no majority class (``majority`` is
+   None), so rules 1 and 3 judge them;
 3. **vanished A-gradients**: the A-gradient norm falls below ``grad_fraction`` (1e-3) of its
    first recorded value — the signature of γ shrinking the update until A stops moving.
 

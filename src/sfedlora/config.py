@@ -22,7 +22,7 @@ class ModelConfig(_Section):
     name_or_path: str = Field("minilm", description="Hub id or local path of the base model; 'minilm' is the bundled all-MiniLM-L6-v2.")
     target_modules: list[str] | None = Field(None, description="Modules that get LoRA; default per architecture (query/value for BERT-like models; q_proj, k_proj, v_proj, o_proj for LLaMA-like causal LMs).")
     lora_mlp: bool = Field(False, description="Causal LMs: also put LoRA on the MLP projections (LLaMA: gate_proj, up_proj, down_proj) when target_modules is not set.")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: much less GPU memory for long sequences (LLaMA-2-7B), about 30% more time.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: much less GPU memory for long sequences (LLaMA-2-7B), for one more forward pass of compute.")
     max_length: int = Field(128, gt=0, description="Tokens per example after truncation.")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto (a CUDA GPU when there is one), cpu, cuda or cuda:N.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="Forward-pass precision (torch.autocast); auto = bf16 where the GPU or CPU (AVX512-BF16, AMX) runs it fast, else fp32; fp16 (GPUs without bf16) adds loss scaling. Adapters and optimizer state stay fp32; a causal LM's frozen base weights are stored in bf16/fp16 on a GPU.")

@@ -141,6 +141,14 @@ def lm_target_modules(model_type: str, target_modules: list[str] | None, mlp: bo
     return attention + (mlp_modules if mlp else [])
 
 
+def _dtype_kwarg(dtype: torch.dtype) -> dict:
+    """``from_pretrained``'s storage-dtype argument: ``dtype`` since transformers 4.56, ``torch_dtype`` before."""
+    import transformers
+    from packaging.version import Version
+
+    return {"dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype": dtype}
+
+
 def build_causal_lm(
     name_or_path: str,
     rank: int,
@@ -166,7 +174,7 @@ def build_causal_lm(
     torch.manual_seed(seed)
     try:
         model_type = AutoConfig.from_pretrained(path).model_type
-        base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        base = AutoModelForCausalLM.from_pretrained(path, **_dtype_kwarg(dtype))
     except (OSError, ValueError) as err:
         raise SfedloraError(f"could not load causal LM {name_or_path!r} ({str(err).splitlines()[0]}): check model.name_or_path") from None
     if base.config.pad_token_id is None:
@@ -177,7 +185,7 @@ def build_causal_lm(
 
 
 def enable_gradient_checkpointing(model) -> None:
-    """Recompute activations in the backward pass: less memory for long sequences, ~30% more time.
+    """Recompute activations in the backward pass: less memory for long sequences, one more forward pass of compute.
 
     Non-reentrant checkpointing needs no input that requires grad, so it works with a frozen
     embedding layer under PEFT.

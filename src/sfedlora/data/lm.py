@@ -167,7 +167,7 @@ def _hold_out(train: LMExamples, fraction: float, seed: int) -> tuple[LMExamples
 
 def load_lm_task(cfg: DataConfig, seed: int = 0):
     """GSM8K or Alpaca-format data from local JSON/JSONL files or the hub, as a TaskData."""
-    from .loading import TaskData
+    from .loading import TaskData  # here, not at the top: loading imports this module
 
     spec = LM_TASKS[cfg.task]
     check_template(cfg.prompt_template, spec)
