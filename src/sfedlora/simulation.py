@@ -20,6 +20,7 @@ from .evaluation import label_mix_accuracy, predict, summarise, task_metrics
 from .methods import Method, aggregate, get_method, select
 from .models import Compute, build_classifier, read_tensors, trainable_parameters, write_tensors
 from .errors import SfedloraError
+from .privacy import DPSGD, PrivacyPlan, attach_grad_sampler, plan_privacy, user_level_mean
 from .robust import change_norm, check_update, corrupt, norm_outliers
 from .scaling import gamma
 
@@ -53,6 +54,10 @@ class Federation:
     sampler: np.random.Generator  # which clients take part in each round
     fault_rng: np.random.Generator  # injected faults (drop-outs, bad updates), apart from sampling
     round: int = 0  # rounds completed
+    privacy: PrivacyPlan | None = None  # the DP mechanism (None without DP)
+    dp_ledger: np.ndarray | None = None  # DP steps (dp=client) or releases (dp=server) each client is charged for
+    dp_rng: np.random.Generator | None = None  # the server's DP noise (dp=server)
+    grad_sampler: object = None  # Opacus GradSampleModule holding the per-example gradient hooks (dp=client)
 
     @property
     def n_sampled(self) -> int:
@@ -93,6 +98,10 @@ def build_federation(cfg: RunConfig, data: TaskData) -> Federation:
     initial = read_tensors(params)
     train_enc = encode(data.train, tokenizer, cfg.model.max_length)
     client_data = [train_enc.subset(p) for p in parts]
+    sizes = np.array([len(p) for p in parts])
+    plan = plan_privacy(cfg, sizes, np.array([client_steps(cfg, int(n)) for n in sizes]))
+    # With secure_noise the server's noise is seeded by the OS, so the config cannot replay it.
+    dp_rng = np.random.default_rng(None if cfg.privacy.secure_noise else [cfg.seed, 3])
     return Federation(
         cfg=cfg,
         method=method,
@@ -103,7 +112,7 @@ def build_federation(cfg: RunConfig, data: TaskData) -> Federation:
         server=select(initial, method.global_kinds),
         clients=[new_client_state(initial, seed=cfg.seed * 100_003 + k + 1) for k in range(fed.n_clients)],
         client_data=client_data,
-        client_sizes=np.array([len(p) for p in parts]),
+        client_sizes=sizes,
         histograms=label_histograms(data.train.labels, parts, data.num_labels),
         eval_data=encode(data.eval, tokenizer, cfg.model.max_length),
         num_labels=data.num_labels,
@@ -112,7 +121,24 @@ def build_federation(cfg: RunConfig, data: TaskData) -> Federation:
         compute=compute,
         sampler=np.random.default_rng([cfg.seed, 1]),
         fault_rng=np.random.default_rng([cfg.seed, 2]),
+        privacy=plan,
+        dp_ledger=np.zeros(len(parts), dtype=np.int64),
+        dp_rng=dp_rng,
+        grad_sampler=attach_grad_sampler(model) if cfg.privacy.dp == "client" else None,
     )
+
+
+def client_steps(cfg: RunConfig, n_examples: int) -> int:
+    """Local steps a client with ``n_examples`` takes in a round it is sampled in."""
+    return steps_per_round(n_examples, cfg.train.batch_size, cfg.federation.local_steps, cfg.federation.local_epochs)
+
+
+def client_dp(fed: Federation, k: int) -> DPSGD | None:
+    """Client ``k``'s DP-SGD settings, or None unless dp=client."""
+    plan = fed.privacy
+    if plan is None or plan.mode != "client":
+        return None
+    return DPSGD(plan.clip_norm, float(plan.noise_multiplier[k]), float(plan.sample_rate[k]), fed.cfg.privacy.secure_noise)
 
 
 def logits_of(fed: Federation, tensors: dict[str, torch.Tensor]) -> np.ndarray:
@@ -180,13 +206,12 @@ def client_round(fed: Federation, k: int, state: ClientState, download: dict[str
                            state.rng, state.optimizer, state.steps)
     # Optimizer state is updated in place while training: train a copy, keep ``received`` intact.
     trained = copy.deepcopy(received)
-    steps = steps_per_round(int(fed.client_sizes[k]), cfg.train.batch_size,
-                            cfg.federation.local_steps, cfg.federation.local_epochs)
+    steps = client_steps(cfg, int(fed.client_sizes[k]))
     # The schedule spans the steps a client is expected to take: it trains in a fraction
     # n_sampled / n_clients of the rounds.
     expected_steps = math.ceil(steps * cfg.federation.rounds * fed.n_sampled / len(fed.clients))
     result = train_client(fed.model, fed.params, trained, fed.client_data[k], fed.tokenizer,
-                          fed.method.trained(round_), steps, expected_steps, cfg.train, fed.compute)
+                          fed.method.trained(round_), steps, expected_steps, cfg.train, fed.compute, client_dp(fed, k))
     if not np.isfinite(result.loss):
         return ClientOutcome(received, None, {})
     return ClientOutcome(trained, result, fed.method.upload(trained.tensors, round_))
@@ -241,7 +266,7 @@ def conclude_round(fed: Federation, round_: int, inbox: Inbox, start: float) -> 
         log.warning("round %d: update of client %d rejected: %s", round_, r["client"], r["reason"])
     update_norm = 0.0
     if expected and replies and len(replies) >= min_replies:
-        new = aggregate([u for _, u in replies], [float(fed.client_sizes[k]) for k, _ in replies])
+        new = server_aggregate(fed, [u for _, u in replies], [k for k, _ in replies], expected)
         update_norm = change_norm(new, expected)
         fed.server.update(new)
     elif expected and replies:
@@ -252,6 +277,10 @@ def conclude_round(fed: Federation, round_: int, inbox: Inbox, start: float) -> 
         log.warning("round %d: no update accepted; the server's tensors stay as they were", round_)
     fed.round = round_
     trained = [r for _, r in inbox.results]
+    privacy = {}
+    if fed.privacy is not None:
+        fed.dp_ledger = fed.privacy.spend(fed.dp_ledger, inbox.clients)
+        privacy = fed.privacy.metrics(fed.dp_ledger)
     return {
         "round": round_,
         "clients": inbox.clients,
@@ -267,8 +296,18 @@ def conclude_round(fed: Federation, round_: int, inbox: Inbox, start: float) -> 
         "injected": inbox.injected,
         "bytes_up": inbox.bytes_up,
         "bytes_down": inbox.bytes_down,
+        **privacy,
         "seconds": time.perf_counter() - start,
     }
+
+
+def server_aggregate(fed: Federation, updates: list[dict[str, torch.Tensor]], clients: list[int],
+                     expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The server's new tensors from the accepted updates: the example-weighted mean, or
+    with dp=server the clipped, uniformly weighted, noised mean."""
+    if fed.privacy is not None and fed.privacy.mode == "server":
+        return user_level_mean(updates, expected, fed.privacy.clip_norm, float(fed.privacy.noise_multiplier[0]), fed.dp_rng)
+    return aggregate(updates, [float(fed.client_sizes[k]) for k in clients])
 
 
 def sample_clients(fed: Federation) -> list[int]:
