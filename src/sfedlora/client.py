@@ -7,6 +7,7 @@ into which the state is written before training and read back after.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Mapping
@@ -18,7 +19,7 @@ from .config import TrainConfig
 from .data.encoding import Encoded, collate
 from .methods import tensor_kind
 from .models import Compute, read_tensors, write_tensors
-from .privacy.dpsgd import DPSGD, apply_private_gradient
+from .privacy.dpsgd import DPSGD, apply_private_gradient, per_example_gradients
 from .privacy.mechanisms import poisson_batches
 
 
@@ -109,8 +110,7 @@ def train_client(
 
     Only tensors of ``trained_kinds`` receive gradients; the others stay as they were.
     ``total_steps`` is the client's step count over the whole run (for the LR schedule).
-    With ``dp`` each step is a DP-SGD step (the model must carry Opacus's hooks, see
-    :func:`sfedlora.privacy.attach_grad_sampler`): Poisson-sampled batches, per-example
+    With ``dp`` each step is a DP-SGD step: Poisson-sampled batches, per-example
     clipping and Gaussian noise instead of ``cfg.max_grad_norm``; the reported gradient
     norms are then those of the private gradients.
     """
@@ -134,22 +134,23 @@ def train_client(
     else:
         batches = poisson_batches(len(data), dp.sample_rate, steps, g)
         noise_g = dp.noise_generator(g)
-    for idx in batches:
-        if len(idx):  # a Poisson batch may be empty: its DP gradient is noise alone
-            batch = collate(data, idx, tokenizer)
-            loss = compute.forward(model, batch).loss
-            loss.backward()
-            losses.append(float(loss.detach()))
-        if dp is not None:
-            apply_private_gradient(params, dp, dp.sample_rate * len(data), noise_g)
-        norms.append(_kind_norms(params))
-        if dp is None and cfg.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_([p for p in ordered if p.grad is not None], cfg.max_grad_norm)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(state.steps, total_steps, cfg)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        state.steps += 1
+    with contextlib.nullcontext() if dp is None else per_example_gradients(model):
+        for idx in batches:
+            if len(idx):  # a Poisson batch may be empty: its DP gradient is noise alone
+                batch = collate(data, idx, tokenizer)
+                loss = compute.forward(model, batch).loss
+                loss.backward()
+                losses.append(float(loss.detach()))
+            if dp is not None:
+                apply_private_gradient(params, dp, dp.sample_rate * len(data), noise_g)
+            norms.append(_kind_norms(params))
+            if dp is None and cfg.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_([p for p in ordered if p.grad is not None], cfg.max_grad_norm)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(state.steps, total_steps, cfg)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.steps += 1
 
     state.tensors = read_tensors(params)
     state.optimizer = optimizer.state_dict()

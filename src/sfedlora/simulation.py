@@ -20,7 +20,7 @@ from .evaluation import label_mix_accuracy, predict, summarise, task_metrics
 from .methods import Method, aggregate, get_method, select
 from .models import Compute, build_classifier, read_tensors, trainable_parameters, write_tensors
 from .errors import SfedloraError
-from .privacy import DPSGD, PrivacyPlan, attach_grad_sampler, plan_privacy, user_level_mean
+from .privacy import DPSGD, PrivacyPlan, plan_privacy, user_level_mean
 from .robust import change_norm, check_update, corrupt, norm_outliers
 from .scaling import gamma
 
@@ -57,7 +57,6 @@ class Federation:
     privacy: PrivacyPlan | None = None  # the DP mechanism (None without DP)
     dp_ledger: np.ndarray | None = None  # DP steps (dp=client) or releases (dp=server) each client is charged for
     dp_rng: np.random.Generator | None = None  # the server's DP noise (dp=server)
-    grad_sampler: object = None  # Opacus GradSampleModule holding the per-example gradient hooks (dp=client)
 
     @property
     def n_sampled(self) -> int:
@@ -124,7 +123,6 @@ def build_federation(cfg: RunConfig, data: TaskData) -> Federation:
         privacy=plan,
         dp_ledger=np.zeros(len(parts), dtype=np.int64),
         dp_rng=dp_rng,
-        grad_sampler=attach_grad_sampler(model) if cfg.privacy.dp == "client" else None,
     )
 
 

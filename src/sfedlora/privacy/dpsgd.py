@@ -2,13 +2,16 @@
 
 Opacus's ``GradSampleModule`` puts hooks on every module with trainable parameters (the
 ``nn.Linear`` of each LoRA A and B, and of the task head); after ``backward()`` each
-trainable parameter holds ``grad_sample`` [batch, *shape]. The hooks act only in
-training mode with gradients enabled, so evaluation on the same model is untouched.
+trainable parameter holds ``grad_sample`` [batch, *shape]. The hooks are put on for one
+client's training and taken off after it: which modules train changes between rounds
+(RoLoRA, head probing, FFA-LoRA's frozen A), and Opacus fails on a hooked module that is
+frozen but still passes gradients on (A in front of a trained B).
 """
 
 from __future__ import annotations
 
 import secrets
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -33,14 +36,19 @@ class DPSGD:
         return torch.Generator().manual_seed(secrets.randbits(63))
 
 
-def attach_grad_sampler(model: torch.nn.Module):
-    """Give ``model``'s trainable modules Opacus's per-example gradient hooks; returns the
-    ``GradSampleModule`` (keep it: it owns the hooks)."""
+@contextmanager
+def per_example_gradients(model: torch.nn.Module):
+    """Within the block, ``backward()`` leaves ``grad_sample`` on every parameter that
+    requires a gradient now; afterwards the hooks and their attributes are gone."""
     from opacus import GradSampleModule
 
     # loss_reduction="mean": the model returns the batch's mean loss, so Opacus scales
     # the backward signal by the batch size to recover per-example gradients.
-    return GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=True)
+    sampler = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=True)
+    try:
+        yield sampler
+    finally:
+        sampler.cleanup()
 
 
 def apply_private_gradient(params: Mapping[str, torch.nn.Parameter], dp: DPSGD, expected_batch_size: float,

@@ -71,7 +71,11 @@ def clip_update(update: Mapping[str, torch.Tensor], reference: Mapping[str, torc
     (over all tensors together), by Flower's ``compute_clip_model_update``."""
     names = sorted(update)
     arrays = [update[n].detach().cpu().double().numpy() for n in names]
-    compute_clip_model_update(arrays, [reference[n].detach().cpu().double().numpy() for n in names], clip_norm)
+    references = [reference[n].detach().cpu().double().numpy() for n in names]
+    # Flower divides by the change's norm: an unchanged update (a client whose step
+    # moved nothing) would raise ZeroDivisionError, and needs no clipping anyway.
+    if any(np.any(a != r) for a, r in zip(arrays, references)):
+        compute_clip_model_update(arrays, references, clip_norm)
     return {n: torch.from_numpy(a).to(update[n].dtype) for n, a in zip(names, arrays)}
 
 
