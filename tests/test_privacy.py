@@ -212,3 +212,33 @@ def test_bad_privacy_config_on_the_command_line_exits_2():
 def test_secagg_is_refused_on_the_embedded_simulator(tiny_config):
     with pytest.raises(SfedloraError, match="privacy.secagg needs the Flower runtime"):
         run(tiny_config("privacy.secagg=true"))
+
+
+FLOWER_COMPARED = ("train_loss", "personal_accuracy_mean", "personal_accuracy_min", "update_norm")
+
+
+def _flower_run(tiny_overrides, *overrides):
+    from typer.testing import CliRunner
+
+    from sfedlora.cli import app
+
+    sets = [a for o in [*tiny_overrides, *overrides] for a in ("--set", o)]
+    result = CliRunner().invoke(app, ["run", "--runtime", "flower", *sets])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_secagg_on_flower_gives_the_plain_weighted_mean(tiny_config, tiny_overrides):
+    """SecAgg+ on Flower's simulation engine against the embedded simulator's plain average
+    (which the Flower runtime matches without SecAgg, tests/test_flower.py)."""
+    pytest.importorskip("flwr")
+    overrides = ("federation.rounds=2", "model.precision=fp32", "method=fedit")
+    embedded = run(tiny_config("name=plain", *overrides))
+    # Changes stay far below 0.05 here: quantisation steps of 0.1 / 2^22 leave float error only.
+    _flower_run(tiny_overrides, *overrides, "privacy.secagg=true", "privacy.secagg_clipping_range=0.05", "name=secagg")
+    secure = read_metrics(embedded.run_dir.parent / "secagg")
+    assert [r["round"] for r in secure] == [1, 2]
+    for a, b in zip(embedded.records, secure):
+        assert a["clients"] == b["clients"] and b["aggregated"] == 3 and b["update_norm"] > 0
+        for key in FLOWER_COMPARED:
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (a["round"], key)

@@ -144,7 +144,7 @@ class PrivacyConfig(_Section):
     secagg: bool = Field(False, description="Flower runtime only: aggregate with Flower's SecAgg+, so the server sees only the sum of the clients' updates.")
     secagg_clipping_range: float = Field(8.0, gt=0, description="SecAgg+: updates are quantised on [-range, range]; entries of a client's change beyond it are clipped.")
     secagg_num_shares: int = Field(3, ge=3, description="SecAgg+: clients each client shares its secrets with (Flower's num_shares).")
-    secagg_threshold: int = Field(2, ge=2, description="SecAgg+: shares needed to reconstruct a dropped client's mask (Flower's reconstruction_threshold).")
+    secagg_threshold: int = Field(2, ge=2, description="SecAgg+: shares needed to reconstruct a dropped client's mask (Flower's reconstruction_threshold; below secagg_num_shares).")
 
     @model_validator(mode="after")
     def _consistent(self) -> "PrivacyConfig":
@@ -157,8 +157,8 @@ class PrivacyConfig(_Section):
         if self.secagg and self.dp == "server":
             raise ValueError("dp=server clips each client's update on the server, which SecAgg+ hides from it: "
                              "use dp=client with secagg, or turn secagg off")
-        if self.secagg_threshold > self.secagg_num_shares:
-            raise ValueError(f"secagg_threshold ({self.secagg_threshold}) exceeds secagg_num_shares ({self.secagg_num_shares})")
+        if self.secagg_threshold >= self.secagg_num_shares:
+            raise ValueError(f"secagg_threshold ({self.secagg_threshold}) must be below secagg_num_shares ({self.secagg_num_shares})")
         return self
 
 

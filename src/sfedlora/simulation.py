@@ -230,6 +230,9 @@ class Inbox:
     injected: list[dict] = field(default_factory=list)
     bytes_up: int = 0
     bytes_down: int = 0
+    # SecAgg+: the server never sees an update, only the new tensors the securely summed
+    # mean gives, and the clients in that mean.
+    secure: tuple[dict[str, torch.Tensor], list[int]] | None = None
 
 
 def expected_update(fed: Federation, round_: int) -> dict[str, torch.Tensor]:
@@ -262,9 +265,16 @@ def conclude_round(fed: Federation, round_: int, inbox: Inbox, start: float) -> 
         replies = [r for r, bad in zip(replies, outlier) if not bad]
     for r in rejected:
         log.warning("round %d: update of client %d rejected: %s", round_, r["client"], r["reason"])
+    if inbox.secure is not None:
+        new, contributors = inbox.secure
+        reason = check_update(new, expected)
+        replies = [(k, None) for k in contributors] if reason is None else []
+        if reason is not None:
+            log.warning("round %d: the securely aggregated mean was refused: %s", round_, reason)
     update_norm = 0.0
     if expected and replies and len(replies) >= min_replies:
-        new = server_aggregate(fed, [u for _, u in replies], [k for k, _ in replies], expected)
+        if inbox.secure is None:
+            new = server_aggregate(fed, [u for _, u in replies], [k for k, _ in replies], expected)
         update_norm = change_norm(new, expected)
         fed.server.update(new)
     elif expected and replies:
