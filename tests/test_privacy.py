@@ -242,3 +242,35 @@ def test_secagg_on_flower_gives_the_plain_weighted_mean(tiny_config, tiny_overri
         assert a["clients"] == b["clients"] and b["aggregated"] == 3 and b["update_norm"] > 0
         for key in FLOWER_COMPARED:
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (a["round"], key)
+
+
+@pytest.fixture
+def server_identity(monkeypatch):
+    """What Flower sets in a ServerApp process, so that tests can create messages."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+
+
+def test_client_dp_on_flower_is_the_simulators_client_round(tiny_config, server_identity):
+    """The ClientApp trains with the same DP-SGD code: the same noise, the same bits."""
+    from flwr.app import Context, Message, MessageType, RecordDict
+
+    from sfedlora.data import load_task
+    from sfedlora.flower import client_app
+    from sfedlora.flower.records import config_text, read_train_reply, request
+    from sfedlora.simulation import build_federation, client_round
+
+    cfg = tiny_config("method=sfed-lora", "privacy.dp=client", "privacy.epsilon=3", "model.precision=fp32")
+    fed = build_federation(cfg, load_task(cfg.data, seed=cfg.seed))
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 1}, state=RecordDict(), run_config={})
+    download = fed.method.download(fed.server)
+    msg = Message(request(config_text(cfg), 1, 1, download), dst_node_id=7, message_type=MessageType.TRAIN)
+    result, update = read_train_reply(client_app.train(msg, context))
+    expected = client_round(fed, 1, fed.clients[1], download, 1)
+    assert result.grad_norm == expected.result.grad_norm  # the private gradients' norms: noise included
+    assert all(torch.equal(update[n], expected.update[n]) for n in expected.update)
+    plain = client_round(build_federation(tiny_config("method=sfed-lora", "model.precision=fp32"),
+                                          load_task(cfg.data, seed=cfg.seed)), 1, fed.clients[1], download, 1)
+    assert not all(torch.equal(plain.update[n], expected.update[n]) for n in expected.update)  # DP changed it
