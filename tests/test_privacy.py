@@ -274,3 +274,23 @@ def test_client_dp_on_flower_is_the_simulators_client_round(tiny_config, server_
     plain = client_round(build_federation(tiny_config("method=sfed-lora", "model.precision=fp32"),
                                           load_task(cfg.data, seed=cfg.seed)), 1, fed.clients[1], download, 1)
     assert not all(torch.equal(plain.update[n], expected.update[n]) for n in expected.update)  # DP changed it
+
+
+def test_resumed_dp_run_reports_the_same_epsilon(tiny_config):
+    """The privacy ledger and the server's noise RNG are checkpointed: resume changes nothing."""
+    overrides = ("method=fedit", "privacy.dp=server", "privacy.noise_multiplier=2", "privacy.clip_norm=0.05",
+                 "model.precision=fp32")
+    whole = run(tiny_config("name=whole", *overrides))
+
+    class Stop(Exception):
+        pass
+
+    def stop(record):
+        raise Stop
+
+    with pytest.raises(Stop):
+        run(tiny_config("name=cut", *overrides), on_record=stop)
+    resumed = run(None, resume=whole.run_dir.parent / "cut")
+    drop = ("seconds", "eval_seconds")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in resumed.records] == \
+           [{k: v for k, v in r.items() if k not in drop} for r in whole.records]
