@@ -1,5 +1,6 @@
-"""The generated config reference stays in step with the config models."""
+"""The docs stay in step with the code: the generated config reference, the links."""
 
+import re
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -29,3 +30,16 @@ def test_every_config_key_is_documented():
     assert not undocumented, f"config keys without a description: {undocumented}"
     text = render()
     assert all(f"`{k}`" in text for k in keys)
+
+
+def test_relative_links_in_the_docs_resolve():
+    """A link to a file of the repository that was moved or never written is a dead end."""
+    root = Path(__file__).resolve().parents[1]
+    broken = []
+    for page in [root / "README.md", *sorted((root / "docs").rglob("*.md"))]:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                continue
+            if not (page.parent / target.split("#")[0]).exists():
+                broken.append(f"{page.relative_to(root)} -> {target}")
+    assert not broken, broken

@@ -23,8 +23,9 @@ from sfedlora.simulation import build_federation, client_round  # noqa: E402
 COMPARED = ("train_loss", "personal_accuracy_mean", "personal_accuracy_min", "personal_local_accuracy_mean", "update_norm")
 
 
-def test_flower_simulation_matches_the_embedded_simulator(tiny_config, tiny_overrides):
-    overrides = ("federation.rounds=3", "lora.dropout=0.1", "model.precision=fp32", "method=sfed-lora")
+@pytest.mark.parametrize("ranks", [(), ("lora.rank=8", "lora.client_ranks=[2, 4, 8]")], ids=["one-rank", "mixed-ranks"])
+def test_flower_simulation_matches_the_embedded_simulator(tiny_config, tiny_overrides, ranks):
+    overrides = ("federation.rounds=3", "lora.dropout=0.1", "model.precision=fp32", "method=sfed-lora", *ranks)
     embedded = run(tiny_config("name=embedded", *overrides))
     sets = [a for o in [*tiny_overrides, *overrides, "name=flower"] for a in ("--set", o)]
     result = CliRunner().invoke(app, ["run", "--runtime", "flower", *sets])
@@ -35,6 +36,7 @@ def test_flower_simulation_matches_the_embedded_simulator(tiny_config, tiny_over
     for a, b in zip(embedded.records, flower_records):
         assert a["clients"] == b["clients"] and a["aggregated"] == b["aggregated"] == 3
         assert (a["bytes_up"], a["bytes_down"]) == (b["bytes_up"], b["bytes_down"]) and a["bytes_up"] > 0
+        assert a.get("client_ranks") == b.get("client_ranks") and a.get("client_gammas") == b.get("client_gammas")
         for key in COMPARED:
             assert b[key] == pytest.approx(a[key], abs=1e-5), (a["round"], key)
     assert flower_records[-1]["train_loss"] != flower_records[0]["train_loss"]  # it trained
@@ -95,3 +97,21 @@ def test_client_app_refuses_a_request_for_another_partition(tiny_config, server_
     context = Context(run_id=1, node_id=7, node_config={"partition-id": 2}, state=RecordDict(), run_config={})
     with pytest.raises(SfedloraError, match="server asked this node for client 0, but it holds partition 2"):
         client_app.train(_message(cfg, 0, 1, {}), context)
+
+
+def test_client_app_trains_and_sends_at_its_own_rank(tiny_config, server_identity):
+    """Mixed ranks on Flower: the ClientApp runs the simulator's client_round on a download cut
+    to its rank, sends only its rows of A and keeps a B of r_k columns."""
+    cfg = tiny_config("method=sfed-lora", "lora.rank=8", "lora.client_ranks=[2, 4, 8]")
+    fed = build_federation(cfg, load_task(cfg.data, seed=cfg.seed))
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    download = fed.download(0)  # what the ServerApp sends client 0 (rank 2)
+    assert all(t.shape[0] == 2 for n, t in download.items() if tensor_kind(n) == "A")
+    reply = client_app.train(_message(cfg, 0, 1, download), context)
+    result, update = read_train_reply(reply)
+    expected = client_round(fed, 0, fed.clients[0], download, 1)
+    assert result.loss == expected.result.loss
+    assert {tensor_kind(n) for n in update} == {"A", "head"}
+    assert all(update[n].shape == download[n].shape and torch.equal(update[n], expected.update[n]) for n in update)
+    kept = context.state.array_records[STATE_TENSORS]
+    assert all(kept[n].numpy().shape[1] == 2 for n in kept if tensor_kind(n) == "B")

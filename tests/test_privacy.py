@@ -294,3 +294,9 @@ def test_resumed_dp_run_reports_the_same_epsilon(tiny_config):
     drop = ("seconds", "eval_seconds")
     assert [{k: v for k, v in r.items() if k not in drop} for r in resumed.records] == \
            [{k: v for k, v in r.items() if k not in drop} for r in whole.records]
+
+
+def test_mixed_ranks_refuse_server_dp_and_secagg():
+    for extra in (["privacy.dp=server", "privacy.noise_multiplier=1"], ["privacy.secagg=true"]):
+        with pytest.raises(SfedloraError, match="with lora.client_ranks updates differ in rank"):
+            build_config(overrides=["lora.client_ranks=[2,8]", "federation.n_clients=3", *extra])

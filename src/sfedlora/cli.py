@@ -74,8 +74,11 @@ def run(
     def on_start(fed, run_dir):
         state["key"] = headline(fed)
         c = fed.cfg
-        console.print(f"[bold]{c.method}[/] · {c.data.task} · {c.model.name_or_path} · r={c.lora.rank} "
-                      f"· {c.federation.n_clients} clients ({fed.n_sampled} per round) · {c.scaling} γ={fed.gamma:.4g}")
+        plan = fed.ranks
+        ranks = f"client ranks {min(plan.ranks)}..{max(plan.ranks)} of r={c.lora.rank}" if plan.mixed else f"r={c.lora.rank}"
+        gammas = f"γ={min(plan.gammas):.4g}..{max(plan.gammas):.4g}" if plan.mixed else f"γ={fed.gamma:.4g}"
+        console.print(f"[bold]{c.method}[/] · {c.data.task} · {c.model.name_or_path} · {ranks} "
+                      f"· {c.federation.n_clients} clients ({fed.n_sampled} per round) · {c.scaling} {gammas}")
         console.print(f"run directory: {run_dir}" + (f" (resumed after round {fed.round})" if fed.round else ""))
         state["task"] = progress.add_task("", total=c.federation.rounds, completed=fed.round)
         progress.start()

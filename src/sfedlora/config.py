@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .errors import SfedloraError
 from .methods import PRESETS
@@ -31,6 +31,23 @@ class LoraSettings(_Section):
     alpha: float = Field(16.0, gt=0, description="α in the scaling rule.")
     scaling: ScalingRule | None = Field(None, description="lora (α/r), rslora (α/√r) or sfed (α·√(N/r)); default set by the method preset.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA path.")
+    client_ranks: list[int] | None = Field(None, description="Per-client LoRA ranks, cycled over the clients (client k gets entry k mod length), each at most lora.rank, the rank the server keeps A at; null: every client at lora.rank. See docs/mixed-ranks.md.")
+
+    @field_validator("client_ranks")
+    @classmethod
+    def _client_ranks_fit(cls, ranks: list[int] | None, info: ValidationInfo) -> list[int] | None:
+        if ranks is None:
+            return ranks
+        if not ranks:
+            raise ValueError("empty list: give ranks to cycle over the clients, e.g. [4, 16, 64], "
+                             "or null for lora.rank everywhere")
+        if min(ranks) < 1:
+            raise ValueError(f"every rank must be a positive integer, got {min(ranks)}")
+        rank = info.data.get("rank")
+        if rank is not None and max(ranks) > rank:
+            raise ValueError(f"rank {max(ranks)} exceeds lora.rank={rank}, the rank the server keeps A at; "
+                             f"set lora.rank={max(ranks)} (or higher)")
+        return ranks
 
 
 class DataConfig(_Section):
@@ -206,7 +223,11 @@ class RunConfig(_Section):
         return self
 
     @model_validator(mode="after")
-    def _secagg_fits(self) -> "RunConfig":
+    def _privacy_fits(self) -> "RunConfig":
+        if self.lora.client_ranks is not None and (self.privacy.dp == "server" or self.privacy.secagg):
+            what = "privacy.dp=server" if self.privacy.dp == "server" else "privacy.secagg"
+            raise ValueError(f"{what} needs every update in one shape; with lora.client_ranks updates differ in rank "
+                             "(use privacy.dp=client, or drop client_ranks)")
         if self.privacy.secagg and self.privacy.secagg_num_shares > self.federation.sampled_per_round():
             raise ValueError(f"privacy.secagg_num_shares ({self.privacy.secagg_num_shares}) exceeds the "
                              f"{self.federation.sampled_per_round()} clients sampled per round")

@@ -15,7 +15,6 @@ from .collapse import detect
 from .config import RunConfig, load_config, result_differences
 from .data import load_task
 from .errors import SfedloraError
-from .models import write_tensors
 from .rundir import MetricsWriter, RunLock, check_run_dir, create_run_dir, jsonable, truncate_metrics, write_json
 from .simulation import Federation, build_federation, simulate
 
@@ -52,19 +51,15 @@ def majority_baseline(fed: Federation) -> float | None:
 
 
 def save_adapters(fed: Federation, run_dir: Path) -> list[Path]:
-    """The global adapter and/or every client's personalised adapter, in PEFT format."""
-    targets = []
+    """The global adapter and/or every client's personalised adapter, in PEFT format;
+    with mixed ranks each client's at its own rank and γ (the global one at the highest)."""
+    targets: list[tuple[str, int | None]] = []
     if not fed.method.has_local_state():
-        targets.append(("global", fed.global_tensors()))
-    else:
-        targets += [(f"client_{k:02d}", fed.personal_tensors(k)) for k in range(len(fed.clients))]
-    paths = []
-    for name, tensors in targets:
-        write_tensors(fed.params, tensors)
-        path = run_dir / "adapters" / name
-        fed.model.save_pretrained(path)
-        paths.append(path)
-    return paths
+        targets.append(("global", None))
+    if fed.client_models_differ():
+        targets += [(f"client_{k:02d}", k) for k in range(len(fed.clients))]
+    return [fed.ranks.save(fed.model, fed.params, fed.global_tensors() if k is None else fed.personal_tensors(k), k,
+                           run_dir / "adapters" / name) for name, k in targets]
 
 
 def partition_report(fed: Federation) -> dict:
@@ -146,6 +141,8 @@ def run(
                     on_record(record)
         finally:
             writer.close()
+        # Without clients here, only what the server holds can be saved (with mixed ranks
+        # and no local tensors that includes every client's adapter: a cut of the global one).
         if cfg.save_adapters and (clients_here or not fed.method.has_local_state()):
             save_adapters(fed, run_dir)
         key = headline(fed)
@@ -155,6 +152,7 @@ def run(
             "method": cfg.method,
             "scaling": cfg.scaling,
             "gamma": fed.gamma,
+            **fed.ranks.summary(),
             "metric": key,
             "final": scores[-1] if scores else None,
             "best": max(scores) if scores else None,

@@ -110,6 +110,17 @@ def lora_scalings(model) -> list[float]:
     return [m.scaling[a] for m in model.modules() if isinstance(m, LoraLayer) for a in m.scaling]
 
 
+def set_lora_scaling(model, value: float) -> None:
+    """Set every LoRA layer's γ to ``value``: the shared model runs clients of different
+    ranks, each with its own γ (see :mod:`sfedlora.ranks`)."""
+    from peft.tuners.lora import LoraLayer
+
+    for m in model.modules():
+        if isinstance(m, LoraLayer):
+            for adapter in m.scaling:
+                m.scaling[adapter] = value
+
+
 def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
     """The adapter's parameters (LoRA A/B and head copies), by PEFT parameter name."""
     return {

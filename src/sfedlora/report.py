@@ -4,7 +4,9 @@ Sweep figures (PNG and PDF, mean ± std band over seeds):
 - ``metric_vs_round``: one panel per method (columns) and client count (rows), a line per rank;
 - ``grad_norm_A`` / ``grad_norm_B``: the same layout, log scale;
 - ``heatmap``: final metric over clients × rank, a panel per method.
-Axes beyond method, rank, clients and seed (learning rate, optimizer, ...) give one set of
+With per-client ranks (``lora.client_ranks``) as an axis, a line (and a heatmap column) is
+a rank setting: ``8`` for one rank, ``2+8+32`` for clients of ranks 2, 8 and 32.
+Axes beyond method, rank, client ranks, clients and seed (learning rate, optimizer, ...) give one set of
 figures per combination, named after it.
 """
 
@@ -22,15 +24,26 @@ from matplotlib.ticker import MaxNLocator
 from .errors import SfedloraError
 from .config import build_config
 from .rundir import read_metrics
-from .sweep import ALIASES, cell_name, grid_cells
+from .sweep import ALIASES, cell_name, grid_cells, value_text
 
-PANEL_KEYS = ("method", "rank", "clients", "seed")
+PANEL_KEYS = ("method", "rank", "client_ranks", "clients", "seed")
 
 
 def _canonical(key: str) -> str:
     """Grid key → the panel role it plays (``lora.rank`` and ``r`` are both ``rank``)."""
     dotted = ALIASES.get(key, key)
-    return {"lora.rank": "rank", "federation.n_clients": "clients"}.get(dotted, key)
+    return {"lora.rank": "rank", "lora.client_ranks": "client_ranks", "federation.n_clients": "clients"}.get(dotted, key)
+
+
+def _rank_setting(by_role: dict, base: dict) -> str:
+    """A cell's ranks as a line label: ``8``, or ``2+8+32`` when clients have their own."""
+    listed = by_role.get("client_ranks", base["lora"]["client_ranks"])
+    return value_text(listed) if listed is not None else str(by_role.get("rank", base["lora"]["rank"]))
+
+
+def _rank_order(label: str) -> tuple:
+    parts = [int(p) for p in label.split("+")]
+    return (max(parts), len(parts), parts)
 
 
 def _series(runs: list[list[dict]], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -124,15 +137,15 @@ def plot_sweep(sweep_dir: Path, out_dir: Path) -> list[Path]:
         chosen = [f for f in finished if all(f[0][k] == v for k, v in zip(extra, combo))]
         if not chosen:  # a partial sweep: nothing finished at this combination yet
             continue
-        suffix = "".join(f"_{k.split('.')[-1]}-{v}" for k, v in zip(extra, combo))
+        suffix = "".join(f"_{k.split('.')[-1]}-{value_text(v)}" for k, v in zip(extra, combo))
         methods = list(dict.fromkeys(f[1].get("method", base["method"]) for f in chosen))
         clients = list(dict.fromkeys(f[1].get("clients", base["federation"]["n_clients"]) for f in chosen))
-        ranks = sorted(set(f[1].get("rank", base["lora"]["rank"]) for f in chosen))
+        ranks = sorted({_rank_setting(f[1], base) for f in chosen}, key=_rank_order)
         runs_by_cell: dict[tuple, list] = {}
         finals: dict[tuple, list] = {}
         for _, by_role, records, summary in chosen:
             key = (by_role.get("method", base["method"]), by_role.get("clients", base["federation"]["n_clients"]),
-                   by_role.get("rank", base["lora"]["rank"]))
+                   _rank_setting(by_role, base))
             runs_by_cell.setdefault(key, []).append(records)
             finals.setdefault(key, []).append(summary["final"])
         for key, title, log_y in [(metric, f"{metric} vs round", False),

@@ -17,12 +17,12 @@ from .config import RunConfig
 from .data import TaskData, label_histograms, partition
 from .data.encoding import encode
 from .evaluation import label_mix_accuracy, predict, summarise, task_metrics
-from .methods import Method, aggregate, get_method, select
-from .models import Compute, build_classifier, read_tensors, trainable_parameters, write_tensors
+from .methods import Method, get_method, select
+from .models import Compute, build_classifier, read_tensors, trainable_parameters
 from .errors import SfedloraError
 from .privacy import DPSGD, PrivacyPlan, plan_privacy, user_level_mean
+from .ranks import RankPlan, pad
 from .robust import change_norm, check_update, corrupt, norm_outliers
-from .scaling import gamma
 
 log = logging.getLogger("sfedlora")
 
@@ -49,7 +49,7 @@ class Federation:
     eval_data: object  # Encoded
     num_labels: int
     metric: str
-    gamma: float
+    ranks: RankPlan  # each client's LoRA rank and γ
     compute: Compute
     sampler: np.random.Generator  # which clients take part in each round
     fault_rng: np.random.Generator  # injected faults (drop-outs, bad updates), apart from sampling
@@ -62,9 +62,22 @@ class Federation:
     def n_sampled(self) -> int:
         return self.cfg.federation.sampled_per_round()
 
+    @property
+    def gamma(self) -> float:
+        """γ of the global model (with mixed ranks each client has its own: ``ranks.gammas``)."""
+        return self.ranks.global_gamma
+
+    def download(self, k: int) -> dict[str, torch.Tensor]:
+        """What the server sends client ``k``: the global tensors, cut to the client's rank."""
+        return self.ranks.view(self.method.download(self.server), k)
+
     def personal_tensors(self, k: int) -> dict[str, torch.Tensor]:
         """Client ``k``'s model: its own tensors with the server's global ones on top."""
-        return {**self.clients[k].tensors, **self.server}
+        return {**self.clients[k].tensors, **self.ranks.view(self.server, k)}
+
+    def client_models_differ(self) -> bool:
+        """Whether clients' models differ: local tensors, or each client at its own rank."""
+        return self.method.has_local_state() or self.ranks.mixed
 
     def global_tensors(self) -> dict[str, torch.Tensor]:
         return {**self.initial, **self.server}
@@ -95,6 +108,7 @@ def build_federation(cfg: RunConfig, data: TaskData) -> Federation:
     model.to(compute.device)
     params = trainable_parameters(model)
     initial = read_tensors(params)
+    ranks = RankPlan.build(cfg.scaling, cfg.lora.alpha, cfg.lora.rank, cfg.lora.client_ranks, fed.n_clients, n_sampled)
     train_enc = encode(data.train, tokenizer, cfg.model.max_length)
     client_data = [train_enc.subset(p) for p in parts]
     sizes = np.array([len(p) for p in parts])
@@ -109,14 +123,14 @@ def build_federation(cfg: RunConfig, data: TaskData) -> Federation:
         params=params,
         initial=initial,
         server=select(initial, method.global_kinds),
-        clients=[new_client_state(initial, seed=cfg.seed * 100_003 + k + 1) for k in range(fed.n_clients)],
+        clients=[new_client_state(ranks.view(initial, k), seed=cfg.seed * 100_003 + k + 1) for k in range(fed.n_clients)],
         client_data=client_data,
         client_sizes=sizes,
         histograms=label_histograms(data.train.labels, parts, data.num_labels),
         eval_data=encode(data.eval, tokenizer, cfg.model.max_length),
         num_labels=data.num_labels,
         metric=data.metric,
-        gamma=gamma(cfg.scaling, cfg.lora.alpha, cfg.lora.rank, n_sampled),
+        ranks=ranks,
         compute=compute,
         sampler=np.random.default_rng([cfg.seed, 1]),
         fault_rng=np.random.default_rng([cfg.seed, 2]),
@@ -139,9 +153,9 @@ def client_dp(fed: Federation, k: int) -> DPSGD | None:
     return DPSGD(plan.clip_norm, float(plan.noise_multiplier[k]), float(plan.sample_rate[k]), fed.cfg.privacy.secure_noise)
 
 
-def logits_of(fed: Federation, tensors: dict[str, torch.Tensor]) -> np.ndarray:
-    """Dev-set logits of the shared model under ``tensors``."""
-    write_tensors(fed.params, tensors)
+def logits_of(fed: Federation, tensors: dict[str, torch.Tensor], k: int | None = None) -> np.ndarray:
+    """Dev-set logits of the shared model under client ``k``'s ``tensors`` (None: the global model's)."""
+    fed.ranks.load(fed.model, fed.params, tensors, k)
     return predict(fed.model, fed.eval_data, fed.tokenizer, fed.cfg.eval.batch_size, fed.compute)
 
 
@@ -167,13 +181,13 @@ def evaluate(fed: Federation, personal: Callable[[], list[dict[str, float]]] | N
         global_logits = logits_of(fed, fed.global_tensors())
         out.update({f"global_{k}": v for k, v in task_metrics(global_logits, fed.eval_data.labels, fed.num_labels).items()})
     if fed.cfg.eval.personalised:
-        # Without local tensors every client's model is the global one: no second pass.
-        if global_logits is not None:
+        # Without local tensors (and with one rank) every client's model is the global one: no second pass.
+        if global_logits is not None and not fed.ranks.mixed:
             per_client = [client_scores(fed, k, global_logits) for k in range(len(fed.clients))]
         elif personal is not None:
             per_client = personal()
         else:
-            per_client = [client_scores(fed, k, logits_of(fed, fed.personal_tensors(k))) for k in range(len(fed.clients))]
+            per_client = [client_scores(fed, k, logits_of(fed, fed.personal_tensors(k), k)) for k in range(len(fed.clients))]
         if per_client:
             out.update({f"personal_{k}": v for k, v in summarise(per_client).items()})
     return out
@@ -204,6 +218,10 @@ def client_round(fed: Federation, k: int, state: ClientState, download: dict[str
                            state.rng, state.optimizer, state.steps)
     # Optimizer state is updated in place while training: train a copy, keep ``received`` intact.
     trained = copy.deepcopy(received)
+    # The shared model runs at full rank: train the client's rank-r_k adapter zero-padded,
+    # under its own γ; the padding gets zero gradients and is cut off again below.
+    trained.tensors = pad(trained.tensors, fed.params)
+    fed.ranks.use(fed.model, k)
     steps = client_steps(cfg, int(fed.client_sizes[k]))
     # The schedule spans the steps a client is expected to take: it trains in a fraction
     # n_sampled / n_clients of the rounds.
@@ -212,6 +230,7 @@ def client_round(fed: Federation, k: int, state: ClientState, download: dict[str
                           fed.method.trained(round_), steps, expected_steps, cfg.train, fed.compute, client_dp(fed, k))
     if not np.isfinite(result.loss):
         return ClientOutcome(received, None, {})
+    trained.tensors = fed.ranks.view(trained.tensors, k)
     return ClientOutcome(trained, result, fed.method.upload(trained.tensors, round_))
 
 
@@ -251,14 +270,14 @@ def conclude_round(fed: Federation, round_: int, inbox: Inbox, start: float) -> 
     expected = expected_update(fed, round_)
     replies, rejected = [], list(inbox.rejected)
     for k, update in inbox.updates:
-        reason = check_update(update, expected)
+        reason = check_update(update, fed.ranks.view(expected, k))
         if reason is None:
             replies.append((k, update))
         else:
             rejected.append({"client": k, "reason": reason})
     rejected.sort(key=lambda r: r["client"])  # one entry per client, in the order clients were asked
     if cfg.server.outlier_rule == "median" and replies:
-        norms = [change_norm(u, expected) for _, u in replies]
+        norms = [change_norm(u, fed.ranks.view(expected, k)) for k, u in replies]
         outlier = norm_outliers(norms, cfg.server.outlier_factor)
         rejected += [{"client": k, "reason": f"change norm {n:.3g} over {cfg.server.outlier_factor:g}x the median"}
                      for (k, _), n, bad in zip(replies, norms, outlier) if bad]
@@ -298,6 +317,7 @@ def conclude_round(fed: Federation, round_: int, inbox: Inbox, start: float) -> 
         "grad_norm_B": _mean_of(trained, "B"),
         "update_norm": update_norm,
         "gamma": fed.gamma,
+        **fed.ranks.record(inbox.clients),
         "aggregated": len(replies),
         "dropped": inbox.dropped,
         "rejected": rejected,
@@ -315,7 +335,7 @@ def server_aggregate(fed: Federation, updates: list[dict[str, torch.Tensor]], cl
     with dp=server the clipped, uniformly weighted, noised mean."""
     if fed.privacy is not None and fed.privacy.mode == "server":
         return user_level_mean(updates, expected, fed.privacy.clip_norm, float(fed.privacy.noise_multiplier[0]), fed.dp_rng)
-    return aggregate(updates, [float(fed.client_sizes[k]) for k in clients])
+    return fed.ranks.aggregate(updates, [float(fed.client_sizes[k]) for k in clients], clients, expected)
 
 
 def sample_clients(fed: Federation) -> list[int]:
@@ -336,7 +356,7 @@ def run_round(fed: Federation) -> dict:
     expected = expected_update(fed, round_)
     for k in inbox.clients:
         u_drop, u_bad, kind = fed.fault_rng.random(), fed.fault_rng.random(), fed.fault_rng.choice(faults.bad_kinds)
-        download = fed.method.download(fed.server)
+        download = fed.download(k)
         inbox.bytes_down += nbytes(download)
         if u_drop < faults.dropout:
             fed.clients[k].tensors.update({n: t.clone() for n, t in download.items()})
@@ -350,7 +370,7 @@ def run_round(fed: Federation) -> dict:
         inbox.results.append((k, outcome.result))
         update = outcome.update
         if u_bad < faults.bad_update:
-            update = corrupt(update, expected, str(kind), fed.fault_rng)
+            update = corrupt(update, fed.ranks.view(expected, k), str(kind), fed.fault_rng)
             inbox.injected.append({"client": k, "kind": str(kind)})
         inbox.bytes_up += nbytes(update)
         inbox.updates.append((k, update))

@@ -33,7 +33,7 @@ from .rundir import RunLock, read_metrics
 # Short names for the axes a study varies most; any dotted config key works as well.
 ALIASES = {
     "rank": "lora.rank", "r": "lora.rank", "alpha": "lora.alpha", "scaling": "lora.scaling",
-    "clients": "federation.n_clients", "n": "federation.n_clients", "rounds": "federation.rounds",
+    "client_ranks": "lora.client_ranks", "clients": "federation.n_clients", "n": "federation.n_clients", "rounds": "federation.rounds",
     "lr": "train.lr", "optimizer": "train.optimizer", "momentum": "train.momentum", "beta": "partition.beta",
 }
 
@@ -61,10 +61,20 @@ def grid_cells(grid: dict[str, list]) -> list[dict]:
     return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
 
 
+def value_text(value) -> str:
+    """A grid value as it appears in names: lists (say per-client ranks) as ``2+8+32``."""
+    return "+".join(str(v) for v in value) if isinstance(value, list) else str(value)
+
+
+def hashable(value):
+    """A grid value usable as a dict key or set member (lists become tuples)."""
+    return tuple(value) if isinstance(value, list) else value
+
+
 def cell_name(cell: dict) -> str:
     """Directory name of a cell: ``rank-8_seed-0``; a key's last part, unless two keys share it."""
     last = [k.split(".")[-1] for k in cell]
-    return "_".join(f"{s if last.count(s) == 1 else k}-{v}" for k, s, v in zip(cell, last, cell.values()))
+    return "_".join(f"{s if last.count(s) == 1 else k}-{value_text(v)}" for k, s, v in zip(cell, last, cell.values()))
 
 
 def cell_overrides(cell: dict) -> list[str]:
@@ -122,7 +132,7 @@ def _run_cell(base: dict, cell: dict, runs_dir: str, threads: int) -> str:
 
 def _within(part: dict, whole: dict) -> bool:
     """Same axes in the same order, each with a subset of ``whole``'s values."""
-    return list(part) == list(whole) and all(set(part[k]) <= set(whole[k]) for k in part)
+    return list(part) == list(whole) and all({hashable(v) for v in part[k]} <= {hashable(v) for v in whole[k]} for k in part)
 
 
 def run_sweep(
@@ -225,7 +235,7 @@ def write_summary(sweep_dir: Path, grid: dict, target: float | None = None) -> l
     group_keys = [k for k in grid if k != "seed"]
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        groups.setdefault(tuple(row[k] for k in group_keys), []).append(row)
+        groups.setdefault(tuple(hashable(row[k]) for k in group_keys), []).append(row)
     stats = ["final", "best", "rounds_to_target", "final_local_accuracy", "final_train_loss", "grad_norm_A", "grad_norm_B", "final_epsilon", "wall_seconds"]
     lines = [f"# Sweep summary: {sweep_dir.name}", "",
              f"{len(rows)} finished runs; mean ± std over seeds (n = runs per row).", "",
@@ -233,7 +243,7 @@ def write_summary(sweep_dir: Path, grid: dict, target: float | None = None) -> l
              "|" + "---|" * (len(group_keys) + len(stats) + 2)]
     for key, members in groups.items():
         collapsed = sum(m["collapsed"] for m in members)
-        cells = [str(v) for v in key] + [str(len(members))] + [_mean_std([m[s] for m in members]) for s in stats]
+        cells = [value_text(list(v) if isinstance(v, tuple) else v) for v in key] + [str(len(members))] + [_mean_std([m[s] for m in members]) for s in stats]
         lines.append("| " + " | ".join(cells + [f"{collapsed}/{len(members)}"]) + " |")
     lines += _learning_rate_views(rows, grid)
     (sweep_dir / "summary.md").write_text("\n".join(lines) + "\n")

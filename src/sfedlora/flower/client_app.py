@@ -108,5 +108,5 @@ def train_secure(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Score this client's personalised model: its own tensors under the server's global ones."""
     fed, k, _, download, state = _setup(msg, context)
-    scores = client_scores(fed, k, logits_of(fed, {**state.tensors, **download}))
+    scores = client_scores(fed, k, logits_of(fed, {**state.tensors, **download}, k))
     return Message(RecordDict({RESULT: MetricRecord(scores)}), reply_to=msg)

@@ -93,10 +93,11 @@ class FlowerRounds:
         start = time.perf_counter()
         round_ = fed.round + 1
         inbox = Inbox(sample_clients(fed))
-        download = fed.method.download(fed.server)
-        replies = self.ask(MessageType.TRAIN, inbox.clients, lambda k: request(self.text, k, round_, download), str(round_))
+        # Each client gets the global tensors at its own rank (all of them, with one rank).
+        downloads = {k: fed.download(k) for k in inbox.clients}
+        replies = self.ask(MessageType.TRAIN, inbox.clients, lambda k: request(self.text, k, round_, downloads[k]), str(round_))
         for k in inbox.clients:
-            inbox.bytes_down += nbytes(download)
+            inbox.bytes_down += nbytes(downloads[k])
             reply = replies[k]
             if isinstance(reply, str):
                 log.warning("round %d: no reply from client %d (node %d): %s", round_, k, self.nodes[k], reply)
@@ -157,8 +158,7 @@ class FlowerRounds:
     def personal(self, fed: Federation) -> list[dict[str, float]]:
         """Every reachable client's scores of its personalised model."""
         clients = list(range(len(fed.clients)))
-        download = fed.method.download(fed.server)
-        replies = self.ask(MessageType.EVALUATE, clients, lambda k: request(self.text, k, fed.round, download),
+        replies = self.ask(MessageType.EVALUATE, clients, lambda k: request(self.text, k, fed.round, fed.download(k)),
                            f"eval-{fed.round}")
         scores = []
         for k, reply in replies.items():
