@@ -296,7 +296,8 @@ def test_resumed_dp_run_reports_the_same_epsilon(tiny_config):
            [{k: v for k, v in r.items() if k not in drop} for r in whole.records]
 
 
-def test_mixed_ranks_refuse_server_dp_and_secagg():
-    for extra in (["privacy.dp=server", "privacy.noise_multiplier=1"], ["privacy.secagg=true"]):
-        with pytest.raises(SfedloraError, match="with lora.client_ranks updates differ in rank"):
+def test_mixed_ranks_refuse_privacy():
+    for extra in (["privacy.dp=server", "privacy.noise_multiplier=1"], ["privacy.dp=client", "privacy.epsilon=1"],
+                  ["privacy.secagg=true"]):
+        with pytest.raises(SfedloraError, match=r"does not support lora.client_ranks \(mixed ranks\)"):
             build_config(overrides=["lora.client_ranks=[2,8]", "federation.n_clients=3", *extra])

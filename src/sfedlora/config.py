@@ -224,10 +224,12 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _privacy_fits(self) -> "RunConfig":
-        if self.lora.client_ranks is not None and (self.privacy.dp == "server" or self.privacy.secagg):
-            what = "privacy.dp=server" if self.privacy.dp == "server" else "privacy.secagg"
-            raise ValueError(f"{what} needs every update in one shape; with lora.client_ranks updates differ in rank "
-                             "(use privacy.dp=client, or drop client_ranks)")
+        if self.lora.client_ranks is not None and (self.privacy.dp != "none" or self.privacy.secagg):
+            # Clients train zero-padded to the full rank: DP noise would fill the padding (so a
+            # rank-2 client would train at full rank within a round), and dp=server / SecAgg+
+            # need every update in one shape.
+            what = f"privacy.dp={self.privacy.dp}" if self.privacy.dp != "none" else "privacy.secagg"
+            raise ValueError(f"{what} does not support lora.client_ranks (mixed ranks): drop one of them")
         if self.privacy.secagg and self.privacy.secagg_num_shares > self.federation.sampled_per_round():
             raise ValueError(f"privacy.secagg_num_shares ({self.privacy.secagg_num_shares}) exceeds the "
                              f"{self.federation.sampled_per_round()} clients sampled per round")
