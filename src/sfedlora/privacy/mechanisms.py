@@ -14,7 +14,6 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import torch
-from flwr.supercore.differential_privacy import compute_clip_model_update, compute_stdv
 
 # Opacus's guard against dividing by a zero norm (opacus.optimizers.optimizer).
 _EPS = 1e-6
@@ -69,6 +68,8 @@ def clip_update(update: Mapping[str, torch.Tensor], reference: Mapping[str, torc
                 clip_norm: float) -> dict[str, torch.Tensor]:
     """``reference`` + the change ``update - reference`` scaled to L2 norm at most ``clip_norm``
     (over all tensors together), by Flower's ``compute_clip_model_update``."""
+    from flwr.supercore.differential_privacy import compute_clip_model_update  # imported late: flwr is heavy
+
     names = sorted(update)
     arrays = [update[n].detach().cpu().double().numpy() for n in names]
     references = [reference[n].detach().cpu().double().numpy() for n in names]
@@ -88,6 +89,8 @@ def user_level_mean(updates: Sequence[Mapping[str, torch.Tensor]], reference: Ma
     equal weights for the same reason). m is the number of updates averaged, so σ stays
     the ratio of the noise to the mean's sensitivity C / m even when clients drop out.
     """
+    from flwr.supercore.differential_privacy import compute_stdv
+
     if not updates:
         raise ValueError("cannot aggregate zero updates")
     clipped = [clip_update(u, reference, clip_norm) for u in updates]
