@@ -2,7 +2,7 @@
 
 A checkpoint holds what the config cannot rebuild: the rounds done, the server's global
 tensors, every client's state (adapter tensors, optimizer state, RNG, step count) and
-the RNGs of client sampling and fault injection. Everything else (model, data split, initial adapter) is rebuilt
+the RNGs of client sampling and fault injection, and the privacy ledger and the server's DP noise RNG. Everything else (model, data split, initial adapter) is rebuilt
 from the config with the same seed, so a resumed run continues bit for bit.
 """
 
@@ -25,6 +25,8 @@ def save_checkpoint(fed, run_dir: Path) -> Path:
         "server": fed.server,
         "sampler": fed.sampler.bit_generator.state,
         "fault_rng": fed.fault_rng.bit_generator.state,
+        "dp_ledger": torch.from_numpy(fed.dp_ledger),
+        "dp_rng": fed.dp_rng.bit_generator.state,
         "clients": [
             {"tensors": c.tensors, "rng": c.rng, "optimizer": c.optimizer, "steps": c.steps}
             for c in fed.clients
@@ -50,5 +52,8 @@ def load_checkpoint(fed, run_dir: Path) -> None:
     fed.server = state["server"]
     fed.sampler.bit_generator.state = state["sampler"]
     fed.fault_rng.bit_generator.state = state["fault_rng"]
+    if "dp_ledger" in state:  # checkpoints from before DP have neither
+        fed.dp_ledger = state["dp_ledger"].cpu().numpy()
+        fed.dp_rng.bit_generator.state = state["dp_rng"]
     # torch.Generator states are CPU byte tensors whatever the device of the rest.
     fed.clients = [ClientState(c["tensors"], c["rng"].cpu(), c["optimizer"], c["steps"]) for c in state["clients"]]

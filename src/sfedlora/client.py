@@ -7,6 +7,7 @@ into which the state is written before training and read back after.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Mapping
@@ -18,6 +19,8 @@ from .config import TrainConfig
 from .data.encoding import Encoded
 from .methods import tensor_kind
 from .models import Compute, read_tensors, write_tensors
+from .privacy.dpsgd import DPSGD, apply_private_gradient, per_example_gradients
+from .privacy.mechanisms import poisson_batches
 
 
 @dataclass
@@ -101,11 +104,15 @@ def train_client(
     total_steps: int,
     cfg: TrainConfig,
     compute: Compute = Compute(),
+    dp: DPSGD | None = None,
 ) -> ClientResult:
     """Train ``steps`` local steps from ``state``; update ``state`` in place.
 
     Only tensors of ``trained_kinds`` receive gradients; the others stay as they were.
     ``total_steps`` is the client's step count over the whole run (for the LR schedule).
+    With ``dp`` each step is a DP-SGD step: Poisson-sampled batches, per-example
+    clipping and Gaussian noise instead of ``cfg.max_grad_norm``; the reported gradient
+    norms are then those of the private gradients.
     """
     write_tensors(params, state.tensors)
     ordered = list(params.values())
@@ -125,28 +132,37 @@ def train_client(
     # down before they are measured, clipped or applied (a step with inf/nan is skipped).
     scaler = torch.amp.GradScaler(torch.device(compute.device).type, enabled=compute.precision == "fp16")
     losses, norms = [], []
-    for idx in _batch_indices(data.lengths(), cfg.batch_size, steps, g, cfg.group_by_length):
-        batch = data.collate(idx, tokenizer)
-        loss = compute.forward(model, batch).loss
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        norms.append(_kind_norms(params))
-        if cfg.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_([p for p in ordered if p.grad is not None], cfg.max_grad_norm)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(state.steps, total_steps, cfg)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-        state.steps += 1
+    if dp is None:
+        batches = _batch_indices(data.lengths(), cfg.batch_size, steps, g, cfg.group_by_length)
+    else:
+        batches = poisson_batches(len(data), dp.sample_rate, steps, g)
+        noise_g = dp.noise_generator(g)
+    with contextlib.nullcontext() if dp is None else per_example_gradients(model):
+        for idx in batches:
+            if len(idx):  # a Poisson batch may be empty: its DP gradient is noise alone
+                batch = data.collate(idx, tokenizer)
+                loss = compute.forward(model, batch).loss
+                scaler.scale(loss).backward()
+                losses.append(float(loss.detach()))
+            scaler.unscale_(optimizer)
+            if dp is not None:
+                apply_private_gradient(params, dp, dp.sample_rate * len(data), noise_g)
+            norms.append(_kind_norms(params))
+            if dp is None and cfg.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_([p for p in ordered if p.grad is not None], cfg.max_grad_norm)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(state.steps, total_steps, cfg)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            state.steps += 1
 
     state.tensors = read_tensors(params)
     state.optimizer = optimizer.state_dict()
     state.rng = g.get_state()
     kinds = sorted({k for n in norms for k in n})
     return ClientResult(
-        loss=float(np.mean(losses)),
-        steps=len(losses),
+        loss=float(np.mean(losses)) if losses else 0.0,  # 0.0: every Poisson batch came out empty
+        steps=len(batches),
         grad_norm={k: float(np.mean([n[k] for n in norms])) for k in kinds},
     )

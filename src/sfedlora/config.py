@@ -153,6 +153,37 @@ class FlowerConfig(_Section):
     client_gpus: float = Field(0.0, ge=0, description="Flower simulation: share of a GPU per ClientApp (0.25 lets four share one); 0 trains clients on the CPU.")
 
 
+class PrivacyConfig(_Section):
+    """Differential privacy and secure aggregation (all off by default); see docs/privacy.md."""
+
+    dp: Literal["none", "client", "server"] = Field("none", description="client: DP-SGD on each client (per-example clipping + Gaussian noise; protects each training example); server: the server clips each client's update and adds Gaussian noise to their mean (protects each client's whole data); none: no DP.")
+    epsilon: float | None = Field(None, gt=0, description="Target ε over the whole run; the noise multiplier is calibrated to it before the first round. Set this or noise_multiplier.")
+    noise_multiplier: float | None = Field(None, gt=0, description="Noise standard deviation divided by clip_norm, instead of a target ε (ε is then reported, not targeted).")
+    delta: float = Field(1e-5, gt=0, lt=1, description="δ of the (ε, δ) guarantee; keep it below 1 / (examples per client) for dp=client, 1 / n_clients for dp=server.")
+    clip_norm: float = Field(1.0, gt=0, description="L2 bound C: on each example's gradient (dp=client, replacing train.max_grad_norm) or on each client's update (dp=server).")
+    accountant: Literal["rdp", "prv"] = Field("rdp", description="Opacus privacy accountant: rdp (Rényi DP) or prv (privacy random variables; tighter, slower).")
+    secure_noise: bool = Field(False, description="Draw DP noise from a generator seeded by the OS instead of the run's seed, so it cannot be replayed from the config (runs are then not repeatable).")
+    secagg: bool = Field(False, description="Flower runtime only: aggregate with Flower's SecAgg+, so the server sees only the sum of the clients' updates.")
+    secagg_clipping_range: float = Field(8.0, gt=0, description="SecAgg+: updates are quantised on [-range, range]; entries of a client's change beyond it are clipped.")
+    secagg_num_shares: int = Field(3, ge=3, description="SecAgg+: clients each client shares its secrets with (Flower's num_shares).")
+    secagg_threshold: int = Field(2, ge=2, description="SecAgg+: shares needed to reconstruct a dropped client's mask (Flower's reconstruction_threshold; below secagg_num_shares).")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PrivacyConfig":
+        if self.epsilon is not None and self.noise_multiplier is not None:
+            raise ValueError("set epsilon or noise_multiplier, not both")
+        if self.dp != "none" and self.epsilon is None and self.noise_multiplier is None:
+            raise ValueError(f"dp={self.dp} needs a target epsilon or a noise_multiplier")
+        if self.dp == "none" and (self.epsilon is not None or self.noise_multiplier is not None):
+            raise ValueError("epsilon / noise_multiplier need dp=client or dp=server")
+        if self.secagg and self.dp == "server":
+            raise ValueError("dp=server clips each client's update on the server, which SecAgg+ hides from it: "
+                             "use dp=client with secagg, or turn secagg off")
+        if self.secagg_threshold >= self.secagg_num_shares:
+            raise ValueError(f"secagg_threshold ({self.secagg_threshold}) must be below secagg_num_shares ({self.secagg_num_shares})")
+        return self
+
+
 class RunConfig(_Section):
     name: str | None = Field(None, description="Run name; the run directory is <output_dir>/<name>.")
     output_dir: str = Field("runs", description="Parent directory of run directories.")
@@ -170,6 +201,7 @@ class RunConfig(_Section):
     server: ServerConfig = ServerConfig()
     faults: FaultConfig = FaultConfig()
     flower: FlowerConfig = FlowerConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
 
     @model_validator(mode="after")
     def _resolve_method(self) -> "RunConfig":
@@ -193,6 +225,24 @@ class RunConfig(_Section):
         if self.server.min_replies > sampled:
             raise ValueError(f"server.min_replies ({self.server.min_replies}) exceeds the {sampled} clients sampled per round: "
                              "no round could ever be averaged")
+        return self
+
+    @model_validator(mode="after")
+    def _privacy_fits(self) -> "RunConfig":
+        if self.lora.client_ranks is not None and (self.privacy.dp != "none" or self.privacy.secagg):
+            # Clients train zero-padded to the full rank: DP noise would fill the padding (so a
+            # rank-2 client would train at full rank within a round), and dp=server / SecAgg+
+            # need every update in one shape.
+            what = f"privacy.dp={self.privacy.dp}" if self.privacy.dp != "none" else "privacy.secagg"
+            raise ValueError(f"{what} does not support lora.client_ranks (mixed ranks): drop one of them")
+        if self.privacy.dp == "client" and self.model.precision == "fp16":
+            # fp16 loss scaling multiplies the per-example gradients Opacus clips, so the
+            # clipping bound (and with it the privacy guarantee) would be off by the scale.
+            raise ValueError("privacy.dp=client does not support model.precision=fp16 (loss scaling distorts "
+                             "per-example clipping): use bf16 or fp32")
+        if self.privacy.secagg and self.privacy.secagg_num_shares > self.federation.sampled_per_round():
+            raise ValueError(f"privacy.secagg_num_shares ({self.privacy.secagg_num_shares}) exceeds the "
+                             f"{self.federation.sampled_per_round()} clients sampled per round")
         return self
 
     @property

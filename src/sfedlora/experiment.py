@@ -102,6 +102,9 @@ def run(
     there are no checkpoints and only a global adapter is saved.
     """
     start = time.perf_counter()
+    if clients_here and cfg is not None and cfg.privacy.secagg:
+        raise SfedloraError("privacy.secagg needs the Flower runtime (sfedlora run --runtime flower): "
+                            "in the embedded simulator the server holds every client's state anyway")
     if resume is not None:
         run_dir = Path(resume)
         cfg = _resume_config(run_dir, cfg)
@@ -163,6 +166,9 @@ def run(
             "collapse_reason": collapse.reason if collapse else None,
             "wall_seconds": time.perf_counter() - start,
         }
+        if fed.privacy is not None:
+            summary.update(epsilon=records[-1].get("epsilon_max") if records else 0.0, delta=fed.privacy.delta,
+                           noise_multiplier=float(fed.privacy.noise_multiplier.max()))
         write_json(run_dir / "summary.json", summary)
         # Finished: nothing left to resume, and client states of a large model are big.
         (run_dir / CHECKPOINT).unlink(missing_ok=True)

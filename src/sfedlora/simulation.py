@@ -22,6 +22,7 @@ from .methods import Method, get_method, select
 from .models import (Compute, build_causal_lm, build_classifier, enable_gradient_checkpointing, read_tensors,
                      trainable_parameters)
 from .errors import SfedloraError
+from .privacy import DPSGD, PrivacyPlan, plan_privacy, user_level_mean
 from .ranks import RankPlan, pad
 from .robust import change_norm, check_update, corrupt, norm_outliers
 from .tiny_llama import TINY_LLAMA, tiny_llama_dir
@@ -56,6 +57,9 @@ class Federation:
     sampler: np.random.Generator  # which clients take part in each round
     fault_rng: np.random.Generator  # injected faults (drop-outs, bad updates), apart from sampling
     round: int = 0  # rounds completed
+    privacy: PrivacyPlan | None = None  # the DP mechanism (None without DP)
+    dp_ledger: np.ndarray | None = None  # DP steps (dp=client) or releases (dp=server) each client is charged for
+    dp_rng: np.random.Generator | None = None  # the server's DP noise (dp=server)
 
     @property
     def n_sampled(self) -> int:
@@ -135,6 +139,10 @@ def build_federation(cfg: RunConfig, data: TaskData) -> Federation:
     ranks = RankPlan.build(cfg.scaling, cfg.lora.alpha, cfg.lora.rank, cfg.lora.client_ranks, fed.n_clients, n_sampled)
     train_enc = encode_split(data, "training", tokenizer, cfg.model.max_length)
     client_data = [train_enc.subset(p) for p in parts]
+    sizes = np.array([len(p) for p in parts])
+    plan = plan_privacy(cfg, sizes, np.array([client_steps(cfg, int(n)) for n in sizes]))
+    # With secure_noise the server's noise is seeded by the OS, so the config cannot replay it.
+    dp_rng = np.random.default_rng(None if cfg.privacy.secure_noise else [cfg.seed, 3])
     return Federation(
         cfg=cfg,
         method=method,
@@ -145,7 +153,7 @@ def build_federation(cfg: RunConfig, data: TaskData) -> Federation:
         server=select(initial, method.global_kinds),
         clients=[new_client_state(ranks.view(initial, k), seed=cfg.seed * 100_003 + k + 1) for k in range(fed.n_clients)],
         client_data=client_data,
-        client_sizes=np.array([len(p) for p in parts]),
+        client_sizes=sizes,
         histograms=label_histograms(data.train.labels, parts, data.num_labels),
         eval_data=encode_split(data, "evaluation", tokenizer, cfg.model.max_length),
         num_labels=data.num_labels,
@@ -154,7 +162,23 @@ def build_federation(cfg: RunConfig, data: TaskData) -> Federation:
         compute=compute,
         sampler=np.random.default_rng([cfg.seed, 1]),
         fault_rng=np.random.default_rng([cfg.seed, 2]),
+        privacy=plan,
+        dp_ledger=np.zeros(len(parts), dtype=np.int64),
+        dp_rng=dp_rng,
     )
+
+
+def client_steps(cfg: RunConfig, n_examples: int) -> int:
+    """Local steps a client with ``n_examples`` takes in a round it is sampled in."""
+    return steps_per_round(n_examples, cfg.train.batch_size, cfg.federation.local_steps, cfg.federation.local_epochs)
+
+
+def client_dp(fed: Federation, k: int) -> DPSGD | None:
+    """Client ``k``'s DP-SGD settings, or None unless dp=client."""
+    plan = fed.privacy
+    if plan is None or plan.mode != "client":
+        return None
+    return DPSGD(plan.clip_norm, float(plan.noise_multiplier[k]), float(plan.sample_rate[k]), fed.cfg.privacy.secure_noise)
 
 
 def outputs_of(fed: Federation, tensors: dict[str, torch.Tensor], k: int | None = None):
@@ -238,13 +262,12 @@ def client_round(fed: Federation, k: int, state: ClientState, download: dict[str
     # under its own γ; the padding gets zero gradients and is cut off again below.
     trained.tensors = pad(trained.tensors, fed.params)
     fed.ranks.use(fed.model, k)
-    steps = steps_per_round(int(fed.client_sizes[k]), cfg.train.batch_size,
-                            cfg.federation.local_steps, cfg.federation.local_epochs)
+    steps = client_steps(cfg, int(fed.client_sizes[k]))
     # The schedule spans the steps a client is expected to take: it trains in a fraction
     # n_sampled / n_clients of the rounds.
     expected_steps = math.ceil(steps * cfg.federation.rounds * fed.n_sampled / len(fed.clients))
     result = train_client(fed.model, fed.params, trained, fed.client_data[k], fed.tokenizer,
-                          fed.method.trained(round_), steps, expected_steps, cfg.train, fed.compute)
+                          fed.method.trained(round_), steps, expected_steps, cfg.train, fed.compute, client_dp(fed, k))
     if not np.isfinite(result.loss):
         return ClientOutcome(received, None, {})
     trained.tensors = fed.ranks.view(trained.tensors, k)
@@ -266,6 +289,9 @@ class Inbox:
     injected: list[dict] = field(default_factory=list)
     bytes_up: int = 0
     bytes_down: int = 0
+    # SecAgg+: the server never sees an update, only the new tensors the securely summed
+    # mean gives, and the clients in that mean.
+    secure: tuple[dict[str, torch.Tensor], list[int]] | None = None
 
 
 def expected_update(fed: Federation, round_: int) -> dict[str, torch.Tensor]:
@@ -298,10 +324,16 @@ def conclude_round(fed: Federation, round_: int, inbox: Inbox, start: float) -> 
         replies = [r for r, bad in zip(replies, outlier) if not bad]
     for r in rejected:
         log.warning("round %d: update of client %d rejected: %s", round_, r["client"], r["reason"])
+    if inbox.secure is not None:
+        new, contributors = inbox.secure
+        reason = check_update(new, expected)
+        replies = [(k, None) for k in contributors] if reason is None else []
+        if reason is not None:
+            log.warning("round %d: the securely aggregated mean was refused: %s", round_, reason)
     update_norm = 0.0
     if expected and replies and len(replies) >= min_replies:
-        new = fed.ranks.aggregate([u for _, u in replies], [float(fed.client_sizes[k]) for k, _ in replies],
-                                  [k for k, _ in replies], expected)
+        if inbox.secure is None:
+            new = server_aggregate(fed, [u for _, u in replies], [k for k, _ in replies], expected)
         update_norm = change_norm(new, expected)
         fed.server.update(new)
     elif expected and replies:
@@ -312,6 +344,10 @@ def conclude_round(fed: Federation, round_: int, inbox: Inbox, start: float) -> 
         log.warning("round %d: no update accepted; the server's tensors stay as they were", round_)
     fed.round = round_
     trained = [r for _, r in inbox.results]
+    privacy = {}
+    if fed.privacy is not None:
+        fed.dp_ledger = fed.privacy.spend(fed.dp_ledger, inbox.clients)
+        privacy = fed.privacy.metrics(fed.dp_ledger)
     return {
         "round": round_,
         "clients": inbox.clients,
@@ -328,8 +364,18 @@ def conclude_round(fed: Federation, round_: int, inbox: Inbox, start: float) -> 
         "injected": inbox.injected,
         "bytes_up": inbox.bytes_up,
         "bytes_down": inbox.bytes_down,
+        **privacy,
         "seconds": time.perf_counter() - start,
     }
+
+
+def server_aggregate(fed: Federation, updates: list[dict[str, torch.Tensor]], clients: list[int],
+                     expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The server's new tensors from the accepted updates: the example-weighted mean, or
+    with dp=server the clipped, uniformly weighted, noised mean."""
+    if fed.privacy is not None and fed.privacy.mode == "server":
+        return user_level_mean(updates, expected, fed.privacy.clip_norm, float(fed.privacy.noise_multiplier[0]), fed.dp_rng)
+    return fed.ranks.aggregate(updates, [float(fed.client_sizes[k]) for k in clients], clients, expected)
 
 
 def sample_clients(fed: Federation) -> list[int]:

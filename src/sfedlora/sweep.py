@@ -208,6 +208,7 @@ def cell_row(cell: dict, run_dir: Path, target: float | None = None) -> dict:
         "final_train_loss": _last(records, "train_loss"),
         "grad_norm_A": _last(records, "grad_norm_A"),
         "grad_norm_B": _last(records, "grad_norm_B"),
+        "final_epsilon": _last(records, "epsilon_max"),  # the worst client's ε spent, for DP runs
         "collapsed": collapse is not None,
         "collapse_reason": collapse.reason if collapse else "",
         "wall_seconds": summary["wall_seconds"],
@@ -238,7 +239,7 @@ def write_summary(sweep_dir: Path, grid: dict, target: float | None = None) -> l
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault(tuple(hashable(row[k]) for k in group_keys), []).append(row)
-    stats = ["final", "best", "rounds_to_target", "final_local_accuracy", "final_train_loss", "grad_norm_A", "grad_norm_B", "wall_seconds"]
+    stats = ["final", "best", "rounds_to_target", "final_local_accuracy", "final_train_loss", "grad_norm_A", "grad_norm_B", "final_epsilon", "wall_seconds"]
     lines = [f"# Sweep summary: {sweep_dir.name}", "",
              f"{len(rows)} finished runs; mean ± std over seeds (n = runs per row).", "",
              "| " + " | ".join(group_keys + ["n"] + stats + ["collapsed"]) + " |",

@@ -10,17 +10,23 @@ from __future__ import annotations
 import hashlib
 import logging
 
+import torch
+import yaml
+
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from ..config import build_config
 from ..data import load_task
 from ..errors import SfedloraError
 from ..simulation import Federation, build_federation, client_round, client_scores, outputs_of
 from .records import CONFIG, RESULT, load_state, read_request, save_state, train_reply
+from .secagg import FITINS_CONFIG, fit_result, from_parameters, secagg_mod
 
 log = logging.getLogger("sfedlora")
 
-app = ClientApp()
+# secagg_mod runs Flower's SecAgg+ client protocol for the messages that belong to it.
+app = ClientApp(mods=[secagg_mod])
 
 # The base model, data split and encodings of the run this process serves: built on the
 # first message, reused for every later one (the client's own state is in Context.state).
@@ -48,6 +54,10 @@ def partition_id(context: Context, n_clients: int) -> int:
 
 def _setup(msg: Message, context: Context):
     cfg, text, client, round_, download = read_request(msg)
+    return _check_node(cfg, text, client, round_, download, context)
+
+
+def _check_node(cfg, text: str, client: int, round_: int, download, context: Context):
     fed = federation_for(cfg, text)
     k = partition_id(context, cfg.federation.n_clients)
     if client != k:
@@ -65,10 +75,33 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    if FITINS_CONFIG in msg.content.config_records:
+        return train_secure(msg, context)
     fed, k, round_, download, state = _setup(msg, context)
     outcome = client_round(fed, k, state, download, round_)
     save_state(context.state, outcome.state)
     return Message(train_reply(outcome.result, outcome.update), reply_to=msg)
+
+
+def train_secure(msg: Message, context: Context) -> Message:
+    """A training request inside SecAgg+ (legacy FitIns): the same round, with the change
+    (upload minus download) as the reply, which ``secagg_mod`` masks before it leaves."""
+    import flwr.compat.common.recorddict_compat as compat
+
+    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    text = str(fitins.config["config"])
+    cfg = build_config(yaml.safe_load(text))
+    fed = federation_for(cfg, text)
+    round_ = int(fitins.config["round"])
+    download = from_parameters(fitins.parameters, fed.method.download(fed.initial))
+    fed, k, round_, download, state = _check_node(cfg, text, int(fitins.config["client"]), round_, download, context)
+    outcome = client_round(fed, k, state, download, round_)
+    save_state(context.state, outcome.state)
+    reference = fed.method.upload(download, round_)
+    change = {n: outcome.update[n] - reference[n] if outcome.result is not None else torch.zeros_like(reference[n])
+              for n in reference}
+    fitres = fit_result(outcome.result, change, int(fed.client_sizes[k]))
+    return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
 
 
 @app.evaluate()

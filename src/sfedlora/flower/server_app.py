@@ -18,8 +18,9 @@ from flwr.serverapp import Grid, ServerApp
 from ..config import RunConfig, load_config
 from ..errors import SfedloraError
 from ..experiment import RunResult, run
-from ..simulation import DIVERGED, Federation, Inbox, conclude_round, nbytes, sample_clients, simulate
+from ..simulation import DIVERGED, Federation, Inbox, conclude_round, expected_update, nbytes, sample_clients, simulate
 from .records import CONFIG, RESULT, config_text, read_train_reply, request
+from .secagg import SecAggRound, from_parameters, read_fit_metrics, to_parameters
 
 log = logging.getLogger("sfedlora")
 
@@ -87,6 +88,8 @@ class FlowerRounds:
 
     def play(self, fed: Federation) -> dict:
         """One round: the simulator's :func:`run_round`, with messages instead of calls."""
+        if self.cfg.privacy.secagg:
+            return self.play_secure(fed)
         start = time.perf_counter()
         round_ = fed.round + 1
         inbox = Inbox(sample_clients(fed))
@@ -107,6 +110,49 @@ class FlowerRounds:
             inbox.results.append((k, result))
             inbox.bytes_up += nbytes(update)
             inbox.updates.append((k, update))
+        return conclude_round(fed, round_, inbox, start)
+
+    def play_secure(self, fed: Federation) -> dict:
+        """One round inside Flower's SecAgg+ protocol: the server learns only the
+        example-weighted mean of the sampled clients' changes (see :mod:`.secagg`)."""
+        import flwr.compat.common.recorddict_compat as compat
+        from flwr.app import ConfigRecord, Context, RecordDict
+        from flwr.server.compat.legacy_context import LegacyContext
+        from flwr.server.workflow import SecAggPlusWorkflow
+        from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
+
+        start = time.perf_counter()
+        round_ = fed.round + 1
+        inbox = Inbox(sample_clients(fed))
+        download = fed.method.download(fed.server)
+        expected = expected_update(fed, round_)
+        strategy = SecAggRound(self.grid, self.nodes, inbox.clients, {"config": self.text, "round": round_}, download)
+        context = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),
+                                strategy=strategy)
+        context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: round_})
+        context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(to_parameters(download), True)
+        p = self.cfg.privacy
+        # max_weight: the largest client's example count, so no weight overflows its share of the range.
+        SecAggPlusWorkflow(num_shares=p.secagg_num_shares, reconstruction_threshold=p.secagg_threshold,
+                           max_weight=float(fed.client_sizes.max()), clipping_range=p.secagg_clipping_range,
+                           timeout=self.cfg.flower.round_timeout)(self.grid, context)
+        contributors = []
+        for k in inbox.clients:
+            inbox.bytes_down += nbytes(download)
+            if k not in strategy.results:
+                log.warning("round %d: client %d (node %d) dropped out of secure aggregation", round_, k, self.nodes[k])
+                inbox.dropped.append(k)
+                continue
+            result = read_fit_metrics(strategy.results[k])
+            inbox.bytes_up += nbytes(expected)  # a masked vector the size of the update
+            if result is None:
+                inbox.rejected.append({"client": k, "reason": DIVERGED})
+                continue
+            inbox.results.append((k, result))
+            contributors.append(k)
+        if strategy.mean is not None and strategy.weight > 0:
+            change = from_parameters(strategy.mean, expected)
+            inbox.secure = ({n: expected[n] + change[n] for n in expected}, contributors)
         return conclude_round(fed, round_, inbox, start)
 
     def personal(self, fed: Federation) -> list[dict[str, float]]:
