@@ -112,9 +112,12 @@ def _grid_figure(plt, runs_by_cell, methods, clients, ranks, key, title, log_y=F
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if i == len(clients) - 1:
             ax.set_xlabel("round")
-    axes[0][-1].legend(fontsize=7, loc="best")
+    # One legend for the figure: in a partial sweep any panel may be empty.
+    labelled = {label: h for ax in axes.flat for h, label in zip(*ax.get_legend_handles_labels())}
     fig.suptitle(title)
     fig.tight_layout()
+    if labelled:
+        fig.legend(list(labelled.values()), list(labelled), fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     return fig
 
 
