@@ -1,4 +1,4 @@
-"""Exact resume after SIGKILL, determinism, and refusing to resume with a changed config."""
+"""Exact resume after SIGKILL or Ctrl-C, determinism, and refusing to resume with a changed config."""
 
 import json
 import os
@@ -106,3 +106,25 @@ def test_resume_refuses_a_config_that_changes_results(interrupted_run):
 def test_resume_of_a_directory_that_is_not_a_run(tmp_path):
     result = runner.invoke(app, ["run", "--resume", str(tmp_path)])
     assert result.exit_code == 2 and "is not a run directory (no config.yaml)" in result.output
+
+
+def test_ctrl_c_keeps_the_checkpoint_and_says_how_to_continue(tmp_path):
+    run_dir = tmp_path / "interrupted"
+    proc = cli(*sets(six_rounds(tmp_path) + ["name=interrupted"]))
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 130, err
+    assert f"continue with: sfedlora run --resume {run_dir}" in err
+    assert "Traceback" not in err
+    # Not a terminal: a line per round even where nothing was evaluated (round 1).
+    assert "round    1  loss" in out
+    assert (run_dir / "checkpoint.pt").is_file() and not (run_dir / ".lock").exists()
+
+    resumed = cli("--resume", str(run_dir))
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
+    assert [r["round"] for r in without_timing(run_dir)] == [1, 2, 3, 4, 5, 6]

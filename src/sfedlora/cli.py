@@ -81,6 +81,7 @@ def run(
         console.print(f"[bold]{c.method}[/] · {c.data.task} · {c.model.name_or_path} · {ranks} "
                       f"· {c.federation.n_clients} clients ({fed.n_sampled} per round) · {c.scaling} {gammas}")
         console.print(f"run directory: {run_dir}" + (f" (resumed after round {fed.round})" if fed.round else ""))
+        state["run_dir"] = run_dir
         state["task"] = progress.add_task("", total=c.federation.rounds, completed=fed.round)
         progress.start()
 
@@ -96,6 +97,8 @@ def run(
             if worst in record:
                 line += f"  ({word} over clients {record[worst]:.4f})"
             progress.console.print(line)
+        elif not console.is_terminal:  # no progress bar in a log file: a line per round instead
+            progress.console.print(f"round {record['round']:>4}  loss {record['train_loss']:.4f}")
         progress.update(state["task"], advance=1, description=desc)
 
     try:
@@ -108,6 +111,13 @@ def run(
     except SfedloraError as err:
         progress.stop()
         _fail(str(err))
+    except KeyboardInterrupt:
+        progress.stop()
+        if "run_dir" not in state or runtime is Runtime.flower:  # Flower runs cannot be resumed
+            raise
+        err_console.print(f"interrupted: the last checkpoint is kept; continue with: sfedlora run --resume {state['run_dir']}",
+                          highlight=False, soft_wrap=True)
+        raise typer.Exit(130)
     progress.stop()
     table = Table(title="summary", show_header=False)
     for k, v in result.summary.items():
