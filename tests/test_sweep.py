@@ -134,3 +134,13 @@ def test_rank_lists_as_a_grid_axis(tmp_path):
     path.write_text("lora: {rank: 4}\ngrid:\n  client_ranks: [[2, 8]]\n")
     with pytest.raises(SfedloraError, match="grid cell client_ranks-2\\+8: config lora.client_ranks: rank 8 exceeds lora.rank=4"):
         load_sweep(path, None, [])
+
+
+def test_a_sweep_without_output_dir_goes_to_the_default(tiny_overrides, tmp_path, monkeypatch):
+    """The README's sweep of an example YAML (which names no output_dir) lands in ./runs."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "job.yaml").write_text("method: sfed-lora\n")
+    sets = [a for o in tiny_overrides if not o.startswith("output_dir=") for a in ("--set", o)]
+    result = runner.invoke(app, ["sweep", "job.yaml", "--grid", "rank=2", "--name", "plain", *sets])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "runs" / "plain" / "runs" / "rank-2" / "summary.json").is_file()

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .config import RunConfig, dump_config, load_config
+from .config import RunConfig, build_config, dump_config, load_config
 from .errors import SfedloraError
 from .logs import quiet_libraries
 
@@ -172,7 +172,8 @@ def sweep(
     except SfedloraError as err:
         _fail(str(err))
     quiet_libraries()
-    sweep_dir = Path(base["output_dir"]) / (name or f"sweep-{datetime.now():%Y%m%d-%H%M%S}")
+    # The base tree holds only what the YAML and --set give: the output_dir default comes from the config model.
+    sweep_dir = Path(build_config(base).output_dir) / (name or f"sweep-{datetime.now():%Y%m%d-%H%M%S}")
     total = len(grid_cells(axes))
     console.print(f"sweep of {total} runs into {sweep_dir} ({jobs} at a time)")
     count = {"n": 0}
