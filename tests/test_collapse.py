@@ -24,6 +24,7 @@ def test_healthy_run_is_not_flagged():
 def test_stuck_at_the_majority_class_is_a_collapse_after_the_first_third():
     c = detect(history([0.5, 0.52, 0.51, 0.5, 0.52, 0.51]), ACC, 0.51, 6)
     assert c is not None and c.round == 3 and "majority class" in c.reason
+    assert not c.final  # what a run log says as it happens: later evaluations may clear it
 
 
 def test_a_slow_start_that_recovers_is_not_a_collapse():
@@ -32,7 +33,7 @@ def test_a_slow_start_that_recovers_is_not_a_collapse():
 
 def test_non_finite_loss():
     c = detect(history([0.6, 0.7, None, 0.8], losses=[0.5, 0.4, math.nan, 0.3]), ACC, 0.51, 4)
-    assert c.round == 3 and c.reason == "non-finite training loss"
+    assert c.round == 3 and c.reason == "non-finite training loss" and c.final
 
 
 def test_non_finite_loss_restored_by_the_client_still_counts():

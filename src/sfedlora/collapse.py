@@ -25,6 +25,7 @@ from dataclasses import dataclass
 class Collapse:
     round: int
     reason: str
+    final: bool = True  # False for rule 2: a later evaluation can still clear it
 
 
 def _finite(x) -> bool:
@@ -53,5 +54,6 @@ def detect(
         return None
     late = [r for r in records if r["round"] > total_rounds / 3 and metric in r]
     if late and all(not _finite(r[metric]) or r[metric] <= majority + margin for r in late):
-        return Collapse(late[0]["round"], f"{metric} no better than the majority class ({majority:.3f}) + {margin:g}")
+        return Collapse(late[0]["round"], f"{metric} no better than the majority class ({majority:.3f}) + {margin:g}",
+                        final=False)
     return None

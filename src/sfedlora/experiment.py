@@ -134,7 +134,11 @@ def run(
                 if collapse is not None:
                     flagged = True
                     record["collapse"] = collapse.reason
-                    log.warning("round %d: training collapsed: %s", collapse.round, collapse.reason)
+                    if collapse.final:
+                        log.warning("round %d: training collapsed: %s", collapse.round, collapse.reason)
+                    else:
+                        log.warning("round %d: training looks collapsed so far: %s (judged again over the whole run "
+                                    "in summary.json)", collapse.round, collapse.reason)
                 writer.write(record)
                 if clients_here and (fed.round % cfg.checkpoint_every == 0 or fed.round == cfg.federation.rounds):
                     save_checkpoint(fed, run_dir)
