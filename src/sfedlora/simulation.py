@@ -182,9 +182,10 @@ def client_dp(fed: Federation, k: int) -> DPSGD | None:
 
 
 def outputs_of(fed: Federation, tensors: dict[str, torch.Tensor], k: int | None = None):
-    """What the shared model under client ``k``'s ``tensors`` (None: the global model's) produces on the dev set: logits for a classifier
-    (scored by :func:`task_scores`); for a causal LM, its scores already (loss, perplexity and,
-    for GSM8K, exact-match accuracy of greedy answers), which need the model itself."""
+    """What the shared model under client ``k``'s ``tensors`` (None: the global model's)
+    produces on the dev set: logits for a classifier (scored by :func:`task_scores`); for a
+    causal LM, its scores already (loss, perplexity and, for GSM8K, exact-match accuracy of
+    greedy answers), which need the model itself."""
     fed.ranks.load(fed.model, fed.params, tensors, k)
     e = fed.cfg.eval
     if fed.num_labels == CAUSAL_LM:
@@ -222,7 +223,7 @@ def evaluate(fed: Federation, personal: Callable[[], list[dict[str, float]]] | N
         out.update({f"global_{k}": v for k, v in task_scores(fed, global_outputs).items()})
     if fed.cfg.eval.personalised:
         # Without local tensors (and with one rank) every client's model is the global one: no second pass.
-        if global_outputs is not None and not fed.ranks.mixed:
+        if not fed.client_models_differ():
             per_client = [client_scores(fed, k, global_outputs) for k in range(len(fed.clients))]
         elif personal is not None:
             per_client = personal()
