@@ -4,13 +4,16 @@
 
 Same job everywhere: MiniLM, the bundled SST-2 sample, LoRA r = 16 on query/value, batch
 16, sfed-lora. Reports, after one warm-up round each:
-- rounds/s and training examples/s of the embedded simulator and of a naive simulator
-  that deep-copies the PEFT model for every client, at N = 10 x 10 local steps and
-  N = 100 x 1 step;
+- rounds/s and training examples/s of the embedded simulator, in one process and with
+  its client workers (one per torch thread), and of a naive simulator that deep-copies
+  the PEFT model for every client, at N = 10 x 10 local steps and N = 100 x 1 step;
 - the overhead of one federated round against the same steps (the same clients' batches)
   as a plain PEFT training loop on one model with one optimizer (ratio);
-- personalised evaluation of 10 clients against evaluating one model (ratio);
-- peak resident memory of a one-round run at N = 1, 10, 100, each in its own process.
+- personalised evaluation of 10 clients against evaluating one model (ratio), in one
+  process and with the workers;
+- peak resident memory of a one-round run at N = 1, 10, 100, each in its own process
+  (one process: the workers' memory is measured apart, as proportional set size, since
+  they share the base model's pages with the parent).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -33,6 +37,7 @@ from sfedlora.evaluation import predict
 from sfedlora.methods import aggregate
 from sfedlora.models import trainable_parameters
 from sfedlora.simulation import build_federation, evaluate, run_round
+from sfedlora.workers import ClientWorkers
 
 BASE = ["lora.rank=16", "train.batch_size=16", "method=sfed-lora", "eval.every=1000", "federation.rounds=1000"]
 
@@ -41,6 +46,15 @@ def federation(n_clients: int, local_steps: int, *extra: str):
     cfg = build_config(overrides=[*BASE, f"federation.n_clients={n_clients}", f"federation.local_steps={local_steps}",
                                   "partition.min_size=16", *extra])
     return build_federation(cfg, load_task(cfg.data, seed=0))
+
+
+def pss_mb(pids: list[int]) -> float:
+    """Proportional set size of these processes together: shared pages counted once."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            total += next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+    return total / 1024
 
 
 def timed_rounds(step, rounds: int) -> float:
@@ -111,28 +125,37 @@ def main() -> None:
     torch.manual_seed(0)
     results: dict = {"machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"}
 
+    threads = torch.get_num_threads()
     for n, steps in [(10, 10), (100, 1)]:
         fed = federation(n, steps)
+        workers = ClientWorkers(fed, threads)
         examples = n * steps * fed.cfg.train.batch_size
         sim = timed_rounds(lambda: run_round(fed), args.rounds)
+        par = timed_rounds(lambda: run_round(fed, workers), args.rounds)
         fed_naive = federation(n, steps)
         naive = timed_rounds(lambda: naive_round(fed_naive), args.rounds)
-        results[f"N={n}x{steps}"] = {
-            "embedded_s_per_round": sim, "embedded_rounds_per_s": 1 / sim, "embedded_examples_per_s": examples / sim,
-            "naive_copy_s_per_round": naive, "naive_rounds_per_s": 1 / naive, "speedup_vs_naive": naive / sim,
-        }
         plain = timed_rounds(lambda: plain_loop(fed), args.rounds)
-        results[f"N={n}x{steps}"]["plain_loop_s"] = plain
-        results[f"N={n}x{steps}"]["overhead_ratio"] = sim / plain
+        row = results[f"N={n}x{steps}"] = {
+            "embedded_s_per_round": sim, "embedded_examples_per_s": examples / sim,
+            f"embedded_{threads}_workers_s_per_round": par, "workers_examples_per_s": examples / par,
+            "workers_speedup": sim / par,
+            "naive_copy_s_per_round": naive, "speedup_vs_naive": naive / sim,
+            "plain_loop_s": plain, "overhead_ratio": sim / plain, "workers_over_plain_loop": par / plain,
+            "pss_mb_parent_and_workers": pss_mb([os.getpid(), *workers.pids()]),
+        }
         if (n, steps) == (10, 10):
-            start = time.perf_counter()
-            evaluate(fed)
-            personal = time.perf_counter() - start
             start = time.perf_counter()
             predict(fed.model, fed.eval_data, fed.tokenizer, fed.cfg.eval.batch_size, fed.compute)
             one = time.perf_counter() - start
-            results["evaluation"] = {"personalised_10_clients_s": personal, "one_model_s": one, "ratio": personal / one,
-                                     "examples_per_s": 10 * len(fed.eval_data) / personal}
+            personal = {}
+            for name, w in [("one_process", None), (f"{threads}_workers", workers)]:
+                start = time.perf_counter()
+                evaluate(fed, workers=w)
+                personal[name] = time.perf_counter() - start
+            results["evaluation"] = {"one_model_s": one, **{
+                f"personalised_10_clients_{name}_s": t for name, t in personal.items()}, **{
+                f"ratio_{name}": t / one for name, t in personal.items()}}
+        workers.close()
 
     results["peak_rss_mb"] = {f"N={n}": peak_rss_mb(n) for n in (1, 10, 100)}
     fed = federation(1, 1)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -128,3 +129,17 @@ def test_ctrl_c_keeps_the_checkpoint_and_says_how_to_continue(tmp_path):
     resumed = cli("--resume", str(run_dir))
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
     assert [r["round"] for r in without_timing(run_dir)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_ctrl_c_during_an_atomic_write_lets_the_file_finish(tmp_path):
+    from sfedlora.rundir import atomic_write
+
+    path = tmp_path / "state.bin"
+
+    def write(f):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of the write
+        f.write(b"complete")
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(path, write)
+    assert path.read_bytes() == b"complete"

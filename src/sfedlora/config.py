@@ -144,6 +144,19 @@ class ServerConfig(_Section):
     min_replies: int = Field(1, ge=1, description="Sound replies a round needs to be averaged; with fewer, the server's tensors stay as they were.")
 
 
+class SimulatorConfig(_Section):
+    """The embedded simulator (sfedlora run without --runtime flower)."""
+
+    workers: int | Literal["auto"] = Field("auto", description="Processes that train the round's clients (and evaluate personalised models) side by side, each with one torch thread and the frozen base model shared copy-on-write; results equal one process's. auto: one per torch thread on a CPU (so 2 on a 2-core machine, 1 inside a sweep running a cell per core), 1 on a GPU; CPU only.")
+
+    @field_validator("workers")
+    @classmethod
+    def _positive(cls, v):
+        if v != "auto" and v < 1:
+            raise ValueError("must be at least 1 (or auto)")
+        return v
+
+
 class FlowerConfig(_Section):
     """The Flower runtime (``sfedlora run --runtime flower``, ``flwr run .``); the embedded simulator ignores it."""
 
@@ -200,6 +213,7 @@ class RunConfig(_Section):
     eval: EvalConfig = EvalConfig()
     server: ServerConfig = ServerConfig()
     faults: FaultConfig = FaultConfig()
+    simulator: SimulatorConfig = SimulatorConfig()
     flower: FlowerConfig = FlowerConfig()
     privacy: PrivacyConfig = PrivacyConfig()
 

@@ -12,9 +12,12 @@ Adapters are in PEFT format: ``PeftModel.from_pretrained(base, path)`` loads the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import signal
+import threading
 from datetime import datetime
 from pathlib import Path
 
@@ -52,22 +55,44 @@ def create_run_dir(path: Path, cfg: RunConfig) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def ctrl_c_deferred():
+    """Hold back Ctrl-C until the block is done, then raise it.
+
+    torch.save's C++ writer turns a KeyboardInterrupt raised inside it into a RuntimeError
+    traceback; a checkpoint being written should finish and the interrupt come right after.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
 def atomic_write(path: Path, write) -> None:
     """Write through ``write(file)`` to a temp file, fsync it, then rename over ``path``.
 
-    A crash at any point leaves either the old file or the new one, never a torn one.
+    A crash at any point leaves either the old file or the new one, never a torn one;
+    Ctrl-C waits until the new one is in place.
     """
     tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    with ctrl_c_deferred():
+        with tmp.open("wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
 
 def jsonable(record: dict) -> dict:

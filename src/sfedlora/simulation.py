@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 import time
@@ -26,6 +27,7 @@ from .privacy import DPSGD, PrivacyPlan, plan_privacy, user_level_mean
 from .ranks import RankPlan, pad
 from .robust import change_norm, check_update, corrupt, norm_outliers
 from .tiny_llama import TINY_LLAMA, tiny_llama_dir
+from .workers import ClientWorkers, run_clients, worker_count
 
 log = logging.getLogger("sfedlora")
 
@@ -208,13 +210,14 @@ def client_scores(fed: Federation, k: int, outputs) -> dict[str, float]:
     return scores
 
 
-def evaluate(fed: Federation, personal: Callable[[], list[dict[str, float]]] | None = None) -> dict[str, float]:
+def evaluate(fed: Federation, personal: Callable[[], list[dict[str, float]]] | None = None,
+             workers: ClientWorkers | None = None) -> dict[str, float]:
     """Personalised models (mean/min over clients) and, where one exists, the global model.
 
     Every score is on the whole dev set. For classification, ``personal_local_accuracy``
     adds each client's accuracy under its own training label mix. ``personal`` gives the
     clients' scores where their tensors live elsewhere (Flower); by default they are
-    computed here from ``fed.clients``.
+    computed from ``fed.clients``, in ``workers`` where there are any.
     """
     out: dict[str, float] = {}
     global_outputs = None
@@ -228,7 +231,9 @@ def evaluate(fed: Federation, personal: Callable[[], list[dict[str, float]]] | N
         elif personal is not None:
             per_client = personal()
         else:
-            per_client = [client_scores(fed, k, outputs_of(fed, fed.personal_tensors(k), k)) for k in range(len(fed.clients))]
+            ks = range(len(fed.clients))
+            outputs = run_clients(fed, workers, outputs_of, ((fed.personal_tensors(k), k) for k in ks))
+            per_client = [client_scores(fed, k, o) for k, o in zip(ks, outputs)]
         if per_client:
             out.update({f"personal_{k}": v for k, v in summarise(per_client).items()})
     return out
@@ -384,52 +389,68 @@ def sample_clients(fed: Federation) -> list[int]:
     return np.sort(fed.sampler.choice(len(fed.clients), size=fed.n_sampled, replace=False)).tolist()
 
 
-def run_round(fed: Federation) -> dict:
+def run_round(fed: Federation, workers: ClientWorkers | None = None) -> dict:
     """The next communication round; returns its metrics record (without evaluation).
 
-    Sampled clients download the global tensors, train and reply; faults are injected
-    as the config asks; :func:`conclude_round` checks and averages the replies.
+    Sampled clients download the global tensors, train (in ``workers`` where there are
+    any) and reply; faults are injected as the config asks; :func:`conclude_round`
+    checks and averages the replies.
     """
     start = time.perf_counter()
     faults = fed.cfg.faults
     round_ = fed.round + 1
     inbox = Inbox(sample_clients(fed))
     expected = expected_update(fed, round_)
-    for k in inbox.clients:
-        u_drop, u_bad, kind = fed.fault_rng.random(), fed.fault_rng.random(), fed.fault_rng.choice(faults.bad_kinds)
+    # Every fault is drawn before any client trains, so they do not depend on where clients train.
+    draws = [(fed.fault_rng.random(), fed.fault_rng.random(), str(fed.fault_rng.choice(faults.bad_kinds)))
+             for _ in inbox.clients]
+    training = []
+    for k, (u_drop, u_bad, kind) in zip(inbox.clients, draws):
         download = fed.download(k)
         inbox.bytes_down += nbytes(download)
         if u_drop < faults.dropout:
             fed.clients[k].tensors.update({n: t.clone() for n, t in download.items()})
             inbox.dropped.append(k)
-            continue
-        outcome = client_round(fed, k, fed.clients[k], download, round_)
+        else:
+            training.append((k, download, u_bad < faults.bad_update, kind))
+    # A generator: each client's old state is read only when its turn comes, and dropped once replaced.
+    outcomes = run_clients(fed, workers, client_round, ((k, fed.clients[k], d, round_) for k, d, _, _ in training))
+    for (k, _, bad, kind), outcome in zip(training, outcomes):
         fed.clients[k] = outcome.state
         if outcome.result is None:
             inbox.rejected.append({"client": k, "reason": DIVERGED})
             continue
         inbox.results.append((k, outcome.result))
         update = outcome.update
-        if u_bad < faults.bad_update:
-            update = corrupt(update, fed.ranks.view(expected, k), str(kind), fed.fault_rng)
-            inbox.injected.append({"client": k, "kind": str(kind)})
+        if bad:
+            update = corrupt(update, fed.ranks.view(expected, k), kind, fed.fault_rng)
+            inbox.injected.append({"client": k, "kind": kind})
         inbox.bytes_up += nbytes(update)
         inbox.updates.append((k, update))
     return conclude_round(fed, round_, inbox, start)
 
 
-def simulate(fed: Federation, step: Callable[[Federation], dict] = run_round,
+def simulate(fed: Federation, step: Callable[[Federation], dict] | None = None,
              personal: Callable[[], list[dict[str, float]]] | None = None) -> Iterator[dict]:
     """Run the remaining rounds, yielding each round's record (with evaluation where due).
 
     ``step`` plays one round and ``personal`` scores the clients' models (see
-    :func:`evaluate`): the defaults run here, Flower passes its own.
+    :func:`evaluate`): by default clients train and are scored here, in forked workers
+    as ``simulator.workers`` asks; Flower passes its own.
     """
-    rounds, every = fed.cfg.federation.rounds, fed.cfg.eval.every
-    while fed.round < rounds:
-        record = step(fed)
-        if fed.round % every == 0 or fed.round == rounds:
-            start = time.perf_counter()
-            record.update(evaluate(fed, personal))
-            record["eval_seconds"] = time.perf_counter() - start
-        yield record
+    cfg = fed.cfg
+    rounds, every = cfg.federation.rounds, cfg.eval.every
+    n = worker_count(cfg.simulator.workers, fed.compute.device, len(fed.clients)) if step is None else 1
+    workers = ClientWorkers(fed, n) if n > 1 else None
+    step = step or functools.partial(run_round, workers=workers)
+    try:
+        while fed.round < rounds:
+            record = step(fed)
+            if fed.round % every == 0 or fed.round == rounds:
+                start = time.perf_counter()
+                record.update(evaluate(fed, personal, workers))
+                record["eval_seconds"] = time.perf_counter() - start
+            yield record
+    finally:
+        if workers is not None:
+            workers.close()

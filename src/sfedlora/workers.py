@@ -1,0 +1,100 @@
+"""Worker processes that run whole clients side by side for the embedded simulator (CPU).
+
+On a CPU, one client's small per-layer matmuls (batch 16, hidden 384) keep two torch
+threads of one process far less busy than two one-thread processes keep two cores
+(benchmarks/README.md). So the simulator forks workers once the federation is built:
+each inherits the frozen base model copy-on-write (its weights are never written, so
+their pages stay shared), runs one torch thread, and calls the very functions the
+sequential path calls, with the federation it inherited. Only client state, downloads
+and results cross the pipes, so results equal those of one process.
+"""
+
+from __future__ import annotations
+
+import io
+import multiprocessing
+import os
+import signal
+from collections import deque
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+from .errors import SfedloraError
+
+_FED = None  # the federation a worker inherits when it is forked
+
+
+def _init() -> None:
+    # Ctrl-C reaches the whole process group: the parent handles it and ends the workers.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(1)
+
+
+def _pack(obj) -> bytes:
+    # torch.save moves tensors as plain bytes: multiprocessing would put each of a client's
+    # hundreds of small tensors into its own shared-memory segment.
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _unpack(data: bytes):
+    return torch.load(io.BytesIO(data), weights_only=False)
+
+
+def _apply(payload: bytes) -> bytes:
+    fn, args = _unpack(payload)
+    return _pack(fn(_FED, *args))
+
+
+def worker_count(setting: int | str, device: str, clients: int) -> int:
+    """Workers a run gets: ``simulator.workers``, with auto resolved for this process."""
+    if setting == "auto":
+        return 1 if device != "cpu" else max(1, min(torch.get_num_threads(), clients))
+    if setting > 1 and device != "cpu":
+        raise SfedloraError(f"simulator.workers={setting} runs clients in forked CPU processes, which cannot share a GPU: "
+                            "set simulator.workers=1 (or auto) on a GPU")
+    return min(int(setting), max(1, clients))
+
+
+class ClientWorkers:
+    """``n`` forked workers holding ``fed``; :meth:`map` runs ``fn(fed, *args)`` in them."""
+
+    def __init__(self, fed, n: int):
+        global _FED
+        _FED = fed
+        # Fast tokenizers' thread pool does not survive a fork; the workers only pad.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        try:
+            self._pool = multiprocessing.get_context("fork").Pool(n, initializer=_init)
+        finally:
+            _FED = None
+        # Tasks handed out ahead of the one awaited: enough to keep every worker busy,
+        # few enough that client states do not pile up in memory.
+        self._window = 2 * n
+
+    def map(self, fn: Callable, args: Iterable[tuple]) -> Iterator:
+        """``fn(fed, *a)`` for each ``a`` of ``args``, in order, yielded as each is ready."""
+        pending: deque = deque()
+        args = iter(args)
+        while True:
+            while len(pending) < self._window and (a := next(args, None)) is not None:
+                pending.append(self._pool.apply_async(_apply, (_pack((fn, a)),)))
+            if not pending:
+                return
+            yield _unpack(pending.popleft().get())
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._pool._pool]
+
+    def close(self) -> None:
+        self._pool.terminate()
+        self._pool.join()
+
+
+def run_clients(fed, workers: ClientWorkers | None, fn: Callable, args: Iterable[tuple]) -> Iterator:
+    """``fn(fed, *a)`` for each ``a``: in ``workers`` when there are any, else here, one by one."""
+    if workers is None:
+        return (fn(fed, *a) for a in args)
+    return workers.map(fn, args)
