@@ -62,7 +62,7 @@ def test_two_by_two_sweep_resumes_and_reports(tiny_overrides, tmp_path):
     result = runner.invoke(app, ["report", str(sweep_dir)])
     assert result.exit_code == 0, result.output
     plots = sorted(p.name for p in (sweep_dir / "plots").iterdir())
-    for stem in ("metric_vs_round", "grad_norm_A", "grad_norm_B", "heatmap"):
+    for stem in ("metric_vs_round", "train_loss_vs_round", "grad_norm_A", "grad_norm_B", "heatmap", "heatmap_train_loss"):
         assert f"{stem}.png" in plots and f"{stem}.pdf" in plots
         assert (sweep_dir / "plots" / f"{stem}.png").stat().st_size > 5000
     md = (sweep_dir / "report.md").read_text()

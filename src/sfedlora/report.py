@@ -2,8 +2,10 @@
 
 Sweep figures (PNG and PDF, mean ± std band over seeds):
 - ``metric_vs_round``: one panel per method (columns) and client count (rows), a line per rank;
-- ``grad_norm_A`` / ``grad_norm_B``: the same layout, log scale;
-- ``heatmap``: final metric over clients × rank, a panel per method.
+- ``train_loss_vs_round``, ``grad_norm_A`` / ``grad_norm_B`` (log scale): the same layout;
+- ``heatmap``: final metric over clients × rank, a panel per method; ``heatmap_train_loss``:
+  the same for the last round's training loss, which shows whether the adapter learns even
+  where a dev metric cannot tell (a client fitting its own label mix, say).
 With per-client ranks (``lora.client_ranks``) as an axis, a line (and a heatmap column) is
 a rank setting: ``8`` for one rank, ``2+8+32`` for clients of ranks 2, 8 and 32.
 Axes beyond method, rank, client ranks, clients and seed (learning rate, optimizer, ...) give one set of
@@ -25,7 +27,7 @@ from .errors import SfedloraError
 from .evaluation import higher_is_better
 from .config import build_config
 from .rundir import read_metrics
-from .sweep import ALIASES, cell_name, grid_cells, value_text
+from .sweep import ALIASES, cell_name, grid_cells, last_value, value_text
 
 PANEL_KEYS = ("method", "rank", "client_ranks", "clients", "seed")
 
@@ -130,6 +132,25 @@ def colour_scale(metric: str, values: list) -> dict:
     return {"vmin": min(finite, default=0.0), "vmax": max(finite, default=1.0), "cmap": "RdYlGn_r"}
 
 
+def _heatmap(plt, values: dict[tuple, list], methods, clients, ranks, metric: str):
+    """Mean over seeds of ``values[(method, clients, rank)]``: clients × rank, a panel per method."""
+    fig, axes = plt.subplots(1, len(methods), figsize=(3.4 * len(methods), 0.6 * len(clients) + 2), squeeze=False)
+    for ax, method in zip(axes[0], methods):
+        table = np.array([[np.mean([v for v in values.get((method, n, r), []) if v is not None] or [np.nan])
+                           for r in ranks] for n in clients])
+        im = ax.imshow(table, aspect="auto", **colour_scale(metric, [v for vs in values.values() for v in vs]))
+        ax.set_xticks(range(len(ranks)), [str(r) for r in ranks])
+        ax.set_yticks(range(len(clients)), [str(n) for n in clients])
+        ax.set_xlabel("rank r")
+        ax.set_ylabel("clients N")
+        ax.set_title(method, fontsize=9)
+        for (a, b), v in np.ndenumerate(table):
+            if np.isfinite(v):
+                ax.text(b, a, f"{v:.2f}", ha="center", va="center", fontsize=7)
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label=f"final {metric}")
+    return fig
+
+
 def plot_sweep(sweep_dir: Path, out_dir: Path) -> list[Path]:
     plt = _plt()
     spec = yaml.safe_load((sweep_dir / "sweep.yaml").read_text())
@@ -162,28 +183,18 @@ def plot_sweep(sweep_dir: Path, out_dir: Path) -> list[Path]:
             runs_by_cell.setdefault(key, []).append(records)
             finals.setdefault(key, []).append(summary["final"])
         for key, title, log_y in [(metric, f"{metric} vs round", False),
+                                  ("train_loss", "training loss vs round", False),
                                   ("grad_norm_A", "A-gradient norm vs round", True),
                                   ("grad_norm_B", "B-gradient norm vs round", True)]:
             fig = _grid_figure(plt, runs_by_cell, methods, clients, ranks, key, title + suffix.replace("_", " "), log_y)
-            stem = "metric_vs_round" if key == metric else key
+            stem = "metric_vs_round" if key == metric else key.replace("train_loss", "train_loss_vs_round")
             paths += _save(fig, out_dir, stem + suffix)
             plt.close(fig)
-        fig, axes = plt.subplots(1, len(methods), figsize=(3.4 * len(methods), 0.6 * len(clients) + 2), squeeze=False)
-        for ax, method in zip(axes[0], methods):
-            table = np.array([[np.mean([v for v in finals.get((method, n, r), []) if v is not None] or [np.nan])
-                               for r in ranks] for n in clients])
-            im = ax.imshow(table, aspect="auto", **colour_scale(metric, [v for vs in finals.values() for v in vs]))
-            ax.set_xticks(range(len(ranks)), [str(r) for r in ranks])
-            ax.set_yticks(range(len(clients)), [str(n) for n in clients])
-            ax.set_xlabel("rank r")
-            ax.set_ylabel("clients N")
-            ax.set_title(method, fontsize=9)
-            for (a, b), v in np.ndenumerate(table):
-                if np.isfinite(v):
-                    ax.text(b, a, f"{v:.2f}", ha="center", va="center", fontsize=7)
-        fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label=f"final {metric}")
-        paths += _save(fig, out_dir, "heatmap" + suffix)
-        plt.close(fig)
+        losses = {key: [last_value(recs, "train_loss") for recs in runs] for key, runs in runs_by_cell.items()}
+        for key, values, stem in [(metric, finals, "heatmap"), ("train_loss", losses, "heatmap_train_loss")]:
+            fig = _heatmap(plt, values, methods, clients, ranks, key)
+            paths += _save(fig, out_dir, stem + suffix)
+            plt.close(fig)
     return paths
 
 

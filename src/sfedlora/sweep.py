@@ -184,7 +184,8 @@ def run_sweep(
     return done
 
 
-def _last(records: list[dict], key: str):
+def last_value(records: list[dict], key: str):
+    """The last recorded (not None) value of ``key``."""
     return next((r[key] for r in reversed(records) if r.get(key) is not None), None)
 
 
@@ -204,11 +205,11 @@ def cell_row(cell: dict, run_dir: Path, target: float | None = None) -> dict:
         "best": summary["best"],
         "rounds_to_target": reached,
         # Classification runs also report each client's accuracy under its own label mix.
-        "final_local_accuracy": _last(records, "personal_local_accuracy_mean"),
-        "final_train_loss": _last(records, "train_loss"),
-        "grad_norm_A": _last(records, "grad_norm_A"),
-        "grad_norm_B": _last(records, "grad_norm_B"),
-        "final_epsilon": _last(records, "epsilon_max"),  # the worst client's ε spent, for DP runs
+        "final_local_accuracy": last_value(records, "personal_local_accuracy_mean"),
+        "final_train_loss": last_value(records, "train_loss"),
+        "grad_norm_A": last_value(records, "grad_norm_A"),
+        "grad_norm_B": last_value(records, "grad_norm_B"),
+        "final_epsilon": last_value(records, "epsilon_max"),  # the worst client's ε spent, for DP runs
         "collapsed": collapse is not None,
         "collapse_reason": collapse.reason if collapse else "",
         "wall_seconds": summary["wall_seconds"],

@@ -11,6 +11,7 @@ and results cross the pipes, so results equal those of one process.
 
 from __future__ import annotations
 
+import ctypes
 import io
 import multiprocessing
 import os
@@ -23,6 +24,11 @@ import torch
 from .errors import SfedloraError
 
 _FED = None  # the federation a worker inherits when it is forked
+
+try:
+    _LIBC = ctypes.CDLL("libc.so.6")
+except OSError:  # not glibc: nothing to trim
+    _LIBC = None
 
 
 def _init() -> None:
@@ -45,7 +51,18 @@ def _unpack(data: bytes):
 
 def _apply(payload: bytes) -> bytes:
     fn, args = _unpack(payload)
-    return _pack(fn(_FED, *args))
+    out = _pack(fn(_FED, *args))
+    del fn, args
+    _release_freed_memory()
+    return out
+
+
+def _release_freed_memory() -> None:
+    # Each task frees megabytes of client state in pieces glibc keeps on its heap; without
+    # handing them back a worker's private memory doubles (measured: 450 vs 226 MB after one
+    # round of 100 clients).
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 def worker_count(setting: int | str, device: str, clients: int) -> int:
