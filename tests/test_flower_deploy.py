@@ -42,6 +42,9 @@ def test_flower_up_runs_a_job_over_tls_and_stops_everything(tiny_overrides, tmp_
     assert all(r["aggregated"] == 3 and r["dropped"] == [] and r["bytes_up"] > 0 for r in records)
     assert records[-1]["personal_accuracy_mean"] is not None
     assert json.loads((run_dir / "summary.json").read_text())["rounds"] == 2
+    # The rounds show as they land, and the summary at the end, as `sfedlora run` shows them.
+    assert "round    1  loss" in result.output and "round    2  loss" in result.output
+    assert "personal_accuracy_mean" in result.output and "summary" in result.output
     assert (workdir / "certs" / "ca.crt").is_file() and len(list((workdir / "keys").glob("*.pub"))) == 3
     assert processes_in(workdir) == []
 

@@ -86,20 +86,9 @@ def run(
         progress.start()
 
     def on_record(record):
-        key = state["key"]
-        if record["dropped"]:
-            progress.console.print(f"[yellow]round {record['round']}: no reply from clients {record['dropped']}[/]")
-        desc = f"loss {record['train_loss']:.4f}"
-        if key in record:
-            line = f"round {record['round']:>4}  loss {record['train_loss']:.4f}  {key} {record[key]:.4f}"
-            # The worst client: the lowest score, or the highest where lower is better (perplexity).
-            worst, word = (key.replace("_mean", "_min"), "min") if higher_is_better(key) else (key.replace("_mean", "_max"), "max")
-            if worst in record:
-                line += f"  ({word} over clients {record[worst]:.4f})"
+        for line in round_lines(record, state["key"], every_round=not console.is_terminal):
             progress.console.print(line)
-        elif not console.is_terminal:  # no progress bar in a log file: a line per round instead
-            progress.console.print(f"round {record['round']:>4}  loss {record['train_loss']:.4f}")
-        progress.update(state["task"], advance=1, description=desc)
+        progress.update(state["task"], advance=1, description=f"loss {record['train_loss']:.4f}")
 
     try:
         if runtime is Runtime.flower:
@@ -119,10 +108,36 @@ def run(
                           highlight=False, soft_wrap=True)
         raise typer.Exit(130)
     progress.stop()
+    print_summary(result.summary, result.run_dir)
+
+
+def round_lines(record: dict, key: str | None, every_round: bool) -> list[str]:
+    """What a round prints: drop-outs, and the loss with the headline metric ``key`` where
+    it was evaluated (None: every personalised mean), every round with ``every_round``
+    (for logs, where no progress bar shows)."""
+    lines = []
+    if record["dropped"]:
+        lines.append(f"[yellow]round {record['round']}: no reply from clients {record['dropped']}[/]")
+    line = f"round {record['round']:>4}  loss {record['train_loss']:.4f}"
+    if key is None:
+        scores = {k: v for k, v in record.items() if k.startswith("personal_") and k.endswith("_mean") and v is not None}
+        line += "".join(f"  {k} {v:.4f}" for k, v in scores.items())
+    elif key in record:
+        line += f"  {key} {record[key]:.4f}"
+        # The worst client: the lowest score, or the highest where lower is better (perplexity).
+        worst, word = (key.replace("_mean", "_min"), "min") if higher_is_better(key) else (key.replace("_mean", "_max"), "max")
+        if worst in record:
+            line += f"  ({word} over clients {record[worst]:.4f})"
+    if every_round or (key in record if key else scores):
+        lines.append(line)
+    return lines
+
+
+def print_summary(summary: dict, run_dir: Path) -> None:
     table = Table(title="summary", show_header=False)
-    for k, v in result.summary.items():
+    for k, v in summary.items():
         table.add_row(k, _fmt(v))
-    table.add_row("run directory", str(result.run_dir))
+    table.add_row("run directory", str(run_dir))
     console.print(table)
 
 
@@ -225,11 +240,16 @@ def flower_up(
     workdir = workdir or Path(tempfile.mkdtemp(prefix="sfedlora-flower-"))
     console.print(f"deployment: 1 SuperLink + {cfg.federation.n_clients} SuperNodes on 127.0.0.1 (TLS, node authentication); "
                   f"logs in {workdir / 'logs'}")
+    def on_record(record):
+        # Where the run is judged (the task's metric) the ServerApp knows; the summary names it.
+        for line in round_lines(record, None, every_round=True):
+            console.print(line)
+
     try:
-        run_dir = up(cfg, workdir, timeout=timeout)
+        run_dir = up(cfg, workdir, timeout=timeout, on_record=on_record)
     except SfedloraError as err:
         _fail(str(err))
-    console.print(f"run directory: {run_dir}")
+    print_summary(json.loads((run_dir / "summary.json").read_text()), run_dir)
 
 
 @app.command("config")

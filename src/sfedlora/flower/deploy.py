@@ -9,6 +9,8 @@ processes it spawned too; each writes its log to ``<workdir>/logs``.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import signal
@@ -17,6 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
@@ -236,16 +239,33 @@ def prepare(cfg: RunConfig) -> RunConfig:
     return fixed
 
 
-def up(cfg: RunConfig, workdir: Path, timeout: float = 3600.0) -> Path:
-    """Run ``cfg`` on a fresh local deployment; the run directory it wrote."""
+def up(cfg: RunConfig, workdir: Path, timeout: float = 3600.0, on_record: Callable[[dict], None] | None = None) -> Path:
+    """Run ``cfg`` on a fresh local deployment; the run directory it wrote.
+
+    ``on_record`` gets each round's record as the ServerApp appends it to metrics.jsonl.
+    """
     cfg = prepare(cfg)
     run_dir = Path(cfg.output_dir) / cfg.name
+    seen = 0
+
+    def new_records() -> None:
+        nonlocal seen
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").is_file() else []
+        for line in lines[seen:]:
+            if on_record is not None:
+                on_record(json.loads(line))
+            seen += 1
+
     with LocalDeployment(workdir, cfg.federation.n_clients) as deployment:
         job = deployment.submit(cfg)
-        try:
-            job.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise SfedloraError(f"the run did not finish within {timeout:g}s: see the logs in {workdir / 'logs'}") from None
+        deadline = time.monotonic() + timeout
+        while job.poll() is None:
+            if time.monotonic() > deadline:
+                raise SfedloraError(f"the run did not finish within {timeout:g}s: see the logs in {workdir / 'logs'}")
+            with contextlib.suppress(json.JSONDecodeError):  # a line being written: read it next time
+                new_records()
+            time.sleep(1.0)
+    new_records()
     if not (run_dir / "summary.json").is_file():
         raise SfedloraError(f"the run stopped before it finished: see {workdir / 'logs'} (run.log, superlink.log)")
     return run_dir
