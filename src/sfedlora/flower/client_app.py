@@ -19,6 +19,7 @@ from flwr.clientapp import ClientApp
 from ..config import build_config
 from ..data import load_task
 from ..errors import SfedloraError
+from ..logs import quiet_libraries
 from ..simulation import Federation, build_federation, client_round, client_scores, outputs_of
 from .records import CONFIG, RESULT, load_state, read_request, save_state, train_reply
 from .secagg import FITINS_CONFIG, fit_result, from_parameters, secagg_mod
@@ -37,6 +38,7 @@ def federation_for(cfg, text: str) -> Federation:
     key = hashlib.sha256(text.encode()).hexdigest()
     if key not in _built:
         _built.clear()
+        quiet_libraries()  # a Ray worker or SuperNode process starts with the libraries' chatty defaults
         _built[key] = build_federation(cfg, load_task(cfg.data, seed=cfg.seed))
     return _built[key]
 
