@@ -1,6 +1,7 @@
 """Parallel client workers: real forked processes, and the same results as one process."""
 
 import os
+import signal
 
 import pytest
 import torch
@@ -27,6 +28,21 @@ def test_workers_are_forked_processes_holding_the_federation(tiny_config):
     assert [k for k, _, _ in out] == list(range(5))  # in order
     assert all(pid != os.getpid() for _, pid, _ in out)
     assert all(n == 3 for _, _, n in out)
+
+
+def _die(fed):
+    os.kill(os.getpid(), signal.SIGKILL)  # what the out-of-memory killer does
+
+
+def test_a_worker_killed_mid_task_is_an_error_not_a_hang(tiny_config):
+    cfg = tiny_config()
+    fed = build_federation(cfg, load_task(cfg.data, seed=cfg.seed))
+    workers = ClientWorkers(fed, 2)
+    try:
+        with pytest.raises(SfedloraError, match="client worker process died .* --resume"):
+            list(workers.map(_die, [()]))
+    finally:
+        workers.close()
 
 
 def test_worker_count():

@@ -87,6 +87,7 @@ class ClientWorkers:
             self._pool = multiprocessing.get_context("fork").Pool(n, initializer=_init)
         finally:
             _FED = None
+        self._processes = list(self._pool._pool)  # the pool would replace a dead one silently
         # Tasks handed out ahead of the one awaited: enough to keep every worker busy,
         # few enough that client states do not pile up in memory.
         self._window = 2 * n
@@ -100,10 +101,23 @@ class ClientWorkers:
                 pending.append(self._pool.apply_async(_apply, (_pack((fn, a)),)))
             if not pending:
                 return
-            yield _unpack(pending.popleft().get())
+            yield _unpack(self._result(pending.popleft()))
+
+    def _result(self, task) -> bytes:
+        # A worker killed mid-task (out of memory, say) never answers, and the pool would
+        # wait for it forever: look for one while waiting.
+        while True:
+            try:
+                return task.get(timeout=1.0)
+            except multiprocessing.TimeoutError:
+                dead = [p.exitcode for p in self._processes if p.exitcode is not None]
+                if dead:
+                    raise SfedloraError(f"a client worker process died (exit code {dead[0]}; -9 is usually the "
+                                        "out-of-memory killer): set simulator.workers=1, or free memory, and continue "
+                                        "the run with --resume") from None
 
     def pids(self) -> list[int]:
-        return [p.pid for p in self._pool._pool]
+        return [p.pid for p in self._processes]
 
     def close(self) -> None:
         self._pool.terminate()
