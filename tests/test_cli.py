@@ -42,3 +42,19 @@ def test_partition_command_shows_sizes_and_label_histograms():
     sizes = [int(r.split("│")[2]) for r in rows]
     per_label = [int(r.split("│")[3]) + int(r.split("│")[4]) for r in rows]
     assert sizes == per_label and sum(sizes) == 12000
+
+
+def test_round_lines_show_the_headline_with_the_worst_client_and_survive_an_empty_round():
+    from sfedlora.cli import round_lines
+
+    evaluated = {"round": 5, "dropped": [], "train_loss": 0.41234, "personal_accuracy_mean": 0.8, "personal_accuracy_min": 0.7}
+    assert round_lines(evaluated, "personal_accuracy_mean", every_round=False) == [
+        "round    5  loss 0.4123  personal_accuracy_mean 0.8000  (min over clients 0.7000)"]
+    perplexity = {"round": 2, "dropped": [], "train_loss": 2.0, "personal_perplexity_mean": 9.0, "personal_perplexity_max": 12.0}
+    assert round_lines(perplexity, "personal_perplexity_mean", every_round=False)[0].endswith("(max over clients 12.0000)")
+    # Every sampled client dropped: no loss was recorded (null in metrics.jsonl).
+    empty = {"round": 3, "dropped": [0, 1], "train_loss": None}
+    lines = round_lines(empty, "personal_accuracy_mean", every_round=True)
+    assert "no reply from clients [0, 1]" in lines[0] and lines[1] == "round    3  loss -"
+    assert round_lines(empty, "personal_accuracy_mean", every_round=False) == lines[:1]
+    assert round_lines(evaluated, None, every_round=False) == ["round    5  loss 0.4123  personal_accuracy_mean 0.8000"]

@@ -67,5 +67,6 @@ def test_workers_give_the_same_run_as_one_process(tiny_config, method):
         # Two torch threads here, one in each worker: same math, summed in another order.
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
         assert a["grad_norm_B"] == pytest.approx(b["grad_norm_B"], rel=1e-4)
-    assert one.records[-1]["personal_accuracy_mean"] == two.records[-1]["personal_accuracy_mean"]
+    # Logits equal to float rounding: at most a borderline example of the 48 may flip.
+    assert one.records[-1]["personal_accuracy_mean"] == pytest.approx(two.records[-1]["personal_accuracy_mean"], abs=1 / 48)
     assert sum(len(r["injected"]) + len(r["dropped"]) for r in one.records) > 0

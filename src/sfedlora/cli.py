@@ -54,7 +54,6 @@ def run(
     runtime: Runtime = typer.Option(Runtime.simulator, "--runtime", help="simulator: the embedded one; flower: Flower's simulation engine (one SuperNode per client)."),
 ) -> None:
     """Run a federated fine-tuning experiment on the embedded simulator (or on Flower)."""
-    from .evaluation import higher_is_better
     from .experiment import headline, run as run_experiment
 
     if runtime is Runtime.flower and resume is not None:
@@ -88,7 +87,7 @@ def run(
     def on_record(record):
         for line in round_lines(record, state["key"], every_round=not console.is_terminal):
             progress.console.print(line)
-        progress.update(state["task"], advance=1, description=f"loss {record['train_loss']:.4f}")
+        progress.update(state["task"], advance=1, description=f"loss {_score(record['train_loss'])}")
 
     try:
         if runtime is Runtime.flower:
@@ -111,23 +110,30 @@ def run(
     print_summary(result.summary, result.run_dir)
 
 
+def _score(value) -> str:
+    """A loss or score for a round line; '-' where none was recorded (every client dropped)."""
+    return "-" if value is None else f"{value:.4f}"
+
+
 def round_lines(record: dict, key: str | None, every_round: bool) -> list[str]:
     """What a round prints: drop-outs, and the loss with the headline metric ``key`` where
     it was evaluated (None: every personalised mean), every round with ``every_round``
     (for logs, where no progress bar shows)."""
+    from .evaluation import higher_is_better
+
     lines = []
     if record["dropped"]:
         lines.append(f"[yellow]round {record['round']}: no reply from clients {record['dropped']}[/]")
-    line = f"round {record['round']:>4}  loss {record['train_loss']:.4f}"
+    line = f"round {record['round']:>4}  loss {_score(record['train_loss'])}"
     if key is None:
         scores = {k: v for k, v in record.items() if k.startswith("personal_") and k.endswith("_mean") and v is not None}
-        line += "".join(f"  {k} {v:.4f}" for k, v in scores.items())
+        line += "".join(f"  {k} {_score(v)}" for k, v in scores.items())
     elif key in record:
-        line += f"  {key} {record[key]:.4f}"
+        line += f"  {key} {_score(record[key])}"
         # The worst client: the lowest score, or the highest where lower is better (perplexity).
         worst, word = (key.replace("_mean", "_min"), "min") if higher_is_better(key) else (key.replace("_mean", "_max"), "max")
         if worst in record:
-            line += f"  ({word} over clients {record[worst]:.4f})"
+            line += f"  ({word} over clients {_score(record[worst])})"
     if every_round or (key in record if key else scores):
         lines.append(line)
     return lines

@@ -343,7 +343,7 @@ def dump_config(cfg: RunConfig) -> str:
 # Keys that name where a run lives or how it is shown, not what it computes.
 NON_RESULT_KEYS = frozenset({"name", "output_dir", "checkpoint_every", "save_adapters",
                              "flower.round_timeout", "flower.connect_timeout", "flower.client_cpus",
-                             "flower.client_gpus"})
+                             "flower.client_gpus", "simulator.workers"})
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

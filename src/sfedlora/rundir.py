@@ -57,22 +57,23 @@ def create_run_dir(path: Path, cfg: RunConfig) -> Path:
 
 @contextlib.contextmanager
 def ctrl_c_deferred():
-    """Hold back Ctrl-C until the block is done, then raise it.
+    """Hold back Ctrl-C until the block is done, then deliver it to the handler there was.
 
     torch.save's C++ writer turns a KeyboardInterrupt raised inside it into a RuntimeError
     traceback; a checkpoint being written should finish and the interrupt come right after.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous in (signal.SIG_IGN, None):
+        yield  # signals reach the main thread only; ignored stays ignored; a C-level handler is not ours to swap
         return
     caught = []
-    previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    signal.signal(signal.SIGINT, lambda *_: caught.append(True))
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-    if caught:
-        raise KeyboardInterrupt
+        if caught:
+            signal.raise_signal(signal.SIGINT)
 
 
 def atomic_write(path: Path, write) -> None:

@@ -16,6 +16,7 @@ import io
 import multiprocessing
 import os
 import signal
+import sys
 from collections import deque
 from typing import Callable, Iterable, Iterator
 
@@ -34,6 +35,8 @@ except OSError:  # not glibc: nothing to trim
 def _init() -> None:
     # Ctrl-C reaches the whole process group: the parent handles it and ends the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A progress bar may have swapped in proxies whose lock its thread (not forked) held.
+    sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
     torch.set_num_threads(1)
 
 
@@ -80,13 +83,18 @@ class ClientWorkers:
 
     def __init__(self, fed, n: int):
         global _FED
+        # Kept until close(): a worker the pool forks to replace a dead one inherits it too.
         _FED = fed
         # Fast tokenizers' thread pool does not survive a fork; the workers only pad.
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        previous = os.environ.get("TOKENIZERS_PARALLELISM")
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
         try:
             self._pool = multiprocessing.get_context("fork").Pool(n, initializer=_init)
         finally:
-            _FED = None
+            if previous is None:
+                del os.environ["TOKENIZERS_PARALLELISM"]
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = previous
         self._processes = list(self._pool._pool)  # the pool would replace a dead one silently
         # Tasks handed out ahead of the one awaited: enough to keep every worker busy,
         # few enough that client states do not pile up in memory.
@@ -120,8 +128,10 @@ class ClientWorkers:
         return [p.pid for p in self._processes]
 
     def close(self) -> None:
+        global _FED
         self._pool.terminate()
         self._pool.join()
+        _FED = None
 
 
 def run_clients(fed, workers: ClientWorkers | None, fn: Callable, args: Iterable[tuple]) -> Iterator:

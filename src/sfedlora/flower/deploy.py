@@ -9,7 +9,6 @@ processes it spawned too; each writes its log to ``<workdir>/logs``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -250,8 +249,11 @@ def up(cfg: RunConfig, workdir: Path, timeout: float = 3600.0, on_record: Callab
 
     def new_records() -> None:
         nonlocal seen
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").is_file() else []
-        for line in lines[seen:]:
+        text = (run_dir / "metrics.jsonl").read_text() if (run_dir / "metrics.jsonl").is_file() else ""
+        # Only whole lines: the last one may be being written (or torn, by a killed ServerApp).
+        for line in text.splitlines(keepends=True)[seen:]:
+            if not line.endswith("\n"):
+                break
             if on_record is not None:
                 on_record(json.loads(line))
             seen += 1
@@ -262,8 +264,7 @@ def up(cfg: RunConfig, workdir: Path, timeout: float = 3600.0, on_record: Callab
         while job.poll() is None:
             if time.monotonic() > deadline:
                 raise SfedloraError(f"the run did not finish within {timeout:g}s: see the logs in {workdir / 'logs'}")
-            with contextlib.suppress(json.JSONDecodeError):  # a line being written: read it next time
-                new_records()
+            new_records()
             time.sleep(1.0)
     new_records()
     if not (run_dir / "summary.json").is_file():
