@@ -42,9 +42,15 @@ def six_rounds(tmp_path):
             "method=sfed-lora", "train.schedule=cosine", "train.warmup_steps=2"]
 
 
+def _ctrl_c_as_in_a_terminal():
+    # A job started in the background (nohup, `&` in a script) inherits Ctrl-C ignored;
+    # the command must behave as a user's terminal session has it.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def cli(*args, **kw):
     return subprocess.Popen([sys.executable, "-m", "sfedlora.cli", "run", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kw)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_ctrl_c_as_in_a_terminal, **kw)
 
 
 def sets(overrides):
@@ -140,6 +146,10 @@ def test_ctrl_c_during_an_atomic_write_lets_the_file_finish(tmp_path):
         os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of the write
         f.write(b"complete")
 
-    with pytest.raises(KeyboardInterrupt):
-        atomic_write(path, write)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal session
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            atomic_write(path, write)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert path.read_bytes() == b"complete"
