@@ -45,7 +45,7 @@ def test_partition_command_shows_sizes_and_label_histograms():
 
 
 def test_round_lines_show_the_headline_with_the_worst_client_and_survive_an_empty_round():
-    from sfedlora.cli import round_lines
+    from sfedlora.logs import round_lines
 
     evaluated = {"round": 5, "dropped": [], "train_loss": 0.41234, "personal_accuracy_mean": 0.8, "personal_accuracy_min": 0.7}
     assert round_lines(evaluated, "personal_accuracy_mean", every_round=False) == [

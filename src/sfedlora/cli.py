@@ -15,7 +15,7 @@ from rich.table import Table
 
 from .config import RunConfig, build_config, dump_config, load_config
 from .errors import SfedloraError
-from .logs import quiet_libraries
+from .logs import quiet_libraries, round_lines, score_text
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, help="Stable federated fine-tuning with LoRA (SFed-LoRA).")
 console = Console(soft_wrap=True)
@@ -87,7 +87,7 @@ def run(
     def on_record(record):
         for line in round_lines(record, state["key"], every_round=not console.is_terminal):
             progress.console.print(line)
-        progress.update(state["task"], advance=1, description=f"loss {_score(record['train_loss'])}")
+        progress.update(state["task"], advance=1, description=f"loss {score_text(record['train_loss'])}")
 
     try:
         if runtime is Runtime.flower:
@@ -108,35 +108,6 @@ def run(
         raise typer.Exit(130)
     progress.stop()
     print_summary(result.summary, result.run_dir)
-
-
-def _score(value) -> str:
-    """A loss or score for a round line; '-' where none was recorded (every client dropped)."""
-    return "-" if value is None else f"{value:.4f}"
-
-
-def round_lines(record: dict, key: str | None, every_round: bool) -> list[str]:
-    """What a round prints: drop-outs, and the loss with the headline metric ``key`` where
-    it was evaluated (None: every personalised mean), every round with ``every_round``
-    (for logs, where no progress bar shows)."""
-    from .evaluation import higher_is_better
-
-    lines = []
-    if record["dropped"]:
-        lines.append(f"[yellow]round {record['round']}: no reply from clients {record['dropped']}[/]")
-    line = f"round {record['round']:>4}  loss {_score(record['train_loss'])}"
-    if key is None:
-        scores = {k: v for k, v in record.items() if k.startswith("personal_") and k.endswith("_mean") and v is not None}
-        line += "".join(f"  {k} {_score(v)}" for k, v in scores.items())
-    elif key in record:
-        line += f"  {key} {_score(record[key])}"
-        # The worst client: the lowest score, or the highest where lower is better (perplexity).
-        worst, word = (key.replace("_mean", "_min"), "min") if higher_is_better(key) else (key.replace("_mean", "_max"), "max")
-        if worst in record:
-            line += f"  ({word} over clients {_score(record[worst])})"
-    if every_round or (key in record if key else scores):
-        lines.append(line)
-    return lines
 
 
 def print_summary(summary: dict, run_dir: Path) -> None:

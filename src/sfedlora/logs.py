@@ -1,4 +1,4 @@
-"""What our commands print: library chatter turned down so progress lines stay readable."""
+"""What our commands print: library chatter turned down, and the lines a round prints."""
 
 from __future__ import annotations
 
@@ -19,3 +19,32 @@ def quiet_libraries() -> None:
     datasets.disable_progress_bars()
     # Raised by transformers when PEFT builds the model; nothing a user of ours can act on.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+def score_text(value) -> str:
+    """A loss or score for a round line; '-' where none was recorded (every client dropped)."""
+    return "-" if value is None else f"{value:.4f}"
+
+
+def round_lines(record: dict, key: str | None, every_round: bool) -> list[str]:
+    """What a round prints: drop-outs, and the loss with the headline metric ``key`` where
+    it was evaluated (None: every personalised mean), every round with ``every_round``
+    (for logs, where no progress bar shows)."""
+    from .evaluation import higher_is_better
+
+    lines = []
+    if record["dropped"]:
+        lines.append(f"round {record['round']}: no reply from clients {record['dropped']}")
+    line = f"round {record['round']:>4}  loss {score_text(record['train_loss'])}"
+    if key is None:
+        scores = {k: v for k, v in record.items() if k.startswith("personal_") and k.endswith("_mean") and v is not None}
+        line += "".join(f"  {k} {score_text(v)}" for k, v in scores.items())
+    elif key in record:
+        line += f"  {key} {score_text(record[key])}"
+        # The worst client: the lowest score, or the highest where lower is better (perplexity).
+        worst, word = (key.replace("_mean", "_min"), "min") if higher_is_better(key) else (key.replace("_mean", "_max"), "max")
+        if worst in record:
+            line += f"  ({word} over clients {score_text(record[worst])})"
+    if every_round or (key in record if key else scores):
+        lines.append(line)
+    return lines

@@ -13,11 +13,13 @@ import time
 from typing import Callable, Iterator
 
 from flwr.app import Context, Message, MessageType
+from flwr.common import log as flwr_log
 from flwr.serverapp import Grid, ServerApp
 
 from ..config import RunConfig, load_config
 from ..errors import SfedloraError
 from ..experiment import RunResult, run
+from ..logs import quiet_libraries, round_lines
 from ..simulation import DIVERGED, Federation, Inbox, conclude_round, expected_update, nbytes, sample_clients, simulate
 from .records import CONFIG, RESULT, config_text, read_train_reply, request
 from .secagg import SecAggRound, from_parameters, read_fit_metrics, to_parameters
@@ -69,7 +71,8 @@ class FlowerRounds:
         while len(ids := list(self.grid.get_node_ids())) < n_clients:
             if time.monotonic() > deadline:
                 raise SfedloraError(f"{len(ids)} of {n_clients} SuperNodes connected within flower.connect_timeout="
-                                    f"{self.cfg.flower.connect_timeout:g}s: start one per client (federation.n_clients)")
+                                    f"{self.cfg.flower.connect_timeout:g}s: start one per client (federation.n_clients); "
+                                    f"with flwr run's local simulation pass --federation-config \"num-supernodes={n_clients}\"")
             time.sleep(0.5)
         self.nodes = {i: node for i, node in enumerate(ids)}  # provisional, to address the handshake
         held: dict[int, int] = {}
@@ -193,8 +196,11 @@ def make_server_app(cfg: RunConfig | None = None, on_start=None, on_record=None,
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
+        quiet_libraries()
+        # Under `flwr run` nobody watches the records: log each round to the run's stream.
+        report = on_record or (lambda record: [flwr_log(logging.INFO, line) for line in round_lines(record, None, True)])
         try:
-            result = run_on_grid(grid, cfg or config_from_context(context), on_start, on_record)
+            result = run_on_grid(grid, cfg or config_from_context(context), on_start, report)
         except Exception as err:
             if outcome is not None:
                 outcome["error"] = err
