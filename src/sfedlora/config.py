@@ -147,7 +147,7 @@ class ServerConfig(_Section):
 class SimulatorConfig(_Section):
     """The embedded simulator (sfedlora run without --runtime flower)."""
 
-    workers: int | Literal["auto"] = Field("auto", description="Processes that train the round's clients (and evaluate personalised models) side by side, each with one torch thread and the frozen base model shared copy-on-write; results equal one process's. auto: one per torch thread on a CPU (so 2 on a 2-core machine, 1 inside a sweep running a cell per core), 1 on a GPU; CPU only.")
+    workers: int | Literal["auto"] = Field("auto", description="Processes that train the round's clients (and evaluate personalised models) side by side, each with one torch thread and the frozen base model shared copy-on-write; the same results as one process, up to float rounding. auto: one per torch thread on a CPU (so 2 on a 2-core machine, 1 inside a sweep running a cell per core), 1 on a GPU; CPU only.")
 
     @field_validator("workers")
     @classmethod

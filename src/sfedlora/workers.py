@@ -6,7 +6,8 @@ threads of one process far less busy than two one-thread processes keep two core
 each inherits the frozen base model copy-on-write (its weights are never written, so
 their pages stay shared), runs one torch thread, and calls the very functions the
 sequential path calls, with the federation it inherited. Only client state, downloads
-and results cross the pipes, so results equal those of one process.
+and results cross the pipes, so a run's results are those of one process, up to the
+order in which one thread or several sum the same floats.
 """
 
 from __future__ import annotations
