@@ -123,9 +123,9 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).with_name("results.json")))
     args = parser.parse_args()
     torch.manual_seed(0)
-    results: dict = {"machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"}
-
     threads = torch.get_num_threads()
+    results: dict = {"machine": f"{platform.machine()}, {threads} torch threads, torch {torch.__version__}"}
+
     for n, steps in [(10, 10), (100, 1)]:
         fed = federation(n, steps)
         workers = ClientWorkers(fed, threads)
@@ -135,7 +135,7 @@ def main() -> None:
         fed_naive = federation(n, steps)
         naive = timed_rounds(lambda: naive_round(fed_naive), args.rounds)
         plain = timed_rounds(lambda: plain_loop(fed), args.rounds)
-        row = results[f"N={n}x{steps}"] = {
+        results[f"N={n}x{steps}"] = {
             "embedded_s_per_round": sim, "embedded_examples_per_s": examples / sim,
             f"embedded_{threads}_workers_s_per_round": par, "workers_examples_per_s": examples / par,
             "workers_speedup": sim / par,

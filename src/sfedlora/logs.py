@@ -39,12 +39,15 @@ def round_lines(record: dict, key: str | None, every_round: bool) -> list[str]:
     if key is None:
         scores = {k: v for k, v in record.items() if k.startswith("personal_") and k.endswith("_mean") and v is not None}
         line += "".join(f"  {k} {score_text(v)}" for k, v in scores.items())
-    elif key in record:
-        line += f"  {key} {score_text(record[key])}"
-        # The worst client: the lowest score, or the highest where lower is better (perplexity).
-        worst, word = (key.replace("_mean", "_min"), "min") if higher_is_better(key) else (key.replace("_mean", "_max"), "max")
-        if worst in record:
-            line += f"  ({word} over clients {score_text(record[worst])})"
-    if every_round or (key in record if key else scores):
+        evaluated = bool(scores)
+    else:
+        evaluated = key in record
+        if evaluated:
+            line += f"  {key} {score_text(record[key])}"
+            # The worst client: the lowest score, or the highest where lower is better (perplexity).
+            worst, word = (key.replace("_mean", "_min"), "min") if higher_is_better(key) else (key.replace("_mean", "_max"), "max")
+            if worst in record:
+                line += f"  ({word} over clients {score_text(record[worst])})"
+    if every_round or evaluated:
         lines.append(line)
     return lines
