@@ -13,7 +13,8 @@ Same job everywhere: MiniLM, the bundled SST-2 sample, LoRA r = 16 on query/valu
   process and with the workers;
 - peak resident memory of a one-round run at N = 1, 10, 100, each in its own process
   (one process: the workers' memory is measured apart, as proportional set size, since
-  they share the base model's pages with the parent).
+  they share the base model's pages with the parent), and of N = 1 taking 100 local
+  steps: as many batches as N = 100 x 1 step, so the difference is the clients' state.
 """
 
 from __future__ import annotations
@@ -103,12 +104,12 @@ def plain_loop(fed) -> None:
             opt.zero_grad(set_to_none=True)
 
 
-def peak_rss_mb(n_clients: int) -> float:
+def peak_rss_mb(n_clients: int, local_steps: int = 1) -> float:
     code = (
         "import sys; sys.argv=['x'];"
         "from sfedlora.config import build_config; from sfedlora.data import load_task;"
         "from sfedlora.simulation import build_federation, run_round;"
-        f"cfg = build_config(overrides={BASE + [f'federation.n_clients={n_clients}', 'federation.local_steps=1', 'partition.min_size=16']!r});"
+        f"cfg = build_config(overrides={BASE + [f'federation.n_clients={n_clients}', f'federation.local_steps={local_steps}', 'partition.min_size=16']!r});"
         "fed = build_federation(cfg, load_task(cfg.data)); run_round(fed);"
         # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forking parent.
         "print(int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) / 1024)"
@@ -158,6 +159,9 @@ def main() -> None:
         workers.close()
 
     results["peak_rss_mb"] = {f"N={n}": peak_rss_mb(n) for n in (1, 10, 100)}
+    # The same number of batches as N = 100 x 1 step, from one client: what the compute
+    # itself holds (the largest batch's activations, kernels cached per batch shape).
+    results["peak_rss_mb"]["N=1 x 100 steps"] = peak_rss_mb(1, 100)
     fed = federation(1, 1)
     one_client = sum(t.numel() * t.element_size() for t in fed.clients[0].tensors.values())
     results["peak_rss_mb"]["one_client_state_mb (adapter only, before optimizer state)"] = one_client / 2**20
