@@ -74,8 +74,9 @@ def _apply(payload: bytes) -> bytes:
 def _release_freed_memory() -> None:
     # A task frees a client's activations and state copies, which glibc keeps on its heap
     # for the next task. Handing them back after every task kept a worker at 60% of the
-    # memory but cost 14% of a 10-client round and 31% of a 100-client one (the next
-    # task's pages fault in afresh), so only once the heap's free part outgrows its live one.
+    # memory but cost 12% of a 10-client round and 26% of a 100-client one (the next
+    # task's pages fault in afresh; benchmarks/README.md), so only once the heap's free
+    # part outgrows its live one.
     if _LIBC is not None:
         info = _LIBC.mallinfo2()
         if info.fordblks > info.uordblks:
