@@ -70,3 +70,27 @@ def test_workers_give_the_same_run_as_one_process(tiny_config, method):
     # Logits equal to float rounding: at most a borderline example of the 48 may flip.
     assert one.records[-1]["personal_accuracy_mean"] == pytest.approx(two.records[-1]["personal_accuracy_mean"], abs=1 / 48)
     assert sum(len(r["injected"]) + len(r["dropped"]) for r in one.records) > 0
+
+
+def test_freed_memory_is_handed_back_only_once_it_outgrows_the_live_heap(monkeypatch):
+    import sfedlora.workers as workers
+
+    class Libc:
+        def __init__(self, live, free):
+            self.info = workers._MallInfo2(uordblks=live, fordblks=free)
+            self.trims = 0
+
+        def mallinfo2(self):
+            return self.info
+
+        def malloc_trim(self, pad):
+            self.trims += 1
+
+    for live, free, trims in [(500 << 20, 300 << 20, 0), (500 << 20, 600 << 20, 1)]:
+        libc = Libc(live, free)
+        monkeypatch.setattr(workers, "_LIBC", libc)
+        workers._release_freed_memory()
+        assert libc.trims == trims
+    monkeypatch.undo()
+    if workers._LIBC is not None:  # glibc's own answer reads back: this process holds live heap
+        assert workers._LIBC.mallinfo2().uordblks > 0
