@@ -153,3 +153,15 @@ def test_ctrl_c_during_an_atomic_write_lets_the_file_finish(tmp_path):
     finally:
         signal.signal(signal.SIGINT, previous)
     assert path.read_bytes() == b"complete"
+
+
+def test_metrics_behind_the_checkpoint_is_a_one_line_error_naming_the_fix(tmp_path):
+    from sfedlora.errors import SfedloraError
+    from sfedlora.rundir import truncate_metrics
+
+    lines = [json.dumps({"round": r, "train_loss": 0.5}) + "\n" for r in (1, 2)]
+    (tmp_path / "metrics.jsonl").write_text("".join(lines))
+    assert [r["round"] for r in truncate_metrics(tmp_path, 2)] == [1, 2]
+    with pytest.raises(SfedloraError, match=f"holds 2 complete rounds but the checkpoint 3.*delete {tmp_path}"):
+        truncate_metrics(tmp_path, 3)
+    assert (tmp_path / "metrics.jsonl").read_text() == "".join(lines)  # nothing lost

@@ -189,6 +189,7 @@ def truncate_metrics(run_dir: Path, rounds_done: int) -> list[dict]:
         kept.append(line)
         records.append(record)
     if len(kept) != rounds_done:
-        raise SfedloraError(f"{path} holds {len(kept)} complete rounds but the checkpoint {rounds_done}: the run cannot be resumed")
+        raise SfedloraError(f"{path} holds {len(kept)} complete rounds but the checkpoint {rounds_done}: the run cannot be "
+                            f"resumed; delete {run_dir} to run it again from the start")
     atomic_write(path, lambda f: f.write(b"".join(kept)))
     return records
