@@ -144,3 +144,15 @@ def test_a_sweep_without_output_dir_goes_to_the_default(tiny_overrides, tmp_path
     result = runner.invoke(app, ["sweep", "job.yaml", "--grid", "rank=2", "--name", "plain", *sets])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "runs" / "plain" / "runs" / "rank-2" / "summary.json").is_file()
+
+
+def test_a_failing_cell_is_reported_and_the_others_finish(tiny_overrides, tmp_path):
+    base, grid = load_sweep(None, "rank=2,4", tiny_overrides)
+    sweep_dir = tmp_path / "s"
+    broken = sweep_dir / "runs" / "rank-2"
+    broken.mkdir(parents=True)
+    (broken / "checkpoint.pt").write_bytes(b"not a checkpoint")  # a resume that cannot work: no config.yaml
+    with pytest.raises(SfedloraError, match=r"1 of 2 cells failed .* first rank-2: .* is not a run directory"):
+        run_sweep(base, grid, sweep_dir)
+    assert (sweep_dir / "runs" / "rank-4" / "summary.json").is_file()
+    assert [r["rank"] for r in csv.DictReader((sweep_dir / "summary.csv").open())] == ["4"]

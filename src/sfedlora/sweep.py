@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import logging
 import math
 import os
 import shutil
@@ -30,6 +31,8 @@ from .config import apply_overrides, build_config, read_yaml_mapping
 from .errors import SfedloraError
 from .evaluation import higher_is_better
 from .rundir import RunLock, read_metrics
+
+log = logging.getLogger("sfedlora")
 
 # Short names for the axes a study varies most; any dotted config key works as well.
 ALIASES = {
@@ -166,21 +169,34 @@ def run_sweep(
     runs_dir = sweep_dir / "runs"
     cells = grid_cells(grid)
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    done = []
+    done, failed = [], []
+
+    def finished(cell: dict, result: Callable[[], str], skipped: bool) -> None:
+        # A cell that fails is reported at once and the others go on: one bad cell must
+        # not stop (or, with a pool, silence) a sweep of hours.
+        try:
+            done.append(Path(result()))
+        except Exception as err:  # noqa: BLE001 - any failure of one cell, reported with its kind
+            reason = str(err) if isinstance(err, SfedloraError) else f"{type(err).__name__}: {err}"
+            failed.append(f"{cell_name(cell)}: {reason}")
+            log.error("cell %s failed: %s", cell_name(cell), reason)
+            return
+        if on_cell:
+            on_cell(cell, done[-1], skipped)
+
     if jobs == 1:
         for cell in cells:
             skipped = (runs_dir / cell_name(cell) / "summary.json").is_file()
-            done.append(Path(_run_cell(base, cell, str(runs_dir), threads)))
-            if on_cell:
-                on_cell(cell, done[-1], skipped)
+            finished(cell, lambda: _run_cell(base, cell, str(runs_dir), threads), skipped)
     else:
         with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
             futures = {pool.submit(_run_cell, base, cell, str(runs_dir), threads): cell for cell in cells}
             for future in as_completed(futures):
-                done.append(Path(future.result()))
-                if on_cell:
-                    on_cell(futures[future], done[-1], False)
+                finished(futures[future], future.result, False)
     write_summary(sweep_dir, summary_grid, target)
+    if failed:
+        raise SfedloraError(f"{len(failed)} of {len(cells)} cells failed (the others finished and are summarised), "
+                            f"first {failed[0]}; fix them and run the sweep again")
     return done
 
 
