@@ -156,3 +156,22 @@ def test_a_failing_cell_is_reported_and_the_others_finish(tiny_overrides, tmp_pa
         run_sweep(base, grid, sweep_dir)
     assert (sweep_dir / "runs" / "rank-4" / "summary.json").is_file()
     assert [r["rank"] for r in csv.DictReader((sweep_dir / "summary.csv").open())] == ["4"]
+
+
+def test_heatmap_axis_labels_do_not_run_into_neighbouring_panels():
+    from sfedlora.report import _heatmap, _plt
+
+    plt = _plt()
+    methods, clients, ranks = ["fedsa-lora", "fedsa-rslora", "sfed-lora", "rolora"], [5, 10, 20], [4, 8, 32, 128, 512]
+    values = {(m, n, r): [0.5] for m in methods for n in clients for r in ranks}
+    fig = _heatmap(plt, values, methods, clients, ranks, "train_loss")
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    panels = fig.axes[: len(methods)]
+    for ax in panels:
+        labels = [t for t in (ax.yaxis.label, ax.xaxis.label) if t.get_text()]
+        for other in panels:
+            if other is not ax:
+                for label in labels:
+                    assert not label.get_window_extent(renderer).overlaps(other.get_window_extent(renderer))
+    plt.close(fig)

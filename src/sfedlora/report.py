@@ -135,14 +135,16 @@ def colour_scale(metric: str, values: list) -> dict:
 def _heatmap(plt, values: dict[tuple, list], methods, clients, ranks, metric: str):
     """Mean over seeds of ``values[(method, clients, rank)]``: clients × rank, a panel per method."""
     fig, axes = plt.subplots(1, len(methods), figsize=(3.4 * len(methods), 0.6 * len(clients) + 2), squeeze=False)
-    for ax, method in zip(axes[0], methods):
+    for j, (ax, method) in enumerate(zip(axes[0], methods)):
         table = np.array([[np.mean([v for v in values.get((method, n, r), []) if v is not None] or [np.nan])
                            for r in ranks] for n in clients])
         im = ax.imshow(table, aspect="auto", **colour_scale(metric, [v for vs in values.values() for v in vs]))
         ax.set_xticks(range(len(ranks)), [str(r) for r in ranks])
         ax.set_yticks(range(len(clients)), [str(n) for n in clients])
         ax.set_xlabel("rank r")
-        ax.set_ylabel("clients N")
+        # The panels share their rows; a label on each would run into its left neighbour.
+        if j == 0:
+            ax.set_ylabel("clients N")
         ax.set_title(method, fontsize=9)
         for (a, b), v in np.ndenumerate(table):
             if np.isfinite(v):
