@@ -103,12 +103,15 @@ def test_learning_rate_views(tmp_path):
 
     grid = {"method": ["a"], "rank": [4, 8], "lr": [0.1, 0.01], "seed": [0, 1]}
     finals = {(4, 0.1): [0.8, 0.7], (4, 0.01): [0.6, 0.6], (8, 0.1): [0.5, 0.5], (8, 0.01): [0.9, 0.7]}
-    rows = [{"method": "a", "rank": r, "lr": lr, "seed": s, "final": f}
+    rows = [{"method": "a", "rank": r, "lr": lr, "seed": s, "final": f, "final_train_loss": 1 - f}
             for (r, lr), fs in finals.items() for s, f in enumerate(fs)]
     text = "\n".join(_learning_rate_views(rows, grid))
-    assert "**lr = 0.1**\n\n| method | r=4 | r=8 |\n|---|---|---|\n| a | 0.7500 | 0.5000 |" in text
-    assert "| a | 0.6000 | 0.8000 |" in text  # lr = 0.01
-    assert "| a | 0.7500 (0.1) | 0.8000 (0.01) |" in text  # tuned
+    metric, loss = text.split("## Final training loss")
+    assert "**lr = 0.1**\n\n| method | r=4 | r=8 |\n|---|---|---|\n| a | 0.7500 | 0.5000 |" in metric
+    assert "| a | 0.6000 | 0.8000 |" in metric  # lr = 0.01
+    assert "| a | 0.7500 (0.1) | 0.8000 (0.01) |" in loss  # tuned, after the loss tables
+    assert "**lr = 0.1**\n\n| method | r=4 | r=8 |\n|---|---|---|\n| a | 0.2500 | 0.5000 |" in loss
+    assert "| a | 0.4000 | 0.2000 |" in loss  # lr = 0.01
 
     # Where lower is better (a perplexity), the tuned rate is the one with the lowest final value.
     for row in rows:

@@ -274,32 +274,42 @@ def _axis(grid: dict, dotted: str) -> str | None:
     return next((k for k in grid if ALIASES.get(k, k) == dotted), None)
 
 
+def _cell_means(rows: list[dict], column: str, others: list[str], rank_key: str, lr_key: str) -> dict[tuple, float]:
+    """Mean over seeds of ``column``, keyed by (other axes' values, rank, learning rate)."""
+    values: dict[tuple, list[float]] = {}
+    for row in rows:
+        if row.get(column) is not None:
+            values.setdefault((tuple(row[k] for k in others), row[rank_key], row[lr_key]), []).append(row[column])
+    return {k: float(np.mean(v)) for k, v in values.items()}
+
+
 def _learning_rate_views(rows: list[dict], grid: dict) -> list[str]:
-    """With a learning-rate axis: the final metric at each fixed learning rate across ranks
-    (does one setting work at every r?) and at the best learning rate of each cell (tuned)."""
+    """With a learning-rate axis: the final metric and training loss at each fixed learning
+    rate across ranks (does one setting work at every r?) and the final metric at the best
+    learning rate of each cell (tuned). The training loss is there because on skewed
+    personalised splits it can separate rules that the held-out metric does not."""
     lr_key, rank_key = _axis(grid, "train.lr"), _axis(grid, "lora.rank")
     if lr_key is None or rank_key is None or len(grid[lr_key]) < 2:
         return []
     others = [k for k in grid if k not in (lr_key, rank_key, "seed")]
-    finals: dict[tuple, list[float]] = {}
-    for row in rows:
-        if row["final"] is not None:
-            finals.setdefault((tuple(row[k] for k in others), row[rank_key], row[lr_key]), []).append(row["final"])
-    mean = {k: float(np.mean(v)) for k, v in finals.items()}
+    mean = _cell_means(rows, "final", others, rank_key, lr_key)
     # The best learning rate is the one with the best final metric: the lowest, for a perplexity.
     sign = 1.0 if all(higher_is_better(r.get("metric", "")) for r in rows) else -1.0
     groups = list(dict.fromkeys(k[0] for k in mean))
     ranks = grid[rank_key]
     header = "| " + " | ".join(others + [f"r={r}" for r in ranks]) + " |"
     rule = "|" + "---|" * (len(others) + len(ranks))
-    out = ["", "## Fixed learning rate across ranks", "",
-           "Mean final metric over seeds; one table per learning rate.", ""]
-    for lr in grid[lr_key]:
-        out += [f"**lr = {lr}**", "", header, rule]
-        for g in groups:
-            out.append("| " + " | ".join([str(v) for v in g] + [
-                f"{mean[(g, r, lr)]:.4f}" if (g, r, lr) in mean else "–" for r in ranks]) + " |")
-        out.append("")
+    out = []
+    loss = _cell_means(rows, "final_train_loss", others, rank_key, lr_key)
+    for title, what, means in (("Fixed learning rate across ranks", "final metric", mean),
+                               ("Final training loss at a fixed learning rate across ranks", "final training loss", loss)):
+        out += ["", f"## {title}", "", f"Mean {what} over seeds; one table per learning rate.", ""]
+        for lr in grid[lr_key]:
+            out += [f"**lr = {lr}**", "", header, rule]
+            for g in groups:
+                out.append("| " + " | ".join([str(v) for v in g] + [
+                    f"{means[(g, r, lr)]:.4f}" if (g, r, lr) in means else "–" for r in ranks]) + " |")
+            out.append("")
     out += ["## Best learning rate per cell (tuned)", "", "Mean final metric over seeds at the cell's best learning rate (that rate in brackets).", "",
             header, rule]
     for g in groups:
