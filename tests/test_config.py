@@ -57,6 +57,7 @@ def test_resolved_config_round_trips(tmp_path):
         (["federation.fraction=0.5", "federation.clients_per_round=2"], "not both"),
         (["model.device=tpu"], "model.device: String should match pattern"),
         (["lora.rank.x=1"], "lora.rank: Input should be a valid integer"),
+        (["eval.clients=11"], r"eval.clients \(11\) exceeds federation.n_clients \(10\)"),
     ],
 )
 def test_bad_combinations_name_the_field(overrides, message):

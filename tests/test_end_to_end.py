@@ -42,14 +42,38 @@ def test_run_writes_the_run_directory(tiny_config):
 
 
 def test_a_run_judged_on_local_label_mixes(tiny_config):
-    cfg = tiny_config("name=local", "partition.kind=dirichlet", "eval.judged_on=local", "save_adapters=false")
+    cfg = tiny_config("name=local", "partition.kind=dirichlet", "eval.judged_on=local", "save_adapters=false", "eval.clients=2")
     result = run(cfg)
     summary = result.summary
     hist = np.array(json.loads((result.run_dir / "partition.json").read_text())["label_histograms"])
+    hist = hist[result.records[-1]["evaluated_clients"]]
     assert summary["metric"] == summary["collapse_metric"] == "personal_local_accuracy_mean"
-    # the baseline of a client that always answers its own majority label
+    # the baseline of an evaluated client that always answers its own majority label
     assert summary["majority_baseline"] == pytest.approx(np.mean(hist.max(1) / hist.sum(1)))
     assert summary["final"] == result.records[-1]["personal_local_accuracy_mean"]
+
+
+def test_evaluating_a_sample_of_clients_scores_those_clients_only(tiny_config):
+    from sfedlora.simulation import client_scores, evaluate, outputs_of
+
+    cfg = tiny_config("federation.n_clients=5", "partition.kind=dirichlet", "method=fedsa-lora", "eval.clients=2")
+    fed = build_federation(cfg, load_task(cfg.data, seed=cfg.seed))
+    torch.manual_seed(0)
+    for state in fed.clients:  # give every client its own B, so their models differ
+        for name, tensor in state.tensors.items():
+            if "lora_B" in name:
+                tensor.normal_(std=0.5)
+    chosen = fed.evaluated_clients
+    assert len(chosen) == 2 and chosen == sorted(set(chosen)) and set(chosen) <= set(range(5))
+    per_client = [client_scores(fed, k, outputs_of(fed, fed.personal_tensors(k), k)) for k in range(5)]
+    scores = evaluate(fed)
+    assert scores["evaluated_clients"] == chosen
+    for key in ("accuracy", "local_accuracy"):
+        assert scores[f"personal_{key}_mean"] == pytest.approx(np.mean([per_client[k][key] for k in chosen]))
+        assert scores[f"personal_{key}_min"] == pytest.approx(min(per_client[k][key] for k in chosen))
+    # The sample is fixed by the seed: the next evaluation scores the same clients.
+    assert evaluate(fed)["evaluated_clients"] == chosen
+    assert build_federation(cfg, load_task(cfg.data, seed=cfg.seed)).evaluated_clients == chosen
 
 
 @pytest.mark.parametrize("method, expected", [("fedit", ["global"]), ("fedsa-lora", ["client_00", "client_01", "client_02"])])

@@ -23,7 +23,8 @@ from sfedlora.simulation import build_federation, client_round  # noqa: E402
 COMPARED = ("train_loss", "personal_accuracy_mean", "personal_accuracy_min", "personal_local_accuracy_mean", "update_norm")
 
 
-@pytest.mark.parametrize("ranks", [(), ("lora.rank=8", "lora.client_ranks=[2, 4, 8]")], ids=["one-rank", "mixed-ranks"])
+# The mixed-rank case also evaluates a sample of 2 of the 3 clients: Flower must ask the same ones.
+@pytest.mark.parametrize("ranks", [(), ("lora.rank=8", "lora.client_ranks=[2, 4, 8]", "eval.clients=2")], ids=["one-rank", "mixed-ranks"])
 def test_flower_simulation_matches_the_embedded_simulator(tiny_config, tiny_overrides, ranks):
     overrides = ("federation.rounds=3", "lora.dropout=0.1", "model.precision=fp32", "method=sfed-lora", *ranks)
     embedded = run(tiny_config("name=embedded", *overrides))
@@ -37,6 +38,7 @@ def test_flower_simulation_matches_the_embedded_simulator(tiny_config, tiny_over
         assert a["clients"] == b["clients"] and a["aggregated"] == b["aggregated"] == 3
         assert (a["bytes_up"], a["bytes_down"]) == (b["bytes_up"], b["bytes_down"]) and a["bytes_up"] > 0
         assert a.get("client_ranks") == b.get("client_ranks") and a.get("client_gammas") == b.get("client_gammas")
+        assert a.get("evaluated_clients") == b.get("evaluated_clients") and len(a.get("evaluated_clients", [0] * 3)) == 3 - bool(ranks)
         for key in COMPARED:
             assert b[key] == pytest.approx(a[key], abs=1e-5), (a["round"], key)
     assert flower_records[-1]["train_loss"] != flower_records[0]["train_loss"]  # it trained

@@ -123,6 +123,7 @@ class EvalConfig(_Section):
     every: int = Field(20, ge=1, description="Evaluate every k rounds (and always after the last).")
     batch_size: int = Field(128, ge=1, description="Examples per evaluation batch.")
     personalised: bool = Field(True, description="Evaluate every client's personalised model (shared + local tensors).")
+    clients: int | None = Field(None, ge=1, description="Evaluate the personalised models of this many clients only: a sample drawn once from the seed, the same clients at every evaluation so rounds compare (null: every client). Personalised evaluation costs a dev-set pass per client, which dominates large-N runs.")
     max_new_tokens: int = Field(256, ge=1, description="gsm8k: tokens generated (greedily) per evaluation answer.")
     judged_on: Literal["dev", "local"] = Field("dev", description="What a run is judged by (final/best score, collapse): the personalised models on the whole dev set, or under each client's own training label mix (classification; the client-local test data of FedSA-LoRA's protocol, for non-IID splits).")
 
@@ -239,6 +240,13 @@ class RunConfig(_Section):
         if self.server.min_replies > sampled:
             raise ValueError(f"server.min_replies ({self.server.min_replies}) exceeds the {sampled} clients sampled per round: "
                              "no round could ever be averaged")
+        return self
+
+    @model_validator(mode="after")
+    def _eval_clients_exist(self) -> "RunConfig":
+        if self.eval.clients is not None and self.eval.clients > self.federation.n_clients:
+            raise ValueError(f"eval.clients ({self.eval.clients}) exceeds federation.n_clients ({self.federation.n_clients}): "
+                             "lower it, or drop it to evaluate every client")
         return self
 
     @model_validator(mode="after")

@@ -43,11 +43,12 @@ def collapse_metric(fed: Federation) -> str:
 
 def majority_baseline(fed: Federation) -> float | None:
     """Accuracy of always predicting the most frequent label (None for regression and causal LMs): of the
-    dev set, or, judged on local label mixes, of each client's own labels (mean over clients)."""
+    dev set, or, judged on local label mixes, of each client's own labels (mean over the evaluated clients)."""
     if fed.num_labels < 2:  # regression, causal LM: no classes
         return None
     if fed.cfg.eval.judged_on == "local":
-        return float(np.mean(fed.histograms.max(axis=1) / fed.histograms.sum(axis=1)))
+        hist = fed.histograms[fed.evaluated_clients]
+        return float(np.mean(hist.max(axis=1) / hist.sum(axis=1)))
     return float(np.bincount(fed.eval_data.labels, minlength=fed.num_labels).max() / len(fed.eval_data))
 
 

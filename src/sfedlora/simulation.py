@@ -87,6 +87,15 @@ class Federation:
     def global_tensors(self) -> dict[str, torch.Tensor]:
         return {**self.initial, **self.server}
 
+    @functools.cached_property
+    def evaluated_clients(self) -> list[int]:
+        """The clients whose personalised models are scored: every client, or ``eval.clients``
+        of them drawn once from the seed (its own stream, so sampling and faults are unchanged)."""
+        n, k = len(self.clients), self.cfg.eval.clients
+        if k is None or k >= n:
+            return list(range(n))
+        return sorted(int(i) for i in np.random.default_rng([self.cfg.seed, 4]).choice(n, k, replace=False))
+
 
 def split_clients(cfg: RunConfig, labels: np.ndarray) -> list[np.ndarray]:
     """Each client's training-example indices, as the config's partition asks."""
@@ -211,31 +220,34 @@ def client_scores(fed: Federation, k: int, outputs) -> dict[str, float]:
 
 
 def evaluate(fed: Federation, personal: Callable[[], list[dict[str, float]]] | None = None,
-             workers: ClientWorkers | None = None) -> dict[str, float]:
-    """Personalised models (mean/min over clients) and, where one exists, the global model.
+             workers: ClientWorkers | None = None) -> dict[str, float | list[int]]:
+    """Personalised models (mean/min over the evaluated clients, named in
+    ``evaluated_clients`` when not every client) and, where one exists, the global model.
 
     Every score is on the whole dev set. For classification, ``personal_local_accuracy``
     adds each client's accuracy under its own training label mix. ``personal`` gives the
     clients' scores where their tensors live elsewhere (Flower); by default they are
     computed from ``fed.clients``, in ``workers`` where there are any.
     """
-    out: dict[str, float] = {}
+    out: dict[str, float | list[int]] = {}
     global_outputs = None
     if not fed.method.has_local_state():
         global_outputs = outputs_of(fed, fed.global_tensors())
         out.update({f"global_{k}": v for k, v in task_scores(fed, global_outputs).items()})
     if fed.cfg.eval.personalised:
+        ks = fed.evaluated_clients
         # Without local tensors (and with one rank) every client's model is the global one: no second pass.
         if not fed.client_models_differ():
-            per_client = [client_scores(fed, k, global_outputs) for k in range(len(fed.clients))]
+            per_client = [client_scores(fed, k, global_outputs) for k in ks]
         elif personal is not None:
             per_client = personal()
         else:
-            ks = range(len(fed.clients))
             outputs = run_clients(fed, workers, outputs_of, ((fed.personal_tensors(k), k) for k in ks))
             per_client = [client_scores(fed, k, o) for k, o in zip(ks, outputs)]
         if per_client:
             out.update({f"personal_{k}": v for k, v in summarise(per_client).items()})
+        if len(ks) < len(fed.clients):
+            out["evaluated_clients"] = ks
     return out
 
 

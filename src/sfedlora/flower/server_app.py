@@ -159,8 +159,8 @@ class FlowerRounds:
         return conclude_round(fed, round_, inbox, start)
 
     def personal(self, fed: Federation) -> list[dict[str, float]]:
-        """Every reachable client's scores of its personalised model."""
-        clients = list(range(len(fed.clients)))
+        """The scores of every reachable evaluated client's personalised model."""
+        clients = fed.evaluated_clients
         replies = self.ask(MessageType.EVALUATE, clients, lambda k: request(self.text, k, fed.round, fed.download(k)),
                            f"eval-{fed.round}")
         scores = []
