@@ -161,6 +161,18 @@ def test_a_failing_cell_is_reported_and_the_others_finish(tiny_overrides, tmp_pa
     assert [r["rank"] for r in csv.DictReader((sweep_dir / "summary.csv").open())] == ["4"]
 
 
+def test_cells_in_worker_processes_finish_and_name_their_warnings(tiny_overrides, tmp_path, capfd):
+    # Every reply corrupted: each round of each cell logs refused updates, from two processes at once.
+    base, grid = load_sweep(None, "rank=2,4", [*tiny_overrides, "federation.rounds=1", "faults.bad_update=1.0"])
+    done = run_sweep(base, grid, tmp_path / "s", jobs=2)
+    assert sorted(p.name for p in done) == ["rank-2", "rank-4"]
+    assert all((p / "summary.json").is_file() for p in done)
+    err = capfd.readouterr().err
+    for cell in ("rank-2", "rank-4"):
+        assert f"{cell}: round 1: update of client 0 rejected" in err, err
+    assert "\nround 1:" not in "\n" + err  # no warning without its cell
+
+
 def test_heatmap_axis_labels_do_not_run_into_neighbouring_panels():
     from sfedlora.report import _heatmap, _plt
 

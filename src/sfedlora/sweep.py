@@ -123,14 +123,21 @@ def _run_cell(base: dict, cell: dict, runs_dir: str, threads: int) -> str:
     run_dir = Path(runs_dir) / cell_name(cell)
     if (run_dir / "summary.json").is_file():
         return str(run_dir)
-    if (run_dir / "checkpoint.pt").is_file():
-        run(None, resume=run_dir)
-    else:
-        if run_dir.exists():  # started but not one round checkpointed: nothing to keep
-            with RunLock(run_dir):  # unless another sweep process is running it right now
-                pass
-            shutil.rmtree(run_dir)
-        run(build_config(base, [*cell_overrides(cell), f"output_dir={runs_dir}", f"name={cell_name(cell)}"]))
+    # Cells running side by side write to one terminal: each warning names its cell.
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(f"{cell_name(cell)}: %(message)s"))
+    log.addHandler(handler)
+    try:
+        if (run_dir / "checkpoint.pt").is_file():
+            run(None, resume=run_dir)
+        else:
+            if run_dir.exists():  # started but not one round checkpointed: nothing to keep
+                with RunLock(run_dir):  # unless another sweep process is running it right now
+                    pass
+                shutil.rmtree(run_dir)
+            run(build_config(base, [*cell_overrides(cell), f"output_dir={runs_dir}", f"name={cell_name(cell)}"]))
+    finally:
+        log.removeHandler(handler)
     return str(run_dir)
 
 
