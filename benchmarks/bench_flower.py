@@ -35,8 +35,11 @@ def measure(runner, cfg) -> dict:
 
     result = runner(cfg, on_record=on_record)
     timed = [r["seconds"] for r in result.records[1:]]
-    return {"s_per_round": sum(timed) / len(timed), "end_of_round_1_s": first["end_of_round_1"],
-            "train_loss_last": result.records[-1]["train_loss"]}
+    return {
+        "s_per_round": sum(timed) / len(timed),
+        "end_of_round_1_s": first["end_of_round_1"],
+        "train_loss_last": result.records[-1]["train_loss"],
+    }
 
 
 def main() -> None:
@@ -47,18 +50,38 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).with_name("flower_results.json")))
     args = parser.parse_args()
     out_dir = tempfile.mkdtemp(prefix="bench-flower-")
-    overrides = ["lora.rank=16", "train.batch_size=16", "method=sfed-lora", "partition.min_size=16",
-                 f"federation.n_clients={args.clients}", f"federation.local_steps={args.steps}",
-                 f"federation.rounds={args.rounds + 1}", "eval.every=1000", "data.max_eval_examples=64",
-                 f"output_dir={out_dir}", "save_adapters=false"]
+    overrides = [
+        "lora.rank=16",
+        "train.batch_size=16",
+        "method=sfed-lora",
+        "partition.min_size=16",
+        f"federation.n_clients={args.clients}",
+        f"federation.local_steps={args.steps}",
+        f"federation.rounds={args.rounds + 1}",
+        "eval.every=1000",
+        "data.max_eval_examples=64",
+        f"output_dir={out_dir}",
+        "save_adapters=false",
+    ]
     results = {
         "job": f"N={args.clients} x {args.steps} steps, {args.rounds} timed rounds after 1 warm-up",
-        "embedded": measure(lambda cfg, on_record: run(cfg, on_record=on_record), build_config(overrides=[*overrides, "name=embedded"])),
-        "flower_simulation": measure(lambda cfg, on_record: run_simulation(cfg, on_record=on_record),
-                                     build_config(overrides=[*overrides, "name=flower"])),
-        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "embedded": measure(
+            lambda cfg, on_record: run(cfg, on_record=on_record),
+            build_config(overrides=[*overrides, "name=embedded"]),
+        ),
+        "flower_simulation": measure(
+            lambda cfg, on_record: run_simulation(cfg, on_record=on_record),
+            build_config(overrides=[*overrides, "name=flower"]),
+        ),
+        "machine": {
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        },
     }
-    results["flower_over_embedded"] = results["flower_simulation"]["s_per_round"] / results["embedded"]["s_per_round"]
+    results["flower_over_embedded"] = (
+        results["flower_simulation"]["s_per_round"] / results["embedded"]["s_per_round"]
+    )
     print(json.dumps(results, indent=2))
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
 

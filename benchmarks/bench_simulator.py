@@ -40,12 +40,25 @@ from sfedlora.models import trainable_parameters
 from sfedlora.simulation import build_federation, evaluate, run_round
 from sfedlora.workers import ClientWorkers
 
-BASE = ["lora.rank=16", "train.batch_size=16", "method=sfed-lora", "eval.every=1000", "federation.rounds=1000"]
+BASE = [
+    "lora.rank=16",
+    "train.batch_size=16",
+    "method=sfed-lora",
+    "eval.every=1000",
+    "federation.rounds=1000",
+]
 
 
 def federation(n_clients: int, local_steps: int, *extra: str):
-    cfg = build_config(overrides=[*BASE, f"federation.n_clients={n_clients}", f"federation.local_steps={local_steps}",
-                                  "partition.min_size=16", *extra])
+    cfg = build_config(
+        overrides=[
+            *BASE,
+            f"federation.n_clients={n_clients}",
+            f"federation.local_steps={local_steps}",
+            "partition.min_size=16",
+            *extra,
+        ]
+    )
     return build_federation(cfg, load_task(cfg.data, seed=0))
 
 
@@ -75,8 +88,18 @@ def naive_round(fed) -> None:
         params = trainable_parameters(model)
         state = fed.clients[k]
         state.tensors.update(method.download(fed.server))
-        train_client(model, params, state, fed.client_data[k], fed.tokenizer, method.trained(round_),
-                     fed.cfg.federation.local_steps, 100, fed.cfg.train, fed.compute)
+        train_client(
+            model,
+            params,
+            state,
+            fed.client_data[k],
+            fed.tokenizer,
+            method.trained(round_),
+            fed.cfg.federation.local_steps,
+            100,
+            fed.cfg.train,
+            fed.compute,
+        )
         updates.append(method.upload(state.tensors, round_))
         del model
     fed.server.update(aggregate(updates, fed.client_sizes.tolist()))
@@ -96,7 +119,9 @@ def plain_loop(fed) -> None:
     fed.model.train()
     for k, data in enumerate(fed.client_data):
         g = torch.Generator().manual_seed(k)
-        for idx in _batch_indices(data.lengths(), fed.cfg.train.batch_size, fed.cfg.federation.local_steps, g, True):
+        for idx in _batch_indices(
+            data.lengths(), fed.cfg.train.batch_size, fed.cfg.federation.local_steps, g, True
+        ):
             loss = fed.compute.forward(fed.model, collate(data, idx, fed.tokenizer)).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -137,11 +162,16 @@ def main() -> None:
         naive = timed_rounds(lambda: naive_round(fed_naive), args.rounds)
         plain = timed_rounds(lambda: plain_loop(fed), args.rounds)
         results[f"N={n}x{steps}"] = {
-            "embedded_s_per_round": sim, "embedded_examples_per_s": examples / sim,
-            f"embedded_{threads}_workers_s_per_round": par, "workers_examples_per_s": examples / par,
+            "embedded_s_per_round": sim,
+            "embedded_examples_per_s": examples / sim,
+            f"embedded_{threads}_workers_s_per_round": par,
+            "workers_examples_per_s": examples / par,
             "workers_speedup": sim / par,
-            "naive_copy_s_per_round": naive, "speedup_vs_naive": naive / sim,
-            "plain_loop_s": plain, "overhead_ratio": sim / plain, "workers_over_plain_loop": par / plain,
+            "naive_copy_s_per_round": naive,
+            "speedup_vs_naive": naive / sim,
+            "plain_loop_s": plain,
+            "overhead_ratio": sim / plain,
+            "workers_over_plain_loop": par / plain,
             "pss_mb_parent_and_workers": pss_mb([os.getpid(), *workers.pids()]),
         }
         if (n, steps) == (10, 10):
@@ -153,9 +183,11 @@ def main() -> None:
                 start = time.perf_counter()
                 evaluate(fed, workers=w)
                 personal[name] = time.perf_counter() - start
-            results["evaluation"] = {"one_model_s": one, **{
-                f"personalised_10_clients_{name}_s": t for name, t in personal.items()}, **{
-                f"ratio_{name}": t / one for name, t in personal.items()}}
+            results["evaluation"] = {
+                "one_model_s": one,
+                **{f"personalised_10_clients_{name}_s": t for name, t in personal.items()},
+                **{f"ratio_{name}": t / one for name, t in personal.items()},
+            }
         workers.close()
 
     results["peak_rss_mb"] = {f"N={n}": peak_rss_mb(n) for n in (1, 10, 100)}

@@ -26,15 +26,32 @@ def tsv_dir(tmp_path, train, dev=SST2_HEADER + "fine\t1\n"):
 def files(tmp_path, name, text, *extra):
     f = tmp_path / name
     f.write_text(text)
-    return ["--set", "data.source=files", "--set", "data.task=mine", "--set", f"data.train_file={f}",
-            "--set", f"data.eval_file={f}", *extra]
+    return [
+        "--set",
+        "data.source=files",
+        "--set",
+        "data.task=mine",
+        "--set",
+        f"data.train_file={f}",
+        "--set",
+        f"data.eval_file={f}",
+        *extra,
+    ]
 
 
 def eval_label_out_of_range(tmp_path):
     (tmp_path / "train.csv").write_text("sentence,label\na,0\nb,1\n")
     (tmp_path / "dev.csv").write_text("sentence,label\nc,7\n")
-    return ["--set", "data.source=files", "--set", "data.task=mine", "--set", f"data.train_file={tmp_path}/train.csv",
-            "--set", f"data.eval_file={tmp_path}/dev.csv"]
+    return [
+        "--set",
+        "data.source=files",
+        "--set",
+        "data.task=mine",
+        "--set",
+        f"data.train_file={tmp_path}/train.csv",
+        "--set",
+        f"data.eval_file={tmp_path}/dev.csv",
+    ]
 
 
 def under_a_file(tmp_path):
@@ -50,32 +67,77 @@ def yaml_file(tmp_path, text):
 
 CASES = {
     "unknown key": (lambda t: ["--set", "lora.rnk=4"], "unknown config key 'lora.rnk'"),
-    "unknown key in file": (lambda t: yaml_file(t, "federation:\n  clients: 5\n"), "unknown config key 'federation.clients'"),
-    "value out of range": (lambda t: ["--set", "federation.rounds=0"], "config federation.rounds: Input should be greater than or equal to 1 (got 0)"),
+    "unknown key in file": (
+        lambda t: yaml_file(t, "federation:\n  clients: 5\n"),
+        "unknown config key 'federation.clients'",
+    ),
+    "value out of range": (
+        lambda t: ["--set", "federation.rounds=0"],
+        "config federation.rounds: Input should be greater than or equal to 1 (got 0)",
+    ),
     "not a number": (lambda t: ["--set", "train.lr=fast"], "config train.lr: Input should be a valid number"),
-    "unknown choice": (lambda t: ["--set", "train.optimizer=adam"], "config train.optimizer: Input should be 'sgd' or 'adamw'"),
+    "unknown choice": (
+        lambda t: ["--set", "train.optimizer=adam"],
+        "config train.optimizer: Input should be 'sgd' or 'adamw'",
+    ),
     "unknown method": (lambda t: ["--set", "method=fedavg"], "unknown method 'fedavg'; choose one of"),
-    "preset conflict": (lambda t: ["--set", "lora.scaling=lora"], "method sfed-lora uses scaling sfed, not lora"),
-    "too many per round": (lambda t: ["--set", "federation.clients_per_round=11"], "clients_per_round (11) exceeds n_clients (10)"),
+    "preset conflict": (
+        lambda t: ["--set", "lora.scaling=lora"],
+        "method sfed-lora uses scaling sfed, not lora",
+    ),
+    "too many per round": (
+        lambda t: ["--set", "federation.clients_per_round=11"],
+        "clients_per_round (11) exceeds n_clients (10)",
+    ),
     "override without =": (lambda t: ["--set", "rounds"], "bad override 'rounds': write it as key=value"),
     "missing config file": (lambda t: [str(t / "missing.yaml")], "missing.yaml not found"),
     "broken YAML": (lambda t: yaml_file(t, "federation:\n  rounds: [1\n"), "is not valid YAML at line"),
     "YAML not a mapping": (lambda t: yaml_file(t, "- 1\n- 2\n"), "must hold a mapping of sections"),
-    "unknown model path": (lambda t: ["--set", f"model.name_or_path={t}/nomodel"], "nomodel has no config.json"),
+    "unknown model path": (
+        lambda t: ["--set", f"model.name_or_path={t}/nomodel"],
+        "nomodel has no config.json",
+    ),
     "no GPU": (lambda t: ["--set", "model.device=cuda"], "model.device=cuda but PyTorch sees no CUDA GPU"),
-    "data dir missing": (lambda t: ["--set", "data.source=tsv", "--set", f"data.data_dir={t}/none"], "none is not a directory"),
+    "data dir missing": (
+        lambda t: ["--set", "data.source=tsv", "--set", f"data.data_dir={t}/none"],
+        "none is not a directory",
+    ),
     "dev file missing": (lambda t: tsv_dir(t, SST2_HEADER + "ok\t1\n", dev=None), "dev.tsv not found"),
-    "TSV bad label": (lambda t: tsv_dir(t, SST2_HEADER + "ok\t1\nodd\tpositive\n"), "train.tsv:3: label 'positive' is not one of 0, 1"),
+    "TSV bad label": (
+        lambda t: tsv_dir(t, SST2_HEADER + "ok\t1\nodd\tpositive\n"),
+        "train.tsv:3: label 'positive' is not one of 0, 1",
+    ),
     "TSV missing column": (lambda t: tsv_dir(t, "text\tlabel\nok\t1\n"), "has no column 'sentence'"),
-    "TSV short row": (lambda t: ["--set", "data.task=rte", *tsv_dir(t, "index\tsentence1\tsentence2\tlabel\n0\tonly\n")], "train.tsv:2: expected at least 4"),
+    "TSV short row": (
+        lambda t: ["--set", "data.task=rte", *tsv_dir(t, "index\tsentence1\tsentence2\tlabel\n0\tonly\n")],
+        "train.tsv:2: expected at least 4",
+    ),
     "not a GLUE task": (lambda t: ["--set", "data.task=imdb"], "data.task 'imdb' is not a GLUE task"),
     "file format": (lambda t: files(t, "d.parquet", "x"), "d.parquet has an unknown format"),
-    "file column": (lambda t: files(t, "d.csv", "text,label\na,0\n"), "training data has no column 'sentence'"),
-    "file label column": (lambda t: files(t, "d.csv", "sentence,y\na,0\n"), "training data has no column 'label'"),
+    "file column": (
+        lambda t: files(t, "d.csv", "text,label\na,0\n"),
+        "training data has no column 'sentence'",
+    ),
+    "file label column": (
+        lambda t: files(t, "d.csv", "sentence,y\na,0\n"),
+        "training data has no column 'label'",
+    ),
     "label out of range": (eval_label_out_of_range, "evaluation data: labels must lie in 0..1; found 7..7"),
-    "split impossible": (lambda t: ["--set", "partition.min_size=5000"], "cannot give 10 clients at least 5000 examples"),
-    "local judging without personal models": (lambda t: ["--set", "method=fedit", "--set", "eval.personalised=false", "--set", "eval.judged_on=local"],
-                                               "eval.judged_on=local needs a classification task and eval.personalised=true"),
+    "split impossible": (
+        lambda t: ["--set", "partition.min_size=5000"],
+        "cannot give 10 clients at least 5000 examples",
+    ),
+    "local judging without personal models": (
+        lambda t: [
+            "--set",
+            "method=fedit",
+            "--set",
+            "eval.personalised=false",
+            "--set",
+            "eval.judged_on=local",
+        ],
+        "eval.judged_on=local needs a classification task and eval.personalised=true",
+    ),
     "run dir under a file": (under_a_file, "is a file; choose another output_dir="),
 }
 

@@ -15,7 +15,11 @@ def test_warmup_then_schedules():
     assert [lr_at(s, 14, cfg) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert lr_at(4, 14, cfg) == 1.0 and lr_at(9, 14, cfg) == pytest.approx(0.5) and lr_at(14, 14, cfg) == 0.0
     cos = TrainConfig(lr=2.0, schedule="cosine")
-    assert lr_at(0, 10, cos) == 2.0 and lr_at(5, 10, cos) == pytest.approx(1.0) and lr_at(10, 10, cos) == pytest.approx(0.0)
+    assert (
+        lr_at(0, 10, cos) == 2.0
+        and lr_at(5, 10, cos) == pytest.approx(1.0)
+        and lr_at(10, 10, cos) == pytest.approx(0.0)
+    )
     assert lr_at(123, 10, TrainConfig(lr=0.3)) == 0.3
 
 

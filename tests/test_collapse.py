@@ -8,9 +8,14 @@ ACC = "personal_accuracy_mean"
 def history(accs, grads=None, losses=None):
     out = []
     for i, acc in enumerate(accs, start=1):
-        r = {"round": i, "clients": [0, 1], "dropped": [], "rejected": [],
-             "train_loss": 0.5 if losses is None else losses[i - 1],
-             "grad_norm_A": 1.0 if grads is None else grads[i - 1]}
+        r = {
+            "round": i,
+            "clients": [0, 1],
+            "dropped": [],
+            "rejected": [],
+            "train_loss": 0.5 if losses is None else losses[i - 1],
+            "grad_norm_A": 1.0 if grads is None else grads[i - 1],
+        }
         if acc is not None:
             r[ACC] = acc
         out.append(r)

@@ -38,8 +38,18 @@ def test_preset_sets_scaling_and_plain_method_defaults_to_lora():
 
 def test_n_in_the_scaling_rule_is_the_sampled_count():
     assert build_config(overrides=["federation.n_clients=20"]).federation.sampled_per_round() == 20
-    assert build_config(overrides=["federation.n_clients=20", "federation.clients_per_round=5"]).federation.sampled_per_round() == 5
-    assert build_config(overrides=["federation.n_clients=20", "federation.fraction=0.25"]).federation.sampled_per_round() == 5
+    assert (
+        build_config(
+            overrides=["federation.n_clients=20", "federation.clients_per_round=5"]
+        ).federation.sampled_per_round()
+        == 5
+    )
+    assert (
+        build_config(
+            overrides=["federation.n_clients=20", "federation.fraction=0.25"]
+        ).federation.sampled_per_round()
+        == 5
+    )
 
 
 def test_resolved_config_round_trips(tmp_path):
@@ -65,7 +75,9 @@ def test_bad_combinations_name_the_field(overrides, message):
         build_config(overrides=overrides)
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml")), ids=lambda p: p.stem
+)
 def test_shipped_configs_are_valid_in_every_cell(path):
     """A sweep config (with a grid: section) in every cell; a run config as it is."""
     import yaml

@@ -22,15 +22,20 @@ def test_single_sentence_task_with_header(tmp_path):
 
 
 def test_cola_has_no_header(tmp_path):
-    f = write(tmp_path / "train.tsv", "gj04\t1\t\tThe sailors rode the breeze.\ngj04\t0\t*\tThe more we study.\n")
+    f = write(
+        tmp_path / "train.tsv", "gj04\t1\t\tThe sailors rode the breeze.\ngj04\t0\t*\tThe more we study.\n"
+    )
     ex = read_glue_tsv(f, GLUE_TASKS["cola"])
     assert ex.texts == ["The sailors rode the breeze.", "The more we study."]
     assert ex.labels.tolist() == [1, 0]
 
 
 def test_sentence_pair_task_with_text_labels(tmp_path):
-    f = write(tmp_path / "dev.tsv", "index\tsentence1\tsentence2\tlabel\n0\tA man sleeps.\tA person rests.\tentailment\n"
-                                    "1\tIt rains.\tIt is dry.\tnot_entailment\n")
+    f = write(
+        tmp_path / "dev.tsv",
+        "index\tsentence1\tsentence2\tlabel\n0\tA man sleeps.\tA person rests.\tentailment\n"
+        "1\tIt rains.\tIt is dry.\tnot_entailment\n",
+    )
     ex = read_glue_tsv(f, GLUE_TASKS["rte"])
     assert ex.texts == ["A man sleeps.", "It rains."]
     assert ex.pairs == ["A person rests.", "It is dry."]
@@ -40,8 +45,11 @@ def test_sentence_pair_task_with_text_labels(tmp_path):
 def test_mrpc_and_stsb_columns(tmp_path):
     mrpc = write(tmp_path / "m.tsv", "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t1\t2\tx y\tx  y\n")
     assert read_glue_tsv(mrpc, GLUE_TASKS["mrpc"]).pairs == ["x  y"]
-    stsb = write(tmp_path / "s.tsv", "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
-                                     "0\tmain\tf\t2012\t1\tnone\tnone\tA plane.\tAn air plane.\t4.75\n")
+    stsb = write(
+        tmp_path / "s.tsv",
+        "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+        "0\tmain\tf\t2012\t1\tnone\tnone\tA plane.\tAn air plane.\t4.75\n",
+    )
     ex = read_glue_tsv(stsb, GLUE_TASKS["stsb"])
     assert ex.labels.dtype == np.float32 and ex.labels.tolist() == [4.75]
 
@@ -78,7 +86,9 @@ def test_bundled_sample_is_sst2_in_glue_layout():
 def test_tsv_directory_with_subsampling(tmp_path):
     write(tmp_path / "train.tsv", "sentence\tlabel\n" + "".join(f"s{i}\t{i % 2}\n" for i in range(50)))
     write(tmp_path / "dev.tsv", "sentence\tlabel\na\t0\nb\t1\nc\t1\n")
-    cfg = DataConfig(task="sst2", source="tsv", data_dir=str(tmp_path), max_train_examples=10, max_eval_examples=2)
+    cfg = DataConfig(
+        task="sst2", source="tsv", data_dir=str(tmp_path), max_train_examples=10, max_eval_examples=2
+    )
     data = load_task(cfg, seed=1)
     assert len(data.train) == 10 and data.eval.texts == ["a", "b"]
 
@@ -87,8 +97,15 @@ def test_own_files_with_text_labels_and_pairs(tmp_path):
     rows = [{"q": f"q{i}", "p": f"p{i}", "y": ["no", "yes", "maybe"][i % 3]} for i in range(9)]
     train = write(tmp_path / "train.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     dev = write(tmp_path / "dev.csv", "q,p,y\nx,z,yes\n")
-    cfg = DataConfig(task="mine", source="files", train_file=str(train), eval_file=str(dev),
-                     text_column="q", text_pair_column="p", label_column="y")
+    cfg = DataConfig(
+        task="mine",
+        source="files",
+        train_file=str(train),
+        eval_file=str(dev),
+        text_column="q",
+        text_pair_column="p",
+        label_column="y",
+    )
     data = load_task(cfg)
     assert data.num_labels == 3 and data.metric == "accuracy"
     assert data.train.labels[:3].tolist() == [1, 2, 0]  # ids in sorted label order: maybe, no, yes
@@ -100,7 +117,9 @@ def test_own_files_errors(tmp_path):
     cfg = DataConfig(task="mine", source="files", train_file=str(train), eval_file=str(train))
     with pytest.raises(SfedloraError, match="no column 'sentence'"):
         load_task(cfg)
-    cfg = DataConfig(task="mine", source="files", train_file=str(tmp_path / "x.parquet"), eval_file=str(train))
+    cfg = DataConfig(
+        task="mine", source="files", train_file=str(tmp_path / "x.parquet"), eval_file=str(train)
+    )
     with pytest.raises(SfedloraError, match="not found"):
         load_task(cfg)
 
@@ -109,7 +128,9 @@ def test_hub_dataset_layout_from_a_local_directory(tmp_path):
     # load_dataset treats a local directory exactly like a hub repository of data files.
     (tmp_path / "train.csv").write_text("review,stars\ngood,pos\nbad,neg\nfine,pos\n")
     (tmp_path / "validation.csv").write_text("review,stars\nawful,neg\n")
-    cfg = DataConfig(task="reviews", source="hub", hub_name=str(tmp_path), text_column="review", label_column="stars")
+    cfg = DataConfig(
+        task="reviews", source="hub", hub_name=str(tmp_path), text_column="review", label_column="stars"
+    )
     data = load_task(cfg)
     assert data.train.texts == ["good", "bad", "fine"] and data.train.labels.tolist() == [1, 0, 1]
     assert data.eval.texts == ["awful"] and data.eval.labels.tolist() == [0]

@@ -12,7 +12,9 @@ REFERENCE = Path(__file__).resolve().parents[1] / "docs" / "config-reference.md"
 
 
 def test_config_reference_is_current():
-    assert REFERENCE.read_text() == render(), "docs/config-reference.md is stale: run python scripts/make_config_reference.py"
+    assert REFERENCE.read_text() == render(), (
+        "docs/config-reference.md is stale: run python scripts/make_config_reference.py"
+    )
 
 
 def _fields(model: type[BaseModel], prefix: str = ""):

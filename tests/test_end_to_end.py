@@ -16,7 +16,17 @@ from sfedlora.experiment import run, save_adapters
 from sfedlora.models import resolve_model_path, write_tensors
 from sfedlora.simulation import build_federation, simulate
 
-ROUND_KEYS = {"round", "train_loss", "grad_norm_A", "grad_norm_B", "update_norm", "gamma", "bytes_up", "bytes_down", "seconds"}
+ROUND_KEYS = {
+    "round",
+    "train_loss",
+    "grad_norm_A",
+    "grad_norm_B",
+    "update_norm",
+    "gamma",
+    "bytes_up",
+    "bytes_down",
+    "seconds",
+}
 
 
 def test_run_writes_the_run_directory(tiny_config):
@@ -42,7 +52,13 @@ def test_run_writes_the_run_directory(tiny_config):
 
 
 def test_a_run_judged_on_local_label_mixes(tiny_config):
-    cfg = tiny_config("name=local", "partition.kind=dirichlet", "eval.judged_on=local", "save_adapters=false", "eval.clients=2")
+    cfg = tiny_config(
+        "name=local",
+        "partition.kind=dirichlet",
+        "eval.judged_on=local",
+        "save_adapters=false",
+        "eval.clients=2",
+    )
     result = run(cfg)
     summary = result.summary
     hist = np.array(json.loads((result.run_dir / "partition.json").read_text())["label_histograms"])
@@ -56,7 +72,9 @@ def test_a_run_judged_on_local_label_mixes(tiny_config):
 def test_evaluating_a_sample_of_clients_scores_those_clients_only(tiny_config):
     from sfedlora.simulation import client_scores, evaluate, outputs_of
 
-    cfg = tiny_config("federation.n_clients=5", "partition.kind=dirichlet", "method=fedsa-lora", "eval.clients=2")
+    cfg = tiny_config(
+        "federation.n_clients=5", "partition.kind=dirichlet", "method=fedsa-lora", "eval.clients=2"
+    )
     fed = build_federation(cfg, load_task(cfg.data, seed=cfg.seed))
     torch.manual_seed(0)
     for state in fed.clients:  # give every client its own B, so their models differ
@@ -76,7 +94,9 @@ def test_evaluating_a_sample_of_clients_scores_those_clients_only(tiny_config):
     assert build_federation(cfg, load_task(cfg.data, seed=cfg.seed)).evaluated_clients == chosen
 
 
-@pytest.mark.parametrize("method, expected", [("fedit", ["global"]), ("fedsa-lora", ["client_00", "client_01", "client_02"])])
+@pytest.mark.parametrize(
+    "method, expected", [("fedit", ["global"]), ("fedsa-lora", ["client_00", "client_01", "client_02"])]
+)
 def test_saved_adapter_reloads_with_peft_and_gives_the_same_logits(tiny_config, tmp_path, method, expected):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
@@ -103,7 +123,9 @@ def test_saved_adapter_reloads_with_peft_and_gives_the_same_logits(tiny_config, 
 
 def test_the_cli_runs_a_job_in_a_real_process(tiny_overrides, tmp_path):
     sets = [a for o in tiny_overrides + ["name=cli", "method=fedit"] for a in ("--set", o)]
-    proc = subprocess.run([sys.executable, "-m", "sfedlora.cli", "run", *sets], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sfedlora.cli", "run", *sets], capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr
     assert "personal_accuracy_mean" in proc.stdout
     run_dir = tmp_path / "runs" / "cli"

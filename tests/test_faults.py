@@ -18,7 +18,9 @@ def good():
     return {n: torch.ones_like(t) for n, t in REF.items()}
 
 
-@pytest.mark.parametrize("kind, reason", [("nan", "non-finite values"), ("inf", "non-finite values"), ("shape", "wrong shape")])
+@pytest.mark.parametrize(
+    "kind, reason", [("nan", "non-finite values"), ("inf", "non-finite values"), ("shape", "wrong shape")]
+)
 def test_corrupted_updates_are_refused_with_a_reason(kind, reason):
     assert check_update(good(), REF) is None
     bad = corrupt(good(), REF, kind, np.random.default_rng(0))
@@ -43,10 +45,22 @@ def test_median_rule():
 def test_drop_outs_and_poisoned_updates(tiny_overrides, tmp_path):
     from sfedlora.config import build_config
 
-    cfg = build_config(overrides=[*tiny_overrides, "name=faulty", "federation.n_clients=10", "federation.rounds=6",
-                                  "federation.local_steps=1", "data.max_train_examples=200", "eval.every=6",
-                                  "faults.dropout=0.3", "faults.bad_update=0.1", "server.outlier_rule=median",
-                                  "method=sfed-lora", "train.lr=0.005"])
+    cfg = build_config(
+        overrides=[
+            *tiny_overrides,
+            "name=faulty",
+            "federation.n_clients=10",
+            "federation.rounds=6",
+            "federation.local_steps=1",
+            "data.max_train_examples=200",
+            "eval.every=6",
+            "faults.dropout=0.3",
+            "faults.bad_update=0.1",
+            "server.outlier_rule=median",
+            "method=sfed-lora",
+            "train.lr=0.005",
+        ]
+    )
     result = run(cfg)
     records = [json.loads(l) for l in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     injected = {(r["round"], i["client"]) for r in records for i in r["injected"]}
@@ -66,7 +80,9 @@ def test_drop_outs_and_poisoned_updates(tiny_overrides, tmp_path):
 
 
 def test_non_finite_training_restores_the_client_and_drops_its_update(tiny_config):
-    cfg = tiny_config("train.optimizer=sgd", "train.lr=1e30", "train.max_grad_norm=null", "federation.local_steps=3")
+    cfg = tiny_config(
+        "train.optimizer=sgd", "train.lr=1e30", "train.max_grad_norm=null", "federation.local_steps=3"
+    )
     fed = build_federation(cfg, load_task(cfg.data, seed=cfg.seed))
     server = {n: t.clone() for n, t in fed.server.items()}
     before = [{n: t.clone() for n, t in c.tensors.items()} for c in fed.clients]
@@ -97,5 +113,7 @@ def test_too_few_sound_replies_leave_the_server_unchanged(tiny_config):
 def test_unreachable_min_replies_is_refused(tiny_config):
     from sfedlora.errors import SfedloraError
 
-    with pytest.raises(SfedloraError, match=r"server.min_replies \(4\) exceeds the 3 clients sampled per round"):
+    with pytest.raises(
+        SfedloraError, match=r"server.min_replies \(4\) exceeds the 3 clients sampled per round"
+    ):
         tiny_config("server.min_replies=4")

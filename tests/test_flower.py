@@ -6,7 +6,6 @@ import torch
 pytest.importorskip("flwr")
 
 from flwr.app import Context, Message, MessageType, RecordDict  # noqa: E402
-
 from typer.testing import CliRunner  # noqa: E402
 
 from sfedlora.cli import app  # noqa: E402
@@ -15,18 +14,42 @@ from sfedlora.errors import SfedloraError  # noqa: E402
 from sfedlora.experiment import run  # noqa: E402
 from sfedlora.flower import client_app  # noqa: E402
 from sfedlora.flower.engine import run_simulation  # noqa: E402
-from sfedlora.flower.records import DOWNLOAD, STATE_META, STATE_TENSORS, UPDATE, config_text, read_train_reply, request  # noqa: E402
+from sfedlora.flower.records import (
+    DOWNLOAD,
+    STATE_META,
+    STATE_TENSORS,
+    UPDATE,
+    config_text,
+    read_train_reply,
+    request,
+)  # noqa: E402
 from sfedlora.methods import tensor_kind  # noqa: E402
 from sfedlora.rundir import read_metrics  # noqa: E402
 from sfedlora.simulation import build_federation, client_round  # noqa: E402
 
-COMPARED = ("train_loss", "personal_accuracy_mean", "personal_accuracy_min", "personal_local_accuracy_mean", "update_norm")
+COMPARED = (
+    "train_loss",
+    "personal_accuracy_mean",
+    "personal_accuracy_min",
+    "personal_local_accuracy_mean",
+    "update_norm",
+)
 
 
 # The mixed-rank case also evaluates a sample of 2 of the 3 clients: Flower must ask the same ones.
-@pytest.mark.parametrize("ranks", [(), ("lora.rank=8", "lora.client_ranks=[2, 4, 8]", "eval.clients=2")], ids=["one-rank", "mixed-ranks"])
+@pytest.mark.parametrize(
+    "ranks",
+    [(), ("lora.rank=8", "lora.client_ranks=[2, 4, 8]", "eval.clients=2")],
+    ids=["one-rank", "mixed-ranks"],
+)
 def test_flower_simulation_matches_the_embedded_simulator(tiny_config, tiny_overrides, ranks):
-    overrides = ("federation.rounds=3", "lora.dropout=0.1", "model.precision=fp32", "method=sfed-lora", *ranks)
+    overrides = (
+        "federation.rounds=3",
+        "lora.dropout=0.1",
+        "model.precision=fp32",
+        "method=sfed-lora",
+        *ranks,
+    )
     embedded = run(tiny_config("name=embedded", *overrides))
     sets = [a for o in [*tiny_overrides, *overrides, "name=flower"] for a in ("--set", o)]
     result = CliRunner().invoke(app, ["run", "--runtime", "flower", *sets])
@@ -37,8 +60,12 @@ def test_flower_simulation_matches_the_embedded_simulator(tiny_config, tiny_over
     for a, b in zip(embedded.records, flower_records):
         assert a["clients"] == b["clients"] and a["aggregated"] == b["aggregated"] == 3
         assert (a["bytes_up"], a["bytes_down"]) == (b["bytes_up"], b["bytes_down"]) and a["bytes_up"] > 0
-        assert a.get("client_ranks") == b.get("client_ranks") and a.get("client_gammas") == b.get("client_gammas")
-        assert a.get("evaluated_clients") == b.get("evaluated_clients") and len(a.get("evaluated_clients", [0] * 3)) == 3 - bool(ranks)
+        assert a.get("client_ranks") == b.get("client_ranks") and a.get("client_gammas") == b.get(
+            "client_gammas"
+        )
+        assert a.get("evaluated_clients") == b.get("evaluated_clients") and len(
+            a.get("evaluated_clients", [0] * 3)
+        ) == 3 - bool(ranks)
         for key in COMPARED:
             assert b[key] == pytest.approx(a[key], abs=1e-5), (a["round"], key)
     assert flower_records[-1]["train_loss"] != flower_records[0]["train_loss"]  # it trained
@@ -66,7 +93,9 @@ def server_identity(monkeypatch):
 
 
 def _message(cfg, k, round_, download):
-    return Message(request(config_text(cfg), k, round_, download), dst_node_id=7, message_type=MessageType.TRAIN)
+    return Message(
+        request(config_text(cfg), k, round_, download), dst_node_id=7, message_type=MessageType.TRAIN
+    )
 
 
 def test_client_app_sends_only_a_and_keeps_b_and_optimizer_in_context_state(tiny_config, server_identity):
@@ -114,6 +143,8 @@ def test_client_app_trains_and_sends_at_its_own_rank(tiny_config, server_identit
     expected = client_round(fed, 0, fed.clients[0], download, 1)
     assert result.loss == expected.result.loss
     assert {tensor_kind(n) for n in update} == {"A", "head"}
-    assert all(update[n].shape == download[n].shape and torch.equal(update[n], expected.update[n]) for n in update)
+    assert all(
+        update[n].shape == download[n].shape and torch.equal(update[n], expected.update[n]) for n in update
+    )
     kept = context.state.array_records[STATE_TENSORS]
     assert all(kept[n].numpy().shape[1] == 2 for n in kept if tensor_kind(n) == "B")

@@ -51,8 +51,17 @@ def test_flower_up_runs_a_job_over_tls_and_stops_everything(tiny_overrides, tmp_
 
 @pytest.mark.slow  # about 5 minutes on 2 cores: it waits for the SuperLink to miss two heartbeats
 def test_a_killed_supernode_is_dropped_and_an_unregistered_key_is_refused(tiny_overrides, tmp_path):
-    cfg = prepare(build_config(overrides=[*tiny_overrides, "name=faulty", "federation.rounds=3",
-                                          "flower.round_timeout=300", "server.min_replies=2"]))
+    cfg = prepare(
+        build_config(
+            overrides=[
+                *tiny_overrides,
+                "name=faulty",
+                "federation.rounds=3",
+                "flower.round_timeout=300",
+                "server.min_replies=2",
+            ]
+        )
+    )
     run_dir = Path(cfg.output_dir) / cfg.name
     workdir = tmp_path / "work"
     with LocalDeployment(workdir, 3) as deployment:
@@ -62,7 +71,9 @@ def test_a_killed_supernode_is_dropped_and_an_unregistered_key_is_refused(tiny_o
         deployment.start_node(0, intruder_key, name="intruder")
         job = deployment.submit(cfg)
         deadline = time.monotonic() + 500
-        while not (run_dir / "metrics.jsonl").is_file() or not (run_dir / "metrics.jsonl").read_text().strip():
+        while (
+            not (run_dir / "metrics.jsonl").is_file() or not (run_dir / "metrics.jsonl").read_text().strip()
+        ):
             assert job.poll() is None, (workdir / "logs" / "run.log").read_text()[-2000:]
             assert time.monotonic() < deadline
             time.sleep(0.5)

@@ -26,8 +26,10 @@ runner = CliRunner()
 
 def gsm8k_record(i: int) -> dict:
     a, b = 3 + i % 17, 5 + (7 * i) % 23
-    return {"question": f"Tom has {a} apples and buys {b} more. How many apples does he have?",
-            "answer": f"He has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} apples.\n#### {a + b}"}
+    return {
+        "question": f"Tom has {a} apples and buys {b} more. How many apples does he have?",
+        "answer": f"He has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} apples.\n#### {a + b}",
+    }
 
 
 def write_jsonl(path: Path, records) -> Path:
@@ -46,11 +48,25 @@ def lm_overrides(tmp_path, cache, monkeypatch):
     monkeypatch.setenv("SFEDLORA_CACHE", str(cache))
     train = write_jsonl(tmp_path / "train.jsonl", [gsm8k_record(i) for i in range(40)])
     test = write_jsonl(tmp_path / "test.jsonl", [gsm8k_record(100 + i) for i in range(8)])
-    return [f"output_dir={tmp_path / 'runs'}", "model.name_or_path=tiny-llama", "model.max_length=96",
-            "data.task=gsm8k", "data.source=files", f"data.train_file={train}", f"data.eval_file={test}",
-            "federation.n_clients=2", "federation.rounds=2", "federation.local_steps=2", "partition.min_size=4",
-            "train.batch_size=4", "train.lr=0.003", "eval.every=1", "eval.batch_size=8", "eval.max_new_tokens=8",
-            "lora.rank=4"]
+    return [
+        f"output_dir={tmp_path / 'runs'}",
+        "model.name_or_path=tiny-llama",
+        "model.max_length=96",
+        "data.task=gsm8k",
+        "data.source=files",
+        f"data.train_file={train}",
+        f"data.eval_file={test}",
+        "federation.n_clients=2",
+        "federation.rounds=2",
+        "federation.local_steps=2",
+        "partition.min_size=4",
+        "train.batch_size=4",
+        "train.lr=0.003",
+        "eval.every=1",
+        "eval.batch_size=8",
+        "eval.max_new_tokens=8",
+        "lora.rank=4",
+    ]
 
 
 @pytest.fixture
@@ -100,15 +116,25 @@ def test_every_gsm8k_test_answer_extracts_to_its_reference():
 
 # ---- data, templates and loss masking ------------------------------------------------------
 
+
 def test_loss_falls_on_answer_tokens_only(tiny_tokenizer):
     from transformers import AutoModelForCausalLM
 
-    ex = LMExamples([GSM8K_TEMPLATE.format(question="What is 2 plus 3?"), "Q?"], [" 2 + 3 = 5\n#### 5", " #### 1"], ["5", "1"])
+    ex = LMExamples(
+        [GSM8K_TEMPLATE.format(question="What is 2 plus 3?"), "Q?"],
+        [" 2 + 3 = 5\n#### 5", " #### 1"],
+        ["5", "1"],
+    )
     enc = encode_lm(ex, tiny_tokenizer, max_length=64)
     f, n = enc.features[0], enc.prompt_lengths[0]
-    assert n == len(tiny_tokenizer(ex.prompts[0])["input_ids"]) and f["input_ids"][0] == tiny_tokenizer.bos_token_id
+    assert (
+        n == len(tiny_tokenizer(ex.prompts[0])["input_ids"])
+        and f["input_ids"][0] == tiny_tokenizer.bos_token_id
+    )
     assert f["labels"][:n] == [IGNORE] * n  # prompt tokens: no loss
-    assert f["labels"][n:] == f["input_ids"][n:] and f["labels"][-1] == tiny_tokenizer.eos_token_id  # answer + EOS: loss
+    assert (
+        f["labels"][n:] == f["input_ids"][n:] and f["labels"][-1] == tiny_tokenizer.eos_token_id
+    )  # answer + EOS: loss
     assert tiny_tokenizer.decode(f["input_ids"][n:], skip_special_tokens=True) == ex.targets[0]
     batch = enc.collate([0, 1], tiny_tokenizer)
     short = len(enc.features[1]["input_ids"])
@@ -128,22 +154,38 @@ def test_loss_falls_on_answer_tokens_only(tiny_tokenizer):
 
 
 def test_truncation_cuts_answers_and_keeps_every_example(tiny_tokenizer, caplog):
-    ex = LMExamples(["Q: short", "Q: " + "long " * 80 + "end?"], ["A: " + "word " * 80 + "#### 1", "#### 2"], ["1", "2"])
+    ex = LMExamples(
+        ["Q: short", "Q: " + "long " * 80 + "end?"], ["A: " + "word " * 80 + "#### 1", "#### 2"], ["1", "2"]
+    )
     enc = encode_lm(ex, tiny_tokenizer, max_length=32)
     assert len(enc) == 2 and enc.references == ["1", "2"]  # one-to-one with the examples the partition split
     assert len(enc.features[0]["input_ids"]) == 32 and len(enc.features[1]["input_ids"]) <= 32
     long_prompt = enc.features[1]
-    assert enc.prompt_lengths[1] == 16 and tiny_tokenizer.decode(long_prompt["input_ids"][:16]).endswith("end?")
+    assert enc.prompt_lengths[1] == 16 and tiny_tokenizer.decode(long_prompt["input_ids"][:16]).endswith(
+        "end?"
+    )
     assert long_prompt["labels"][16:] == long_prompt["input_ids"][16:]  # the answer is kept and carries loss
-    assert ("2 of 2 training examples are longer than model.max_length=32 tokens and were truncated "
-            "(1 prompts that alone filled it kept only their end)") in caplog.text
+    assert (
+        "2 of 2 training examples are longer than model.max_length=32 tokens and were truncated "
+        "(1 prompts that alone filled it kept only their end)"
+    ) in caplog.text
 
 
 def test_alpaca_files_hold_out_an_evaluation_split(tmp_path):
-    records = [{"instruction": f"Name colour {i}.", "input": "" if i % 2 else f"hint {i}", "output": f"Colour {i}."} for i in range(40)]
+    records = [
+        {"instruction": f"Name colour {i}.", "input": "" if i % 2 else f"hint {i}", "output": f"Colour {i}."}
+        for i in range(40)
+    ]
     path = tmp_path / "alpaca.json"
     path.write_text(json.dumps(records))  # the tatsu-lab layout: one JSON array
-    cfg = build_config(overrides=["data.task=alpaca", "data.source=files", f"data.train_file={path}", "data.holdout_fraction=0.1"])
+    cfg = build_config(
+        overrides=[
+            "data.task=alpaca",
+            "data.source=files",
+            f"data.train_file={path}",
+            "data.holdout_fraction=0.1",
+        ]
+    )
     data = load_task(cfg.data, seed=0)
     assert (len(data.train), len(data.eval), data.metric, data.num_labels) == (36, 4, "perplexity", 0)
     assert set(data.train.prompts).isdisjoint(data.eval.prompts)
@@ -156,8 +198,15 @@ def test_alpaca_files_hold_out_an_evaluation_split(tmp_path):
 
 def test_prompt_template_is_configurable(tmp_path):
     f = write_jsonl(tmp_path / "g.jsonl", [gsm8k_record(0)])
-    cfg = build_config(overrides=["data.task=gsm8k", "data.source=files", f"data.train_file={f}", f"data.eval_file={f}",
-                                  'data.prompt_template="Q: {question}\\nA:"'])  # YAML-quoted, as on the command line
+    cfg = build_config(
+        overrides=[
+            "data.task=gsm8k",
+            "data.source=files",
+            f"data.train_file={f}",
+            f"data.eval_file={f}",
+            'data.prompt_template="Q: {question}\\nA:"',
+        ]
+    )  # YAML-quoted, as on the command line
     data = load_task(cfg.data)
     assert data.train.prompts[0] == f"Q: {gsm8k_record(0)['question']}\nA:" and data.eval.references == ["8"]
 
@@ -174,15 +223,26 @@ def test_size_partition_skews_sizes_and_keeps_every_example():
 def test_lower_is_better_metrics():
     assert higher_is_better("personal_accuracy_mean") and not higher_is_better("personal_perplexity_mean")
     assert not higher_is_better("train_loss") and not higher_is_better("personal_loss_min")
-    assert best_of([3.0, 2.0, 5.0], "personal_perplexity_mean") == 2.0 and best_of([0.1, 0.4], "personal_accuracy_mean") == 0.4
-    assert summarise([{"perplexity": 3.0}, {"perplexity": 5.0}]) == {"perplexity_mean": 4.0, "perplexity_min": 3.0, "perplexity_max": 5.0}
+    assert (
+        best_of([3.0, 2.0, 5.0], "personal_perplexity_mean") == 2.0
+        and best_of([0.1, 0.4], "personal_accuracy_mean") == 0.4
+    )
+    assert summarise([{"perplexity": 3.0}, {"perplexity": 5.0}]) == {
+        "perplexity_mean": 4.0,
+        "perplexity_min": 3.0,
+        "perplexity_max": 5.0,
+    }
 
 
 def test_report_heatmap_colours_point_the_right_way():
     from sfedlora.report import colour_scale
 
     assert colour_scale("personal_accuracy_mean", [0.5]) == {"vmin": 0.4, "vmax": 1.0, "cmap": "RdYlGn"}
-    assert colour_scale("personal_perplexity_mean", [3.0, None, 5.0, float("nan")]) == {"vmin": 3.0, "vmax": 5.0, "cmap": "RdYlGn_r"}
+    assert colour_scale("personal_perplexity_mean", [3.0, None, 5.0, float("nan")]) == {
+        "vmin": 3.0,
+        "vmax": 5.0,
+        "cmap": "RdYlGn_r",
+    }
 
 
 def test_lora_targets_default_per_architecture():
@@ -193,6 +253,7 @@ def test_lora_targets_default_per_architecture():
 
 
 # ---- a federated run -----------------------------------------------------------------------
+
 
 def test_tiny_llama_federated_run_writes_a_run_directory_whose_adapters_reload(lm_overrides):
     from peft import PeftModel
@@ -208,17 +269,30 @@ def test_tiny_llama_federated_run_writes_a_run_directory_whose_adapters_reload(l
         assert r["gamma"] == pytest.approx(16 * np.sqrt(2 / 4))
     summary = json.loads((d / "summary.json").read_text())
     assert (summary["method"], summary["scaling"]) == ("fedsa-lora", "sfed") and summary["collapsed"] is False
-    assert summary["metric"] == "personal_accuracy_mean" and summary["higher_is_better"] and summary["majority_baseline"] is None
-    assert {"config.yaml", "metrics.jsonl", "partition.json", "summary.json", "adapters"} <= {p.name for p in d.iterdir()}
+    assert (
+        summary["metric"] == "personal_accuracy_mean"
+        and summary["higher_is_better"]
+        and summary["majority_baseline"] is None
+    )
+    assert {"config.yaml", "metrics.jsonl", "partition.json", "summary.json", "adapters"} <= {
+        p.name for p in d.iterdir()
+    }
     assert json.loads((d / "partition.json").read_text())["sizes"] == [20, 20]
-    assert sorted(p.name for p in (d / "adapters").iterdir()) == ["client_00", "client_01"]  # B stays on each client
+    assert sorted(p.name for p in (d / "adapters").iterdir()) == [
+        "client_00",
+        "client_01",
+    ]  # B stays on each client
 
     adapter = d / "adapters" / "client_01"
     base_path = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), adapter)
     loaded = {n: p for n, p in model.named_parameters() if "lora_" in n}
-    assert loaded and all(torch.count_nonzero(p) for n, p in loaded.items() if "lora_B" in n)  # trained B, not its zero init
-    assert lora_scalings(model) and lora_scalings(model) == pytest.approx([16 * np.sqrt(2 / 4)] * len(lora_scalings(model)))
+    assert loaded and all(
+        torch.count_nonzero(p) for n, p in loaded.items() if "lora_B" in n
+    )  # trained B, not its zero init
+    assert lora_scalings(model) and lora_scalings(model) == pytest.approx(
+        [16 * np.sqrt(2 / 4)] * len(lora_scalings(model))
+    )
     targets = {n.split(".")[-4] for n in loaded}
     assert targets == {"q_proj", "k_proj", "v_proj", "o_proj"}
 
@@ -226,8 +300,19 @@ def test_tiny_llama_federated_run_writes_a_run_directory_whose_adapters_reload(l
 def test_alpaca_run_is_judged_by_perplexity_lower_is_better(tmp_path, lm_overrides):
     records = [{"instruction": f"Repeat {i}.", "input": "", "output": f"{i} {i} {i}"} for i in range(30)]
     path = write_jsonl(tmp_path / "alpaca.jsonl", records)
-    result = run(build_config(overrides=[*lm_overrides, "name=alpaca", "method=fedit", "data.task=alpaca",
-                                         f"data.train_file={path}", "data.eval_file=null", "data.holdout_fraction=0.2"]))
+    result = run(
+        build_config(
+            overrides=[
+                *lm_overrides,
+                "name=alpaca",
+                "method=fedit",
+                "data.task=alpaca",
+                f"data.train_file={path}",
+                "data.eval_file=null",
+                "data.holdout_fraction=0.2",
+            ]
+        )
+    )
     scores = [r["personal_perplexity_mean"] for r in result.records]
     assert result.summary["metric"] == "personal_perplexity_mean" and not result.summary["higher_is_better"]
     assert result.summary["best"] == min(scores) and "personal_accuracy_mean" not in result.records[-1]
@@ -235,17 +320,47 @@ def test_alpaca_run_is_judged_by_perplexity_lower_is_better(tmp_path, lm_overrid
 
 
 LM_BAD_INPUT = {
-    "missing data file": (lambda t: ["--set", f"data.train_file={t}/none.jsonl"], "none.jsonl not found: set data.train_file"),
-    "malformed JSONL line": (lambda t: ["--set", f"data.train_file={write_bad(t, 'x.jsonl', json.dumps(gsm8k_record(0)) + chr(10) + '{oops' + chr(10))}"],
-                             "x.jsonl:2: not valid JSON"),
-    "answer without a number": (lambda t: ["--set", f"data.train_file={write_bad(t, 'n.jsonl', json.dumps({'question': 'q', 'answer': 'none'}) + chr(10))}"],
-                                "n.jsonl:1: answer has no final number: GSM8K answers end in '#### <number>'"),
-    "missing field": (lambda t: ["--set", f"data.train_file={write_bad(t, 'm.jsonl', json.dumps({'question': 'q'}) + chr(10))}"],
-                      "m.jsonl:1: no field 'answer'"),
-    "template placeholder": (lambda t: ["--set", 'data.prompt_template="{query}"'], "data.prompt_template: cannot fill '{query}'"),
-    "label split of unlabelled data": (lambda t: ["--set", "partition.kind=dirichlet"], "partition.kind=dirichlet splits by label, and gsm8k has no labels"),
-    "fp16 on a CPU": (lambda t: ["--set", "model.device=cpu", "--set", "model.precision=fp16"], "model.precision=fp16 needs a CUDA GPU"),
-    "head probe without a head": (lambda t: ["--set", "federation.head_probe_rounds=1"], "a causal LM has none"),
+    "missing data file": (
+        lambda t: ["--set", f"data.train_file={t}/none.jsonl"],
+        "none.jsonl not found: set data.train_file",
+    ),
+    "malformed JSONL line": (
+        lambda t: [
+            "--set",
+            f"data.train_file={write_bad(t, 'x.jsonl', json.dumps(gsm8k_record(0)) + chr(10) + '{oops' + chr(10))}",
+        ],
+        "x.jsonl:2: not valid JSON",
+    ),
+    "answer without a number": (
+        lambda t: [
+            "--set",
+            f"data.train_file={write_bad(t, 'n.jsonl', json.dumps({'question': 'q', 'answer': 'none'}) + chr(10))}",
+        ],
+        "n.jsonl:1: answer has no final number: GSM8K answers end in '#### <number>'",
+    ),
+    "missing field": (
+        lambda t: [
+            "--set",
+            f"data.train_file={write_bad(t, 'm.jsonl', json.dumps({'question': 'q'}) + chr(10))}",
+        ],
+        "m.jsonl:1: no field 'answer'",
+    ),
+    "template placeholder": (
+        lambda t: ["--set", 'data.prompt_template="{query}"'],
+        "data.prompt_template: cannot fill '{query}'",
+    ),
+    "label split of unlabelled data": (
+        lambda t: ["--set", "partition.kind=dirichlet"],
+        "partition.kind=dirichlet splits by label, and gsm8k has no labels",
+    ),
+    "fp16 on a CPU": (
+        lambda t: ["--set", "model.device=cpu", "--set", "model.precision=fp16"],
+        "model.precision=fp16 needs a CUDA GPU",
+    ),
+    "head probe without a head": (
+        lambda t: ["--set", "federation.head_probe_rounds=1"],
+        "a causal LM has none",
+    ),
 }
 
 
@@ -267,14 +382,22 @@ def test_lm_bad_input(case, tmp_path, lm_overrides):
 
 # ---- GPU-only paths ------------------------------------------------------------------------
 
+
 def test_gradient_checkpointing_gives_the_same_round(lm_overrides):
     """Checkpointing recomputes activations: the same losses and adapters, less memory."""
     from sfedlora.simulation import build_federation, run_round
 
     outs = []
     for gc in (False, True):
-        cfg = build_config(overrides=[*lm_overrides, "model.device=cpu", "model.precision=fp32",
-                                      f"model.gradient_checkpointing={str(gc).lower()}", "federation.rounds=1"])
+        cfg = build_config(
+            overrides=[
+                *lm_overrides,
+                "model.device=cpu",
+                "model.precision=fp32",
+                f"model.gradient_checkpointing={str(gc).lower()}",
+                "federation.rounds=1",
+            ]
+        )
         fed = build_federation(cfg, load_task(cfg.data, seed=cfg.seed))
         outs.append((run_round(fed)["train_loss"], fed.server))
     assert outs[0][0] == pytest.approx(outs[1][0], rel=1e-5)
@@ -288,8 +411,15 @@ def test_cuda_half_precision_with_gradient_checkpointing(lm_overrides, precision
     round trains with gradient checkpointing (fp16 with loss scaling)."""
     from sfedlora.simulation import build_federation, run_round
 
-    cfg = build_config(overrides=[*lm_overrides, "model.device=cuda", f"model.precision={precision}",
-                                  "model.gradient_checkpointing=true", "federation.rounds=1"])
+    cfg = build_config(
+        overrides=[
+            *lm_overrides,
+            "model.device=cuda",
+            f"model.precision={precision}",
+            "model.gradient_checkpointing=true",
+            "federation.rounds=1",
+        ]
+    )
     fed = build_federation(cfg, load_task(cfg.data, seed=cfg.seed))
     dtypes = {p.dtype for n, p in fed.model.named_parameters() if "lora_" not in n}
     assert dtypes == {torch.bfloat16 if precision == "bf16" else torch.float16}
@@ -300,7 +430,9 @@ def test_cuda_half_precision_with_gradient_checkpointing(lm_overrides, precision
 
 def test_partition_command_shows_a_size_split(lm_overrides):
     sets = [a for o in lm_overrides for a in ("--set", o)]
-    result = runner.invoke(app, ["partition", *sets, "--set", "partition.kind=size", "--set", "federation.n_clients=4"])
+    result = runner.invoke(
+        app, ["partition", *sets, "--set", "partition.kind=size", "--set", "federation.n_clients=4"]
+    )
     assert result.exit_code == 0, result.output
     assert "gsm8k: 40 training examples, 4 clients, sizes from Dirichlet β=0.5" in result.output
 
@@ -341,16 +473,26 @@ def test_hub_sources_use_the_test_split_or_hold_out(monkeypatch):
     def fake_load_dataset(name, config=None):
         asked.append((name, config))
         if name == "openai/gsm8k":
-            return datasets.DatasetDict({"train": datasets.Dataset.from_list([gsm8k_record(i) for i in range(10)]),
-                                         "test": datasets.Dataset.from_list([gsm8k_record(50 + i) for i in range(3)])})
-        rows = [{"instruction": f"Say {i}.", "input": "", "output": str(i), "text": "ignored"} for i in range(20)]
+            return datasets.DatasetDict(
+                {
+                    "train": datasets.Dataset.from_list([gsm8k_record(i) for i in range(10)]),
+                    "test": datasets.Dataset.from_list([gsm8k_record(50 + i) for i in range(3)]),
+                }
+            )
+        rows = [
+            {"instruction": f"Say {i}.", "input": "", "output": str(i), "text": "ignored"} for i in range(20)
+        ]
         return datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)})
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     gsm8k = load_task(build_config(overrides=["data.task=gsm8k", "data.source=hub"]).data)
-    alpaca = load_task(build_config(overrides=["data.task=alpaca", "data.source=hub", "data.holdout_fraction=0.25"]).data)
+    alpaca = load_task(
+        build_config(overrides=["data.task=alpaca", "data.source=hub", "data.holdout_fraction=0.25"]).data
+    )
     assert asked == [("openai/gsm8k", "main"), ("tatsu-lab/alpaca", None)]
-    assert (len(gsm8k.train), len(gsm8k.eval)) == (10, 3) and gsm8k.eval.references[0] == final_number(gsm8k_record(50)["answer"])
+    assert (len(gsm8k.train), len(gsm8k.eval)) == (10, 3) and gsm8k.eval.references[0] == final_number(
+        gsm8k_record(50)["answer"]
+    )
     assert (len(alpaca.train), len(alpaca.eval)) == (15, 5)
 
 
@@ -369,11 +511,17 @@ def test_an_interrupted_causal_lm_run_resumes_exactly(lm_overrides):
     assert strip(resumed.records) == strip(whole.records)
 
 
-@pytest.mark.parametrize("path", ["configs/paper/gsm8k-llama2-7b.yaml", "configs/paper/alpaca-llama2-7b.yaml",
-                                  "configs/demo/gsm8k-tiny-llama.yaml"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "configs/paper/gsm8k-llama2-7b.yaml",
+        "configs/paper/alpaca-llama2-7b.yaml",
+        "configs/demo/gsm8k-tiny-llama.yaml",
+    ],
+)
 def test_shipped_causal_lm_configs_are_valid(path):
     from sfedlora.config import load_config
-    from sfedlora.sweep import load_sweep, grid_cells
+    from sfedlora.sweep import grid_cells, load_sweep
 
     full = Path(__file__).resolve().parents[1] / path
     if "paper" in path:

@@ -3,12 +3,15 @@
 import pytest
 import torch
 
+from sfedlora.data import load_task
 from sfedlora.methods import aggregate, get_method, tensor_kind
 from sfedlora.simulation import build_federation, run_round
-from sfedlora.data import load_task
 
-
-A, B, HEAD = "m.layer.q.lora_A.default.weight", "m.layer.q.lora_B.default.weight", "m.classifier.modules_to_save.default.weight"
+A, B, HEAD = (
+    "m.layer.q.lora_A.default.weight",
+    "m.layer.q.lora_B.default.weight",
+    "m.classifier.modules_to_save.default.weight",
+)
 SIZES = [1, 3, 6]  # unequal client example counts
 
 
@@ -31,7 +34,10 @@ def server_round(method_name, round_):
 
 def test_tensor_kinds_follow_peft_names():
     assert [tensor_kind(n) for n in (A, B, HEAD)] == ["A", "B", "head"]
-    assert tensor_kind("m.embed.lora_embedding_A.default") == "A" and tensor_kind("m.embed.lora_embedding_B.default") == "B"
+    assert (
+        tensor_kind("m.embed.lora_embedding_A.default") == "A"
+        and tensor_kind("m.embed.lora_embedding_B.default") == "B"
+    )
 
 
 def test_fedit_averages_a_b_and_head():
@@ -86,6 +92,7 @@ def test_aggregate_rejects_mismatched_updates():
 
 
 # --- the same policies inside the simulator, on MiniLM ---------------------------------
+
 
 def federation(tiny_config, method):
     cfg = tiny_config(f"method={method}", "train.lr=0.01")

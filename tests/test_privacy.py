@@ -10,8 +10,18 @@ from sfedlora.config import build_config
 from sfedlora.errors import SfedloraError
 from sfedlora.experiment import run
 from sfedlora.models import build_classifier, trainable_parameters
-from sfedlora.privacy import (per_example_gradients, clip_per_example, clip_update, epsilon, noise_multiplier_for,
-                              per_example_norms, plan_privacy, poisson_batches, private_gradient, user_level_mean)
+from sfedlora.privacy import (
+    clip_per_example,
+    clip_update,
+    epsilon,
+    noise_multiplier_for,
+    per_example_gradients,
+    per_example_norms,
+    plan_privacy,
+    poisson_batches,
+    private_gradient,
+    user_level_mean,
+)
 from sfedlora.rundir import read_metrics
 
 
@@ -19,8 +29,11 @@ def test_per_example_gradients_are_clipped_to_the_bound():
     """Opacus's per-example gradients of the real LoRA model, clipped over all tensors together."""
     model, tok = build_classifier("minilm", 2, 4, 16, "sfed", 3)
     params = trainable_parameters(model)
-    batch = tok(["a fine film", "dull and far too long , with nothing to say", "bad", "great fun"],
-                padding=True, return_tensors="pt")
+    batch = tok(
+        ["a fine film", "dull and far too long , with nothing to say", "bad", "great fun"],
+        padding=True,
+        return_tensors="pt",
+    )
     model.train()
     with per_example_gradients(model):
         model(**batch, labels=torch.tensor([1, 0, 0, 1])).loss.backward()
@@ -57,13 +70,17 @@ def test_dp_sgd_noise_has_the_configured_standard_deviation():
     samples = {"w": torch.ones(2, 300, 300)}
     g.manual_seed(1234)
     noisy = private_gradient(samples, {"w": torch.Size([300, 300])}, clip, sigma, expected_batch, g)["w"]
-    torch.testing.assert_close(noisy - noise, torch.full((300, 300), 2 * clip / 300 / expected_batch), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        noisy - noise, torch.full((300, 300), 2 * clip / 300 / expected_batch), atol=1e-5, rtol=0
+    )
 
 
 def test_server_dp_noise_has_the_configured_standard_deviation():
     reference = {"w": torch.zeros(300, 300)}
     updates = [{"w": torch.zeros(300, 300)} for _ in range(4)]
-    out = user_level_mean(updates, reference, clip_norm=2.0, noise_multiplier=0.9, rng=np.random.default_rng(7))
+    out = user_level_mean(
+        updates, reference, clip_norm=2.0, noise_multiplier=0.9, rng=np.random.default_rng(7)
+    )
     # Flower's compute_stdv: σ C / m for a mean of m clipped updates.
     assert float(out["w"].std()) == pytest.approx(0.9 * 2.0 / 4, rel=0.01)
 
@@ -107,8 +124,9 @@ def test_accountant_matches_opacus_computed_independently():
         acc.step(noise_multiplier=sigma, sample_rate=q)
     assert epsilon(sigma, q, steps, delta, "rdp") == pytest.approx(acc.get_epsilon(delta), rel=1e-9)
     orders = RDPAccountant.DEFAULT_ALPHAS
-    eps, _ = get_privacy_spent(orders=orders, rdp=compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=orders),
-                               delta=delta)
+    eps, _ = get_privacy_spent(
+        orders=orders, rdp=compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=orders), delta=delta
+    )
     assert epsilon(sigma, q, steps, delta, "rdp") == pytest.approx(eps, rel=1e-9)
     assert 0.5 < eps < 2.0  # sanity: the regime of Abadi et al.'s MNIST example
     assert epsilon(sigma, q, 0, delta) == 0.0
@@ -123,8 +141,15 @@ def test_calibrated_noise_reaches_but_does_not_exceed_the_target():
 
 
 def test_plan_calibrates_each_client_to_its_own_data_for_the_whole_run():
-    cfg = build_config(overrides=["privacy.dp=client", "privacy.epsilon=2", "federation.n_clients=2",
-                                  "federation.rounds=4", "train.batch_size=8"])
+    cfg = build_config(
+        overrides=[
+            "privacy.dp=client",
+            "privacy.epsilon=2",
+            "federation.n_clients=2",
+            "federation.rounds=4",
+            "train.batch_size=8",
+        ]
+    )
     plan = plan_privacy(cfg, np.array([100, 400]), np.array([3, 3]))
     assert plan.sample_rate.tolist() == [0.08, 0.02]
     assert plan.noise_multiplier[0] > plan.noise_multiplier[1]  # a smaller client needs more noise
@@ -133,9 +158,18 @@ def test_plan_calibrates_each_client_to_its_own_data_for_the_whole_run():
         ledger = plan.spend(ledger, [0, 1])
     assert ledger.tolist() == [12, 12]
     assert (plan.epsilons(ledger) <= 2.0).all() and (plan.epsilons(ledger) > 1.9).all()
-    server = plan_privacy(build_config(overrides=["privacy.dp=server", "privacy.noise_multiplier=1",
-                                                  "federation.n_clients=10", "federation.clients_per_round=5"]),
-                          np.full(10, 50), np.full(10, 10))
+    server = plan_privacy(
+        build_config(
+            overrides=[
+                "privacy.dp=server",
+                "privacy.noise_multiplier=1",
+                "federation.n_clients=10",
+                "federation.clients_per_round=5",
+            ]
+        ),
+        np.full(10, 50),
+        np.full(10, 10),
+    )
     assert server.sample_rate.tolist() == [0.5] * 10
     assert server.spend(np.zeros(10, dtype=np.int64), [0]).tolist() == [1] * 10  # every client: one release
 
@@ -163,36 +197,73 @@ def test_two_round_client_dp_run_writes_epsilon_to_metrics(tiny_config):
 
 def test_client_dp_leaves_frozen_tensors_alone_and_replays_exactly(tiny_config):
     """FFA-LoRA's frozen A gets no gradient and so no noise; the same seed gives the same run."""
-    a = run(tiny_config("method=ffa-lora", "privacy.dp=client", "privacy.noise_multiplier=1.0", "name=a",
-                        "model.precision=fp32"))
-    b = run(tiny_config("method=ffa-lora", "privacy.dp=client", "privacy.noise_multiplier=1.0", "name=b",
-                        "model.precision=fp32"))
+    a = run(
+        tiny_config(
+            "method=ffa-lora",
+            "privacy.dp=client",
+            "privacy.noise_multiplier=1.0",
+            "name=a",
+            "model.precision=fp32",
+        )
+    )
+    b = run(
+        tiny_config(
+            "method=ffa-lora",
+            "privacy.dp=client",
+            "privacy.noise_multiplier=1.0",
+            "name=b",
+            "model.precision=fp32",
+        )
+    )
     drop = ("seconds", "eval_seconds")
-    assert [{k: v for k, v in r.items() if k not in drop} for r in a.records] == \
-           [{k: v for k, v in r.items() if k not in drop} for r in b.records]
+    assert [{k: v for k, v in r.items() if k not in drop} for r in a.records] == [
+        {k: v for k, v in r.items() if k not in drop} for r in b.records
+    ]
     assert a.records[0]["grad_norm_A"] is None
 
 
 def test_server_dp_run_uses_the_dp_mean(tiny_config):
-    result = run(tiny_config("method=fedit", "privacy.dp=server", "privacy.noise_multiplier=0.5",
-                             "privacy.clip_norm=0.01", "name=server-dp"))
+    result = run(
+        tiny_config(
+            "method=fedit",
+            "privacy.dp=server",
+            "privacy.noise_multiplier=0.5",
+            "privacy.clip_norm=0.01",
+            "name=server-dp",
+        )
+    )
     records = result.records
     # Each of the 3 clipped changes has norm <= 0.01; the noise on the mean has std 0.5 * 0.01 / 3 per entry.
     assert all(r["update_norm"] > 0.01 for r in records)
-    assert records[0]["epsilon_max"] == pytest.approx(records[0]["epsilon_mean"]) and records[0]["epsilon_max"] > 0
+    assert (
+        records[0]["epsilon_max"] == pytest.approx(records[0]["epsilon_mean"])
+        and records[0]["epsilon_max"] > 0
+    )
     assert records[1]["epsilon_max"] > records[0]["epsilon_max"]
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["privacy.dp=client", "privacy.epsilon=0"], "privacy.epsilon: Input should be greater than 0"),
-    (["privacy.dp=client", "privacy.epsilon=-1"], "privacy.epsilon: Input should be greater than 0"),
-    (["privacy.dp=client", "privacy.epsilon=3", "privacy.delta=1"], "privacy.delta: Input should be less than 1"),
-    (["privacy.dp=client", "privacy.epsilon=3", "privacy.noise_multiplier=1"], "set epsilon or noise_multiplier, not both"),
-    (["privacy.dp=client"], "dp=client needs a target epsilon or a noise_multiplier"),
-    (["privacy.epsilon=3"], "need dp=client or dp=server"),
-    (["privacy.dp=server", "privacy.noise_multiplier=1", "privacy.secagg=true"], "SecAgg\\+ hides"),
-    (["privacy.dp=client", "privacy.noise_multiplier=1", "model.precision=fp16"], "does not support model.precision=fp16"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["privacy.dp=client", "privacy.epsilon=0"], "privacy.epsilon: Input should be greater than 0"),
+        (["privacy.dp=client", "privacy.epsilon=-1"], "privacy.epsilon: Input should be greater than 0"),
+        (
+            ["privacy.dp=client", "privacy.epsilon=3", "privacy.delta=1"],
+            "privacy.delta: Input should be less than 1",
+        ),
+        (
+            ["privacy.dp=client", "privacy.epsilon=3", "privacy.noise_multiplier=1"],
+            "set epsilon or noise_multiplier, not both",
+        ),
+        (["privacy.dp=client"], "dp=client needs a target epsilon or a noise_multiplier"),
+        (["privacy.epsilon=3"], "need dp=client or dp=server"),
+        (["privacy.dp=server", "privacy.noise_multiplier=1", "privacy.secagg=true"], "SecAgg\\+ hides"),
+        (
+            ["privacy.dp=client", "privacy.noise_multiplier=1", "model.precision=fp16"],
+            "does not support model.precision=fp16",
+        ),
+    ],
+)
 def test_bad_privacy_config_is_one_clear_line(overrides, message):
     with pytest.raises(SfedloraError, match=message) as err:
         build_config(overrides=overrides)
@@ -204,8 +275,18 @@ def test_bad_privacy_config_on_the_command_line_exits_2():
 
     from sfedlora.cli import app
 
-    result = CliRunner().invoke(app, ["run", "--set", "privacy.dp=client", "--set", "privacy.epsilon=3",
-                                      "--set", "privacy.noise_multiplier=1"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "run",
+            "--set",
+            "privacy.dp=client",
+            "--set",
+            "privacy.epsilon=3",
+            "--set",
+            "privacy.noise_multiplier=1",
+        ],
+    )
     assert result.exit_code == 2
     assert "set epsilon or noise_multiplier, not both" in result.output
 
@@ -236,7 +317,9 @@ def test_secagg_on_flower_gives_the_plain_weighted_mean(tiny_config, tiny_overri
     overrides = ("federation.rounds=2", "model.precision=fp32", "method=fedit")
     embedded = run(tiny_config("name=plain", *overrides))
     # Changes stay far below 0.05 here: quantisation steps of 0.1 / 2^22 leave float error only.
-    _flower_run(tiny_overrides, *overrides, "privacy.secagg=true", "privacy.secagg_clipping_range=0.05", "name=secagg")
+    _flower_run(
+        tiny_overrides, *overrides, "privacy.secagg=true", "privacy.secagg_clipping_range=0.05", "name=secagg"
+    )
     secure = read_metrics(embedded.run_dir.parent / "secagg")
     assert [r["round"] for r in secure] == [1, 2]
     for a, b in zip(embedded.records, secure):
@@ -272,15 +355,27 @@ def test_client_dp_on_flower_is_the_simulators_client_round(tiny_config, server_
     expected = client_round(fed, 1, fed.clients[1], download, 1)
     assert result.grad_norm == expected.result.grad_norm  # the private gradients' norms: noise included
     assert all(torch.equal(update[n], expected.update[n]) for n in expected.update)
-    plain = client_round(build_federation(tiny_config("method=sfed-lora", "model.precision=fp32"),
-                                          load_task(cfg.data, seed=cfg.seed)), 1, fed.clients[1], download, 1)
+    plain = client_round(
+        build_federation(
+            tiny_config("method=sfed-lora", "model.precision=fp32"), load_task(cfg.data, seed=cfg.seed)
+        ),
+        1,
+        fed.clients[1],
+        download,
+        1,
+    )
     assert not all(torch.equal(plain.update[n], expected.update[n]) for n in expected.update)  # DP changed it
 
 
 def test_resumed_dp_run_reports_the_same_epsilon(tiny_config):
     """The privacy ledger and the server's noise RNG are checkpointed: resume changes nothing."""
-    overrides = ("method=fedit", "privacy.dp=server", "privacy.noise_multiplier=2", "privacy.clip_norm=0.05",
-                 "model.precision=fp32")
+    overrides = (
+        "method=fedit",
+        "privacy.dp=server",
+        "privacy.noise_multiplier=2",
+        "privacy.clip_norm=0.05",
+        "model.precision=fp32",
+    )
     whole = run(tiny_config("name=whole", *overrides))
 
     class Stop(Exception):
@@ -293,12 +388,16 @@ def test_resumed_dp_run_reports_the_same_epsilon(tiny_config):
         run(tiny_config("name=cut", *overrides), on_record=stop)
     resumed = run(None, resume=whole.run_dir.parent / "cut")
     drop = ("seconds", "eval_seconds")
-    assert [{k: v for k, v in r.items() if k not in drop} for r in resumed.records] == \
-           [{k: v for k, v in r.items() if k not in drop} for r in whole.records]
+    assert [{k: v for k, v in r.items() if k not in drop} for r in resumed.records] == [
+        {k: v for k, v in r.items() if k not in drop} for r in whole.records
+    ]
 
 
 def test_mixed_ranks_refuse_privacy():
-    for extra in (["privacy.dp=server", "privacy.noise_multiplier=1"], ["privacy.dp=client", "privacy.epsilon=1"],
-                  ["privacy.secagg=true"]):
+    for extra in (
+        ["privacy.dp=server", "privacy.noise_multiplier=1"],
+        ["privacy.dp=client", "privacy.epsilon=1"],
+        ["privacy.secagg=true"],
+    ):
         with pytest.raises(SfedloraError, match=r"does not support lora.client_ranks \(mixed ranks\)"):
             build_config(overrides=["lora.client_ranks=[2,8]", "federation.n_clients=3", *extra])

@@ -26,7 +26,11 @@ MIXED = ("lora.rank=8", "lora.client_ranks=[2, 4, 8]")
 
 
 def _update(rank: int, value: float) -> dict[str, torch.Tensor]:
-    return {A: torch.full((rank, 3), value), B: torch.full((2, rank), -value), HEAD: torch.full((2, 2), value)}
+    return {
+        A: torch.full((rank, 3), value),
+        B: torch.full((2, rank), -value),
+        HEAD: torch.full((2, 2), value),
+    }
 
 
 def test_rows_are_averaged_over_the_clients_that_hold_them():
@@ -52,7 +56,9 @@ def test_rows_no_replying_client_holds_keep_their_value():
 def test_one_rank_for_all_is_the_plain_weighted_mean():
     updates = [{A: torch.randn(4, 3), B: torch.randn(2, 4), HEAD: torch.randn(2, 2)} for _ in range(3)]
     plain = aggregate(updates, [1.0, 2.0, 5.0])
-    rows = aggregate_rows(updates, [1.0, 2.0, 5.0], [4, 4, 4], {n: torch.zeros_like(t) for n, t in updates[0].items()})
+    rows = aggregate_rows(
+        updates, [1.0, 2.0, 5.0], [4, 4, 4], {n: torch.zeros_like(t) for n, t in updates[0].items()}
+    )
     assert all(torch.equal(plain[n], rows[n]) for n in plain)
 
 
@@ -64,12 +70,15 @@ def test_truncate_and_pad_cut_rows_of_a_and_columns_of_b():
     assert torch.equal(back[A][:2], full[A][:2]) and not back[A][2:].any() and not back[B][:, 2:].any()
 
 
-@pytest.mark.parametrize("rule, expected", [
-    ("lora", [16 / 2, 16 / 4, 16 / 8]),
-    ("rslora", [16 / math.sqrt(2), 16 / 2, 16 / math.sqrt(8)]),
-    # n_k: clients with rank ≥ r_k: 3, 2, 1.
-    ("sfed", [16 * math.sqrt(3 / 2), 16 * math.sqrt(2 / 4), 16 * math.sqrt(1 / 8)]),
-])
+@pytest.mark.parametrize(
+    "rule, expected",
+    [
+        ("lora", [16 / 2, 16 / 4, 16 / 8]),
+        ("rslora", [16 / math.sqrt(2), 16 / 2, 16 / math.sqrt(8)]),
+        # n_k: clients with rank ≥ r_k: 3, 2, 1.
+        ("sfed", [16 * math.sqrt(3 / 2), 16 * math.sqrt(2 / 4), 16 * math.sqrt(1 / 8)]),
+    ],
+)
 def test_gamma_per_client_against_hand_computed(rule, expected):
     assert client_gammas(rule, 16.0, [2, 4, 8], n_sampled=3) == pytest.approx(expected, rel=1e-12)
 
@@ -84,7 +93,11 @@ def test_holder_counts_with_partial_participation():
 
 def test_unset_client_ranks_keep_the_uniform_plan():
     plan = RankPlan.build("sfed", 16.0, 8, None, n_clients=3, n_sampled=3)
-    assert not plan.mixed and plan.ranks == (8, 8, 8) and plan.global_gamma == pytest.approx(16 * math.sqrt(3 / 8))
+    assert (
+        not plan.mixed
+        and plan.ranks == (8, 8, 8)
+        and plan.global_gamma == pytest.approx(16 * math.sqrt(3 / 8))
+    )
     assert plan.record([0, 1]) == {} and plan.summary() == {}
     plan = RankPlan.build("sfed", 16.0, 8, [2, 4], n_clients=3, n_sampled=3)
     assert plan.ranks == (2, 4, 2)  # cycled
@@ -92,16 +105,24 @@ def test_unset_client_ranks_keep_the_uniform_plan():
     assert plan.global_rank == 4 and plan.global_gamma == plan.gammas[1]
 
 
-@pytest.mark.parametrize("value, message", [
-    ("[]", "lora.client_ranks: empty list"),
-    ("[4, 0]", "lora.client_ranks: every rank must be a positive integer, got 0"),
-    ("[4, -2]", "lora.client_ranks: every rank must be a positive integer, got -2"),
-    ("[4, 16]", "lora.client_ranks: rank 16 exceeds lora.rank=8, the rank the server keeps A at; set lora.rank=16"),
-])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("[]", "lora.client_ranks: empty list"),
+        ("[4, 0]", "lora.client_ranks: every rank must be a positive integer, got 0"),
+        ("[4, -2]", "lora.client_ranks: every rank must be a positive integer, got -2"),
+        (
+            "[4, 16]",
+            "lora.client_ranks: rank 16 exceeds lora.rank=8, the rank the server keeps A at; set lora.rank=16",
+        ),
+    ],
+)
 def test_bad_client_ranks_are_refused_with_one_line(value, message):
     with pytest.raises(SfedloraError, match=message.replace("[", r"\[")):
         build_config(overrides=["lora.rank=8", f"lora.client_ranks={value}"])
-    result = CliRunner().invoke(app, ["config", "--set", "lora.rank=8", "--set", f"lora.client_ranks={value}"])
+    result = CliRunner().invoke(
+        app, ["config", "--set", "lora.rank=8", "--set", f"lora.client_ranks={value}"]
+    )
     assert result.exit_code == 2 and result.output.count("\n") == 1 and message.split(":")[0] in result.output
 
 
@@ -125,7 +146,11 @@ def test_a_client_receives_and_sends_only_rows_within_its_rank(tiny_config, meth
             assert t.shape == download[n].shape  # the upload is cut like the download
         for n, t in outcome.state.tensors.items():
             assert t.shape == own[n].shape
-        changed = [n for n, t in outcome.state.tensors.items() if tensor_kind(n) == "A" and not torch.equal(t, own[n])]
+        changed = [
+            n
+            for n, t in outcome.state.tensors.items()
+            if tensor_kind(n) == "A" and not torch.equal(t, own[n])
+        ]
         assert changed  # it trained its own rows
     # The model ran each client at its own γ; the shared model now holds the last one's.
     assert lora_scalings(fed.model) == pytest.approx([fed.ranks.gammas[2]] * len(lora_scalings(fed.model)))
@@ -137,7 +162,9 @@ def test_a_round_aggregates_rows_over_their_holders(tiny_config):
     before = {n: t.clone() for n, t in fed.server.items()}
     record = run_round(fed)
     assert record["client_ranks"] == [2, 4, 8] and record["aggregated"] == 3
-    assert record["client_gammas"] == pytest.approx([16 * math.sqrt(3 / 2), 16 * math.sqrt(2 / 4), 16 * math.sqrt(1 / 8)])
+    assert record["client_gammas"] == pytest.approx(
+        [16 * math.sqrt(3 / 2), 16 * math.sqrt(2 / 4), 16 * math.sqrt(1 / 8)]
+    )
     a = next(n for n in fed.server if tensor_kind(n) == "A")
     sizes = fed.client_sizes.astype(float)
     got = [fed.clients[k].tensors[a] for k in range(3)]  # after training; A was sent as it is
@@ -154,8 +181,10 @@ def test_a_mixed_rank_run_writes_a_peft_adapter_per_client_at_its_rank(tiny_conf
     from transformers import AutoModelForSequenceClassification
 
     held = {}
-    result = run(tiny_config(*MIXED, "name=mixed", "method=sfed-lora", "train.lr=0.01", "model.precision=fp32"),
-                 on_start=lambda fed, run_dir: held.update(fed=fed))
+    result = run(
+        tiny_config(*MIXED, "name=mixed", "method=sfed-lora", "train.lr=0.01", "model.precision=fp32"),
+        on_start=lambda fed, run_dir: held.update(fed=fed),
+    )
     fed, d = held["fed"], result.run_dir
     records = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == [1, 2] and all(r["client_ranks"] == [2, 4, 8] for r in records)
@@ -186,7 +215,9 @@ def test_one_listed_rank_equal_to_lora_rank_reproduces_the_uniform_run(tiny_conf
     uniform = run(tiny_config(*common, "name=uniform")).records
     listed = run(tiny_config(*common, "name=listed", "lora.client_ranks=[4]")).records
     for a, b in zip(uniform, listed):
-        assert b["client_ranks"] == [4, 4, 4] and b["client_gammas"] == pytest.approx([a["gamma"]] * 3, rel=1e-12)
+        assert b["client_ranks"] == [4, 4, 4] and b["client_gammas"] == pytest.approx(
+            [a["gamma"]] * 3, rel=1e-12
+        )
         for key in ("train_loss", "update_norm", "personal_accuracy_mean"):
             assert b[key] == pytest.approx(a[key], abs=1e-6), key
 
@@ -195,7 +226,9 @@ def test_fedit_with_mixed_ranks_saves_the_global_adapter_and_one_per_client(tiny
     result = run(tiny_config(*MIXED, "name=fedit-mixed", "method=fedit", "federation.rounds=1"))
     saved = sorted(p.name for p in (result.run_dir / "adapters").iterdir())
     assert saved == ["client_00", "client_01", "client_02", "global"]
-    ranks = [json.loads((result.run_dir / "adapters" / n / "adapter_config.json").read_text())["r"] for n in saved]
+    ranks = [
+        json.loads((result.run_dir / "adapters" / n / "adapter_config.json").read_text())["r"] for n in saved
+    ]
     assert ranks == [2, 4, 8, 8]
     assert result.records[0]["aggregated"] == 3 and "personal_accuracy_min" in result.records[0]
 
@@ -203,8 +236,13 @@ def test_fedit_with_mixed_ranks_saves_the_global_adapter_and_one_per_client(tiny
 def test_a_mixed_rank_run_resumes_exactly(tiny_config):
     # Checkpoints hold each client's tensors at its own rank; partial participation makes
     # n_k an expectation (4 clients, 2 sampled per round).
-    common = (*MIXED, "federation.n_clients=4", "federation.clients_per_round=2", "federation.rounds=3",
-              "save_adapters=false")
+    common = (
+        *MIXED,
+        "federation.n_clients=4",
+        "federation.clients_per_round=2",
+        "federation.rounds=3",
+        "save_adapters=false",
+    )
 
     class Stop(Exception):
         pass
@@ -219,8 +257,9 @@ def test_a_mixed_rank_run_resumes_exactly(tiny_config):
     resumed = run(None, resume=f"{stopped.output_dir}/stopped").records
     whole = run(tiny_config(*common, "name=whole")).records
     timing = {"seconds", "eval_seconds"}
-    assert [{k: v for k, v in r.items() if k not in timing} for r in resumed] == \
-           [{k: v for k, v in r.items() if k not in timing} for r in whole]
+    assert [{k: v for k, v in r.items() if k not in timing} for r in resumed] == [
+        {k: v for k, v in r.items() if k not in timing} for r in whole
+    ]
     assert all(len(r["client_ranks"]) == 2 for r in whole)
     # ranks 2, 4, 8, 2: m_k = 4, 2, 1, 4 clients with r ≥ r_k; n_k = 1 + (2 − 1)(m_k − 1)/(4 − 1)
     n = [1 + 3 / 3, 1 + 1 / 3, 1.0, 1 + 3 / 3]

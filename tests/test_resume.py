@@ -24,7 +24,10 @@ def without_timing(run_dir):
 
 
 def adapters(run_dir):
-    return {p.parent.name: load_file(p) for p in sorted((run_dir / "adapters").glob("*/adapter_model.safetensors"))}
+    return {
+        p.parent.name: load_file(p)
+        for p in sorted((run_dir / "adapters").glob("*/adapter_model.safetensors"))
+    }
 
 
 def assert_same_adapters(a, b):
@@ -36,10 +39,24 @@ def assert_same_adapters(a, b):
 
 
 def six_rounds(tmp_path):
-    return [f"output_dir={tmp_path}", "data.max_train_examples=120", "data.max_eval_examples=32", "model.max_length=32",
-            "federation.n_clients=4", "federation.clients_per_round=3", "federation.rounds=6", "federation.local_steps=3",
-            "partition.min_size=8", "train.batch_size=8", "eval.every=2", "lora.rank=4", "lora.dropout=0.1",
-            "method=sfed-lora", "train.schedule=cosine", "train.warmup_steps=2"]
+    return [
+        f"output_dir={tmp_path}",
+        "data.max_train_examples=120",
+        "data.max_eval_examples=32",
+        "model.max_length=32",
+        "federation.n_clients=4",
+        "federation.clients_per_round=3",
+        "federation.rounds=6",
+        "federation.local_steps=3",
+        "partition.min_size=8",
+        "train.batch_size=8",
+        "eval.every=2",
+        "lora.rank=4",
+        "lora.dropout=0.1",
+        "method=sfed-lora",
+        "train.schedule=cosine",
+        "train.warmup_steps=2",
+    ]
 
 
 def _ctrl_c_as_in_a_terminal():
@@ -49,8 +66,14 @@ def _ctrl_c_as_in_a_terminal():
 
 
 def cli(*args, **kw):
-    return subprocess.Popen([sys.executable, "-m", "sfedlora.cli", "run", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, preexec_fn=_ctrl_c_as_in_a_terminal, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "sfedlora.cli", "run", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_ctrl_c_as_in_a_terminal,
+        **kw,
+    )
 
 
 def sets(overrides):
@@ -162,6 +185,8 @@ def test_metrics_behind_the_checkpoint_is_a_one_line_error_naming_the_fix(tmp_pa
     lines = [json.dumps({"round": r, "train_loss": 0.5}) + "\n" for r in (1, 2)]
     (tmp_path / "metrics.jsonl").write_text("".join(lines))
     assert [r["round"] for r in truncate_metrics(tmp_path, 2)] == [1, 2]
-    with pytest.raises(SfedloraError, match=f"holds 2 complete rounds but the checkpoint 3.*delete {tmp_path}"):
+    with pytest.raises(
+        SfedloraError, match=f"holds 2 complete rounds but the checkpoint 3.*delete {tmp_path}"
+    ):
         truncate_metrics(tmp_path, 3)
     assert (tmp_path / "metrics.jsonl").read_text() == "".join(lines)  # nothing lost

@@ -41,7 +41,9 @@ def test_peft_kwargs_reproduce_gamma(rule):
     assert peft_scale == pytest.approx(gamma(rule, 16, 32, 10))
 
 
-@pytest.mark.parametrize("rule, rank, n", [("lora", 8, 10), ("rslora", 16, 5), ("sfed", 8, 10), ("sfed", 32, 3)])
+@pytest.mark.parametrize(
+    "rule, rank, n", [("lora", 8, 10), ("rslora", 16, 5), ("sfed", 8, 10), ("sfed", 32, 3)]
+)
 def test_every_lora_layer_of_the_built_model_has_scaling_gamma(rule, rank, n):
     model, _ = build_classifier("minilm", 2, rank, 16.0, rule, n)
     scalings = lora_scalings(model)

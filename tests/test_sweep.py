@@ -20,7 +20,9 @@ def test_grid_parsing_and_cells():
     assert cell_name(cells[3]) == "method-sfed-lora_rank-8_lr-0.001"
     assert cell_name({"lora.dropout": 0.1, "faults.dropout": 0.2}) == "lora.dropout-0.1_faults.dropout-0.2"
     assert cell_overrides({"train.max_grad_norm": None, "federation.local_head": True}) == [
-        "train.max_grad_norm=null", "federation.local_head=true"]
+        "train.max_grad_norm=null",
+        "federation.local_head=true",
+    ]
     assert cell_overrides(cells[3]) == ["method=sfed-lora", "lora.rank=8", "train.lr=0.001"]
     with pytest.raises(SfedloraError, match="write it as key=v1,v2"):
         parse_grid("rank")
@@ -33,21 +35,54 @@ def test_a_bad_cell_is_named_before_anything_runs(tmp_path):
 
 def test_two_by_two_sweep_resumes_and_reports(tiny_overrides, tmp_path):
     sets = [a for o in tiny_overrides + ["eval.every=1"] for a in ("--set", o)]
-    args = ["sweep", "--grid", "method=fedsa-lora,sfed-lora rank=2,4", "--name", "s", "--target", "0.3", *sets]
+    args = [
+        "sweep",
+        "--grid",
+        "method=fedsa-lora,sfed-lora rank=2,4",
+        "--name",
+        "s",
+        "--target",
+        "0.3",
+        *sets,
+    ]
     # Part by part: a narrower grid first; the full grid then runs only the cells left.
-    result = runner.invoke(app, ["sweep", "--grid", "method=fedsa-lora,sfed-lora rank=2", "--name", "s", "--target", "0.3", *sets])
+    result = runner.invoke(
+        app,
+        ["sweep", "--grid", "method=fedsa-lora,sfed-lora rank=2", "--name", "s", "--target", "0.3", *sets],
+    )
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, args)
     assert result.exit_code == 0 and result.output.count("already finished, skipped") == 2, result.output
     sweep_dir = tmp_path / "runs" / "s"
     names = sorted(p.name for p in (sweep_dir / "runs").iterdir())
-    assert names == ["method-fedsa-lora_rank-2", "method-fedsa-lora_rank-4", "method-sfed-lora_rank-2", "method-sfed-lora_rank-4"]
+    assert names == [
+        "method-fedsa-lora_rank-2",
+        "method-fedsa-lora_rank-4",
+        "method-sfed-lora_rank-2",
+        "method-sfed-lora_rank-4",
+    ]
     rows = list(csv.DictReader((sweep_dir / "summary.csv").open()))
-    assert [(r["method"], r["rank"]) for r in rows] == [("fedsa-lora", "2"), ("fedsa-lora", "4"), ("sfed-lora", "2"), ("sfed-lora", "4")]
-    assert {"final", "best", "rounds_to_target", "final_train_loss", "grad_norm_A", "grad_norm_B", "collapsed",
-            "collapse_reason", "wall_seconds"} <= set(rows[0])
+    assert [(r["method"], r["rank"]) for r in rows] == [
+        ("fedsa-lora", "2"),
+        ("fedsa-lora", "4"),
+        ("sfed-lora", "2"),
+        ("sfed-lora", "4"),
+    ]
+    assert {
+        "final",
+        "best",
+        "rounds_to_target",
+        "final_train_loss",
+        "grad_norm_A",
+        "grad_norm_B",
+        "collapsed",
+        "collapse_reason",
+        "wall_seconds",
+    } <= set(rows[0])
     assert all(0 <= float(r["final"]) <= 1 for r in rows)
-    assert all(r["rounds_to_target"] == "1" for r in rows)  # every tiny run is above 0.3 at its first evaluation
+    assert all(
+        r["rounds_to_target"] == "1" for r in rows
+    )  # every tiny run is above 0.3 at its first evaluation
     assert "| method | rank | n | final |" in (sweep_dir / "summary.md").read_text()
 
     # Re-running: every finished cell is skipped, and its files stay as they were.
@@ -56,13 +91,22 @@ def test_two_by_two_sweep_resumes_and_reports(tiny_overrides, tmp_path):
     assert result.exit_code == 0 and result.output.count("already finished, skipped") == 4
     assert (sweep_dir / "runs" / names[0] / "metrics.jsonl").read_bytes() == metrics
     # Narrowing the finished sweep again keeps its summary whole.
-    result = runner.invoke(app, ["sweep", "--grid", "method=sfed-lora rank=4", "--name", "s", "--target", "0.3", *sets])
+    result = runner.invoke(
+        app, ["sweep", "--grid", "method=sfed-lora rank=4", "--name", "s", "--target", "0.3", *sets]
+    )
     assert result.exit_code == 0 and len(list(csv.DictReader((sweep_dir / "summary.csv").open()))) == 4
 
     result = runner.invoke(app, ["report", str(sweep_dir)])
     assert result.exit_code == 0, result.output
     plots = sorted(p.name for p in (sweep_dir / "plots").iterdir())
-    for stem in ("metric_vs_round", "train_loss_vs_round", "grad_norm_A", "grad_norm_B", "heatmap", "heatmap_train_loss"):
+    for stem in (
+        "metric_vs_round",
+        "train_loss_vs_round",
+        "grad_norm_A",
+        "grad_norm_B",
+        "heatmap",
+        "heatmap_train_loss",
+    ):
         assert f"{stem}.png" in plots and f"{stem}.pdf" in plots
         assert (sweep_dir / "plots" / f"{stem}.png").stat().st_size > 5000
     md = (sweep_dir / "report.md").read_text()
@@ -84,7 +128,9 @@ def test_report_of_a_single_run(tiny_config, tmp_path):
     result = run(tiny_config("name=one"))
     out = runner.invoke(app, ["report", str(result.run_dir)])
     assert out.exit_code == 0, out.output
-    assert (result.run_dir / "plots" / "run.png").is_file() and (result.run_dir / "plots" / "run.pdf").is_file()
+    assert (result.run_dir / "plots" / "run.png").is_file() and (
+        result.run_dir / "plots" / "run.pdf"
+    ).is_file()
     assert "**collapsed**" in (result.run_dir / "report.md").read_text()
     bad = runner.invoke(app, ["report", str(tmp_path)])
     assert bad.exit_code == 2 and "neither a finished run" in bad.output
@@ -103,8 +149,11 @@ def test_learning_rate_views(tmp_path):
 
     grid = {"method": ["a"], "rank": [4, 8], "lr": [0.1, 0.01], "seed": [0, 1]}
     finals = {(4, 0.1): [0.8, 0.7], (4, 0.01): [0.6, 0.6], (8, 0.1): [0.5, 0.5], (8, 0.01): [0.9, 0.7]}
-    rows = [{"method": "a", "rank": r, "lr": lr, "seed": s, "final": f, "final_train_loss": 1 - f}
-            for (r, lr), fs in finals.items() for s, f in enumerate(fs)]
+    rows = [
+        {"method": "a", "rank": r, "lr": lr, "seed": s, "final": f, "final_train_loss": 1 - f}
+        for (r, lr), fs in finals.items()
+        for s, f in enumerate(fs)
+    ]
     text = "\n".join(_learning_rate_views(rows, grid))
     metric, loss = text.split("## Final training loss")
     assert "**lr = 0.1**\n\n| method | r=4 | r=8 |\n|---|---|---|\n| a | 0.7500 | 0.5000 |" in metric
@@ -119,7 +168,9 @@ def test_learning_rate_views(tmp_path):
     assert "| a | 0.6000 (0.01) | 0.5000 (0.1) |" in "\n".join(_learning_rate_views(rows, grid))
 
 
-@pytest.mark.parametrize("text, message", [("grid: [1, 2]\n", "must map axes to lists"), ("a: [\n", "not valid YAML")])
+@pytest.mark.parametrize(
+    "text, message", [("grid: [1, 2]\n", "must map axes to lists"), ("a: [\n", "not valid YAML")]
+)
 def test_bad_sweep_files(tmp_path, text, message):
     path = tmp_path / "s.yaml"
     path.write_text(text)
@@ -132,10 +183,16 @@ def test_rank_lists_as_a_grid_axis(tmp_path):
     path.write_text("lora: {rank: 8}\ngrid:\n  method: [sfed-lora]\n  client_ranks: [[8], [2, 4, 8]]\n")
     base, grid = load_sweep(path, None, [f"output_dir={tmp_path}"])
     cells = grid_cells(grid)
-    assert [cell_name(c) for c in cells] == ["method-sfed-lora_client_ranks-8", "method-sfed-lora_client_ranks-2+4+8"]
+    assert [cell_name(c) for c in cells] == [
+        "method-sfed-lora_client_ranks-8",
+        "method-sfed-lora_client_ranks-2+4+8",
+    ]
     assert cell_overrides(cells[1]) == ["method=sfed-lora", "lora.client_ranks=[2, 4, 8]"]
     path.write_text("lora: {rank: 4}\ngrid:\n  client_ranks: [[2, 8]]\n")
-    with pytest.raises(SfedloraError, match="grid cell client_ranks-2\\+8: config lora.client_ranks: rank 8 exceeds lora.rank=4"):
+    with pytest.raises(
+        SfedloraError,
+        match="grid cell client_ranks-2\\+8: config lora.client_ranks: rank 8 exceeds lora.rank=4",
+    ):
         load_sweep(path, None, [])
 
 
@@ -155,7 +212,9 @@ def test_a_failing_cell_is_reported_and_the_others_finish(tiny_overrides, tmp_pa
     broken = sweep_dir / "runs" / "rank-2"
     broken.mkdir(parents=True)
     (broken / "checkpoint.pt").write_bytes(b"not a checkpoint")  # a resume that cannot work: no config.yaml
-    with pytest.raises(SfedloraError, match=r"1 of 2 cells failed .* first rank-2: .* is not a run directory"):
+    with pytest.raises(
+        SfedloraError, match=r"1 of 2 cells failed .* first rank-2: .* is not a run directory"
+    ):
         run_sweep(base, grid, sweep_dir)
     assert (sweep_dir / "runs" / "rank-4" / "summary.json").is_file()
     assert [r["rank"] for r in csv.DictReader((sweep_dir / "summary.csv").open())] == ["4"]
@@ -163,7 +222,9 @@ def test_a_failing_cell_is_reported_and_the_others_finish(tiny_overrides, tmp_pa
 
 def test_cells_in_worker_processes_finish_and_name_their_warnings(tiny_overrides, tmp_path, capfd):
     # Every reply corrupted: each round of each cell logs refused updates, from two processes at once.
-    base, grid = load_sweep(None, "rank=2,4", [*tiny_overrides, "federation.rounds=1", "faults.bad_update=1.0"])
+    base, grid = load_sweep(
+        None, "rank=2,4", [*tiny_overrides, "federation.rounds=1", "faults.bad_update=1.0"]
+    )
     done = run_sweep(base, grid, tmp_path / "s", jobs=2)
     assert sorted(p.name for p in done) == ["rank-2", "rank-4"]
     assert all((p / "summary.json").is_file() for p in done)
@@ -177,7 +238,11 @@ def test_heatmap_axis_labels_do_not_run_into_neighbouring_panels():
     from sfedlora.report import _heatmap, _plt
 
     plt = _plt()
-    methods, clients, ranks = ["fedsa-lora", "fedsa-rslora", "sfed-lora", "rolora"], [5, 10, 20], [4, 8, 32, 128, 512]
+    methods, clients, ranks = (
+        ["fedsa-lora", "fedsa-rslora", "sfed-lora", "rolora"],
+        [5, 10, 20],
+        [4, 8, 32, 128, 512],
+    )
     values = {(m, n, r): [0.5] for m in methods for n in clients for r in ranks}
     fig = _heatmap(plt, values, methods, clients, ranks, "train_loss")
     fig.canvas.draw()

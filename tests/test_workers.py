@@ -58,17 +58,29 @@ def test_worker_count():
 @pytest.mark.parametrize("method", ["sfed-lora", "fedit"])
 def test_workers_give_the_same_run_as_one_process(tiny_config, method):
     # Faults too: every draw must land on the same client wherever clients train.
-    common = [f"method={method}", "model.precision=fp32", "federation.n_clients=4", "federation.rounds=3",
-              "faults.dropout=0.2", "faults.bad_update=0.3", "faults.bad_kinds=[scale]", "server.outlier_rule=median"]
+    common = [
+        f"method={method}",
+        "model.precision=fp32",
+        "federation.n_clients=4",
+        "federation.rounds=3",
+        "faults.dropout=0.2",
+        "faults.bad_update=0.3",
+        "faults.bad_kinds=[scale]",
+        "server.outlier_rule=median",
+    ]
     one = run(tiny_config(*common, "name=one", "simulator.workers=1"))
     two = run(tiny_config(*common, "name=two", "simulator.workers=2"))
     for a, b in zip(one.records, two.records, strict=True):
-        assert a["dropped"] == b["dropped"] and a["injected"] == b["injected"] and a["rejected"] == b["rejected"]
+        assert (
+            a["dropped"] == b["dropped"] and a["injected"] == b["injected"] and a["rejected"] == b["rejected"]
+        )
         # Two torch threads here, one in each worker: same math, summed in another order.
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
         assert a["grad_norm_B"] == pytest.approx(b["grad_norm_B"], rel=1e-4)
     # Logits equal to float rounding: at most a borderline example of the 48 may flip.
-    assert one.records[-1]["personal_accuracy_mean"] == pytest.approx(two.records[-1]["personal_accuracy_mean"], abs=1 / 48)
+    assert one.records[-1]["personal_accuracy_mean"] == pytest.approx(
+        two.records[-1]["personal_accuracy_mean"], abs=1 / 48
+    )
     assert sum(len(r["injected"]) + len(r["dropped"]) for r in one.records) > 0
 
 

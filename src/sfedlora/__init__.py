@@ -6,4 +6,14 @@ from .methods import METHODS, PRESETS, aggregate, get_method
 from .scaling import gamma
 
 __version__ = "0.1.0"
-__all__ = ["RunConfig", "load_config", "run", "METHODS", "PRESETS", "aggregate", "get_method", "gamma", "__version__"]
+__all__ = [
+    "RunConfig",
+    "load_config",
+    "run",
+    "METHODS",
+    "PRESETS",
+    "aggregate",
+    "get_method",
+    "gamma",
+    "__version__",
+]

@@ -41,13 +41,19 @@ def load_checkpoint(fed, run_dir: Path) -> None:
     """Restore ``fed`` (freshly built from the run's config) to the checkpointed round."""
     path = run_dir / CHECKPOINT
     if not path.is_file():
-        raise SfedloraError(f"{run_dir} has no {CHECKPOINT}: it stopped before its first round ended; start it again instead")
+        raise SfedloraError(
+            f"{run_dir} has no {CHECKPOINT}: it stopped before its first round ended; start it again instead"
+        )
     try:
         state = torch.load(path, map_location=fed.compute.device, weights_only=True)
     except Exception as err:  # a truncated or foreign file
-        raise SfedloraError(f"checkpoint {path} cannot be read ({type(err).__name__}): the run cannot be resumed") from None
+        raise SfedloraError(
+            f"checkpoint {path} cannot be read ({type(err).__name__}): the run cannot be resumed"
+        ) from None
     if len(state["clients"]) != len(fed.clients) or set(state["server"]) != set(fed.server):
-        raise SfedloraError(f"checkpoint {path} does not match the run's config (clients or adapter tensors differ)")
+        raise SfedloraError(
+            f"checkpoint {path} does not match the run's config (clients or adapter tensors differ)"
+        )
     fed.round = state["round"]
     fed.server = state["server"]
     fed.sampler.bit_generator.state = state["sampler"]
@@ -56,4 +62,6 @@ def load_checkpoint(fed, run_dir: Path) -> None:
         fed.dp_ledger = state["dp_ledger"].cpu().numpy()
         fed.dp_rng.bit_generator.state = state["dp_rng"]
     # torch.Generator states are CPU byte tensors whatever the device of the rest.
-    fed.clients = [ClientState(c["tensors"], c["rng"].cpu(), c["optimizer"], c["steps"]) for c in state["clients"]]
+    fed.clients = [
+        ClientState(c["tensors"], c["rng"].cpu(), c["optimizer"], c["steps"]) for c in state["clients"]
+    ]

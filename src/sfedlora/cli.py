@@ -6,23 +6,35 @@ import json
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from .config import RunConfig, build_config, dump_config, load_config
 from .errors import SfedloraError
 from .logs import quiet_libraries, round_lines, score_text
 
-app = typer.Typer(add_completion=False, no_args_is_help=False, help="Stable federated fine-tuning with LoRA (SFed-LoRA).")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=False, help="Stable federated fine-tuning with LoRA (SFed-LoRA)."
+)
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True)
 
-ConfigArg = typer.Argument(None, help="YAML config; omit for the main job (MiniLM, bundled SST-2, 10 clients, SFed-LoRA).")
-SetOpt = typer.Option([], "--set", "-s", help="Override a config key: --set federation.rounds=20 (repeatable).")
+ConfigArg = typer.Argument(
+    None, help="YAML config; omit for the main job (MiniLM, bundled SST-2, 10 clients, SFed-LoRA)."
+)
+SetOpt = typer.Option(
+    [], "--set", "-s", help="Override a config key: --set federation.rounds=20 (repeatable)."
+)
 
 
 def _fail(message: str) -> None:
@@ -30,7 +42,7 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def _load(config: Optional[Path], overrides: list[str]) -> RunConfig:
+def _load(config: Path | None, overrides: list[str]) -> RunConfig:
     try:
         return load_config(config, overrides)
     except SfedloraError as err:
@@ -48,16 +60,25 @@ def _fmt(value) -> str:
 
 @app.command()
 def run(
-    config: Optional[Path] = ConfigArg,
+    config: Path | None = ConfigArg,
     overrides: list[str] = SetOpt,
-    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this run directory from its last checkpoint."),
-    runtime: Runtime = typer.Option(Runtime.simulator, "--runtime", help="simulator: the embedded one; flower: Flower's simulation engine (one SuperNode per client)."),
+    resume: Path | None = typer.Option(
+        None, "--resume", help="Continue this run directory from its last checkpoint."
+    ),
+    runtime: Runtime = typer.Option(
+        Runtime.simulator,
+        "--runtime",
+        help="simulator: the embedded one; flower: Flower's simulation engine (one SuperNode per client).",
+    ),
 ) -> None:
     """Run a federated fine-tuning experiment on the embedded simulator (or on Flower)."""
-    from .experiment import headline, run as run_experiment
+    from .experiment import headline
+    from .experiment import run as run_experiment
 
     if runtime is Runtime.flower and resume is not None:
-        _fail("--resume works with the embedded simulator only: Flower clients keep their state on their nodes")
+        _fail(
+            "--resume works with the embedded simulator only: Flower clients keep their state on their nodes"
+        )
 
     # On resume the run's own config.yaml rules; --set applies on top of it, and the result
     # (or a config file given instead) may differ from it only in keys that change no result.
@@ -67,19 +88,35 @@ def run(
     else:
         cfg = _load(config, overrides)
     quiet_libraries()
-    progress = Progress(TextColumn("[bold]round"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.description}"),
-                        TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not console.is_terminal)
+    progress = Progress(
+        TextColumn("[bold]round"),
+        MofNCompleteColumn(),
+        BarColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not console.is_terminal,
+    )
     state: dict = {}
 
     def on_start(fed, run_dir):
         state["key"] = headline(fed)
         c = fed.cfg
         plan = fed.ranks
-        ranks = f"client ranks {min(plan.ranks)}..{max(plan.ranks)} of r={c.lora.rank}" if plan.mixed else f"r={c.lora.rank}"
+        ranks = (
+            f"client ranks {min(plan.ranks)}..{max(plan.ranks)} of r={c.lora.rank}"
+            if plan.mixed
+            else f"r={c.lora.rank}"
+        )
         gammas = f"γ={min(plan.gammas):.4g}..{max(plan.gammas):.4g}" if plan.mixed else f"γ={fed.gamma:.4g}"
-        console.print(f"[bold]{c.method}[/] · {c.data.task} · {c.model.name_or_path} · {ranks} "
-                      f"· {c.federation.n_clients} clients ({fed.n_sampled} per round) · {c.scaling} {gammas}")
-        console.print(f"run directory: {run_dir}" + (f" (resumed after round {fed.round})" if fed.round else ""))
+        console.print(
+            f"[bold]{c.method}[/] · {c.data.task} · {c.model.name_or_path} · {ranks} "
+            f"· {c.federation.n_clients} clients ({fed.n_sampled} per round) · {c.scaling} {gammas}"
+        )
+        console.print(
+            f"run directory: {run_dir}" + (f" (resumed after round {fed.round})" if fed.round else "")
+        )
         state["run_dir"] = run_dir
         state["task"] = progress.add_task("", total=c.federation.rounds, completed=fed.round)
         progress.start()
@@ -103,8 +140,11 @@ def run(
         progress.stop()
         if "run_dir" not in state or runtime is Runtime.flower:  # Flower runs cannot be resumed
             raise
-        err_console.print(f"interrupted: the last checkpoint is kept; continue with: sfedlora run --resume {state['run_dir']}",
-                          highlight=False, soft_wrap=True)
+        err_console.print(
+            f"interrupted: the last checkpoint is kept; continue with: sfedlora run --resume {state['run_dir']}",
+            highlight=False,
+            soft_wrap=True,
+        )
         raise typer.Exit(130)
     progress.stop()
     print_summary(result.summary, result.run_dir)
@@ -119,7 +159,7 @@ def print_summary(summary: dict, run_dir: Path) -> None:
 
 
 @app.command()
-def partition(config: Optional[Path] = ConfigArg, overrides: list[str] = SetOpt) -> None:
+def partition(config: Path | None = ConfigArg, overrides: list[str] = SetOpt) -> None:
     """Show how the training data is split: each client's size and label histogram."""
     from .data import label_histograms, load_task
     from .simulation import split_clients
@@ -132,8 +172,11 @@ def partition(config: Optional[Path] = ConfigArg, overrides: list[str] = SetOpt)
     except SfedloraError as err:
         _fail(str(err))
     hist = label_histograms(data.train.labels, parts, data.num_labels)
-    desc = {"iid": "IID", "dirichlet": f"Dirichlet β={cfg.partition.beta} over labels",
-            "size": f"sizes from Dirichlet β={cfg.partition.beta}"}[cfg.partition.kind]
+    desc = {
+        "iid": "IID",
+        "dirichlet": f"Dirichlet β={cfg.partition.beta} over labels",
+        "size": f"sizes from Dirichlet β={cfg.partition.beta}",
+    }[cfg.partition.kind]
     table = Table(title=f"{data.name}: {len(data.train)} training examples, {len(parts)} clients, {desc}")
     table.add_column("client", justify="right")
     table.add_column("size", justify="right")
@@ -147,12 +190,18 @@ def partition(config: Optional[Path] = ConfigArg, overrides: list[str] = SetOpt)
 
 @app.command()
 def sweep(
-    config: Optional[Path] = typer.Argument(None, help="YAML run config, optionally with a grid: section."),
-    grid: Optional[str] = typer.Option(None, "--grid", "-g", help='Axes and values: "method=fedsa-lora,sfed-lora rank=4,8 seed=0,1".'),
+    config: Path | None = typer.Argument(None, help="YAML run config, optionally with a grid: section."),
+    grid: str | None = typer.Option(
+        None, "--grid", "-g", help='Axes and values: "method=fedsa-lora,sfed-lora rank=4,8 seed=0,1".'
+    ),
     overrides: list[str] = SetOpt,
-    name: Optional[str] = typer.Option(None, "--name", help="Sweep directory name under output_dir; reuse it to continue a sweep."),
+    name: str | None = typer.Option(
+        None, "--name", help="Sweep directory name under output_dir; reuse it to continue a sweep."
+    ),
     jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Cells run at once, each in its own process."),
-    target: Optional[float] = typer.Option(None, "--target", help="Report the first round each run reaches this metric value."),
+    target: float | None = typer.Option(
+        None, "--target", help="Report the first round each run reaches this metric value."
+    ),
 ) -> None:
     """Run a grid of experiments, one run directory per cell; finished cells are skipped."""
     from datetime import datetime
@@ -174,7 +223,10 @@ def sweep(
         count["n"] += 1
         summary = run_dir / "summary.json"
         final = json.loads(summary.read_text())["final"] if summary.is_file() else None
-        console.print(f"[{count['n']}/{total}] {cell_name(cell)}: " + ("already finished, skipped" if skipped else f"final {_fmt(final)}"))
+        console.print(
+            f"[{count['n']}/{total}] {cell_name(cell)}: "
+            + ("already finished, skipped" if skipped else f"final {_fmt(final)}")
+        )
 
     try:
         run_sweep(base, axes, sweep_dir, jobs=jobs, on_cell=on_cell, target=target)
@@ -201,11 +253,17 @@ app.add_typer(flower_app, name="flower")
 
 @flower_app.command("up")
 def flower_up(
-    config: Optional[Path] = ConfigArg,
+    config: Path | None = ConfigArg,
     overrides: list[str] = SetOpt,
-    clients: Optional[int] = typer.Option(None, "--clients", min=1, help="SuperNodes to start, one per client (sets federation.n_clients)."),
-    workdir: Optional[Path] = typer.Option(None, "--workdir", help="Certificates, keys and process logs (default: a new temporary directory)."),
-    timeout: float = typer.Option(3600.0, "--timeout", help="Seconds the run may take before everything is stopped."),
+    clients: int | None = typer.Option(
+        None, "--clients", min=1, help="SuperNodes to start, one per client (sets federation.n_clients)."
+    ),
+    workdir: Path | None = typer.Option(
+        None, "--workdir", help="Certificates, keys and process logs (default: a new temporary directory)."
+    ),
+    timeout: float = typer.Option(
+        3600.0, "--timeout", help="Seconds the run may take before everything is stopped."
+    ),
 ) -> None:
     """Start a SuperLink and one SuperNode per client on 127.0.0.1 (TLS, SuperNode
     authentication), run the job, and stop everything."""
@@ -215,8 +273,11 @@ def flower_up(
 
     cfg = _load(config, [*overrides, *([f"federation.n_clients={clients}"] if clients else [])])
     workdir = workdir or Path(tempfile.mkdtemp(prefix="sfedlora-flower-"))
-    console.print(f"deployment: 1 SuperLink + {cfg.federation.n_clients} SuperNodes on 127.0.0.1 (TLS, node authentication); "
-                  f"logs in {workdir / 'logs'}")
+    console.print(
+        f"deployment: 1 SuperLink + {cfg.federation.n_clients} SuperNodes on 127.0.0.1 (TLS, node authentication); "
+        f"logs in {workdir / 'logs'}"
+    )
+
     def on_record(record):
         # Where the run is judged (the task's metric) the ServerApp knows; the summary names it.
         for line in round_lines(record, None, every_round=True):
@@ -230,7 +291,7 @@ def flower_up(
 
 
 @app.command("config")
-def show_config(config: Optional[Path] = ConfigArg, overrides: list[str] = SetOpt) -> None:
+def show_config(config: Path | None = ConfigArg, overrides: list[str] = SetOpt) -> None:
     """Print the fully resolved config (the defaults when no file is given)."""
     sys.stdout.write(dump_config(_load(config, overrides)))
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 import numpy as np
 import torch
@@ -35,7 +35,9 @@ class ClientState:
 class ClientResult:
     loss: float  # mean training loss over the round's steps
     steps: int
-    grad_norm: dict[str, float] = field(default_factory=dict)  # kind → mean L2 norm of its gradient (pre-clipping)
+    grad_norm: dict[str, float] = field(
+        default_factory=dict
+    )  # kind → mean L2 norm of its gradient (pre-clipping)
 
 
 def new_client_state(tensors: Mapping[str, torch.Tensor], seed: int) -> ClientState:
@@ -55,7 +57,9 @@ def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
     return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def steps_per_round(n_examples: int, batch_size: int, local_steps: int | None, local_epochs: float | None) -> int:
+def steps_per_round(
+    n_examples: int, batch_size: int, local_steps: int | None, local_epochs: float | None
+) -> int:
     if local_steps is not None:
         return local_steps
     return max(1, math.ceil(local_epochs * n_examples / batch_size))
@@ -67,7 +71,9 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def _batch_indices(lengths: np.ndarray, batch_size: int, steps: int, g: torch.Generator, group_by_length: bool) -> list[np.ndarray]:
+def _batch_indices(
+    lengths: np.ndarray, batch_size: int, steps: int, g: torch.Generator, group_by_length: bool
+) -> list[np.ndarray]:
     """``steps`` batches drawn without replacement, reshuffling when the data runs out.
 
     With ``group_by_length`` the round's draw is sorted by length before it is cut into

@@ -41,19 +41,28 @@ def detect(
     grad_fraction: float = 1e-3,
 ) -> Collapse | None:
     """The first collapse in ``records`` (metrics.jsonl rows), or None."""
-    first_grad = next((r["grad_norm_A"] for r in records if _finite(r.get("grad_norm_A")) and r["grad_norm_A"] > 0), None)
+    first_grad = next(
+        (r["grad_norm_A"] for r in records if _finite(r.get("grad_norm_A")) and r["grad_norm_A"] > 0), None
+    )
     for r in records:
         trained = len(r.get("clients", [])) - len(r.get("dropped", []))
         restored = any(x["reason"].startswith("non-finite training loss") for x in r.get("rejected", []))
         if restored or (trained > 0 and not _finite(r.get("train_loss"))):
             return Collapse(r["round"], "non-finite training loss")
         g = r.get("grad_norm_A")
-        if first_grad is not None and g is not None and (not math.isfinite(g) or g < grad_fraction * first_grad):
+        if (
+            first_grad is not None
+            and g is not None
+            and (not math.isfinite(g) or g < grad_fraction * first_grad)
+        ):
             return Collapse(r["round"], f"A-gradient norm fell below {grad_fraction:g} of its first value")
     if majority is None:
         return None
     late = [r for r in records if r["round"] > total_rounds / 3 and metric in r]
     if late and all(not _finite(r[metric]) or r[metric] <= majority + margin for r in late):
-        return Collapse(late[0]["round"], f"{metric} no better than the majority class ({majority:.3f}) + {margin:g}",
-                        final=False)
+        return Collapse(
+            late[0]["round"],
+            f"{metric} no better than the majority class ({majority:.3f}) + {margin:g}",
+            final=False,
+        )
     return None

@@ -48,7 +48,9 @@ def _table(model: type[BaseModel], prefix: str) -> tuple[list[str], list[tuple[s
             sections.append((f"{prefix}{name}", annotation))
             continue
         description = (field.description or "").replace("|", "\\|").replace("<", "&lt;")
-        rows.append(f"| `{prefix}{name}` | {_type_name(annotation)} | {_default(field.default)} | {description} |")
+        rows.append(
+            f"| `{prefix}{name}` | {_type_name(annotation)} | {_default(field.default)} | {description} |"
+        )
     return rows, sections
 
 

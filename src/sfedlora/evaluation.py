@@ -39,7 +39,9 @@ def label_mix_accuracy(logits: np.ndarray, labels: np.ndarray, mix: np.ndarray) 
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, data: Encoded, tokenizer, batch_size: int, compute: Compute = Compute()) -> np.ndarray:
+def predict(
+    model: torch.nn.Module, data: Encoded, tokenizer, batch_size: int, compute: Compute = Compute()
+) -> np.ndarray:
     """Logits for every example of ``data``, in its order."""
     model.eval()
     out: np.ndarray | None = None

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 
@@ -16,7 +16,15 @@ from .config import RunConfig, load_config, result_differences
 from .data import load_task
 from .errors import SfedloraError
 from .evaluation import best_of, higher_is_better
-from .rundir import MetricsWriter, RunLock, check_run_dir, create_run_dir, jsonable, truncate_metrics, write_json
+from .rundir import (
+    MetricsWriter,
+    RunLock,
+    check_run_dir,
+    create_run_dir,
+    jsonable,
+    truncate_metrics,
+    write_json,
+)
 from .simulation import Federation, build_federation, simulate
 
 log = logging.getLogger("sfedlora")
@@ -60,8 +68,16 @@ def save_adapters(fed: Federation, run_dir: Path) -> list[Path]:
         targets.append(("global", None))
     if fed.client_models_differ():
         targets += [(f"client_{k:02d}", k) for k in range(len(fed.clients))]
-    return [fed.ranks.save(fed.model, fed.params, fed.global_tensors() if k is None else fed.personal_tensors(k), k,
-                           run_dir / "adapters" / name) for name, k in targets]
+    return [
+        fed.ranks.save(
+            fed.model,
+            fed.params,
+            fed.global_tensors() if k is None else fed.personal_tensors(k),
+            k,
+            run_dir / "adapters" / name,
+        )
+        for name, k in targets
+    ]
 
 
 def partition_report(fed: Federation) -> dict:
@@ -74,13 +90,17 @@ def partition_report(fed: Federation) -> dict:
 def _resume_config(run_dir: Path, cfg: RunConfig | None) -> RunConfig:
     saved_path = run_dir / "config.yaml"
     if not saved_path.is_file():
-        raise SfedloraError(f"{run_dir} is not a run directory (no config.yaml): pass the directory a run wrote")
+        raise SfedloraError(
+            f"{run_dir} is not a run directory (no config.yaml): pass the directory a run wrote"
+        )
     saved = load_config(saved_path)
     if cfg is not None:
         differing = result_differences(saved, cfg)
         if differing:
-            raise SfedloraError(f"cannot resume {run_dir} with a config that changes results: {', '.join(differing)} differ "
-                                "(resume with the run's own config, or start a new run)")
+            raise SfedloraError(
+                f"cannot resume {run_dir} with a config that changes results: {', '.join(differing)} differ "
+                "(resume with the run's own config, or start a new run)"
+            )
     if (run_dir / "summary.json").is_file():
         raise SfedloraError(f"{run_dir} already finished (it has summary.json): there is nothing to resume")
     return saved if cfg is None else cfg
@@ -104,8 +124,10 @@ def run(
     """
     start = time.perf_counter()
     if clients_here and cfg is not None and cfg.privacy.secagg:
-        raise SfedloraError("privacy.secagg needs the Flower runtime (sfedlora run --runtime flower): "
-                            "in the embedded simulator the server holds every client's state anyway")
+        raise SfedloraError(
+            "privacy.secagg needs the Flower runtime (sfedlora run --runtime flower): "
+            "in the embedded simulator the server holds every client's state anyway"
+        )
     if resume is not None:
         run_dir = Path(resume)
         cfg = _resume_config(run_dir, cfg)
@@ -138,10 +160,16 @@ def run(
                     if collapse.final:
                         log.warning("round %d: training collapsed: %s", collapse.round, collapse.reason)
                     else:
-                        log.warning("round %d: training looks collapsed so far: %s (judged again over the whole run "
-                                    "in summary.json)", collapse.round, collapse.reason)
+                        log.warning(
+                            "round %d: training looks collapsed so far: %s (judged again over the whole run "
+                            "in summary.json)",
+                            collapse.round,
+                            collapse.reason,
+                        )
                 writer.write(record)
-                if clients_here and (fed.round % cfg.checkpoint_every == 0 or fed.round == cfg.federation.rounds):
+                if clients_here and (
+                    fed.round % cfg.checkpoint_every == 0 or fed.round == cfg.federation.rounds
+                ):
                     save_checkpoint(fed, run_dir)
                 if on_record:
                     on_record(record)
@@ -172,8 +200,11 @@ def run(
             "wall_seconds": time.perf_counter() - start,
         }
         if fed.privacy is not None:
-            summary.update(epsilon=records[-1].get("epsilon_max") if records else 0.0, delta=fed.privacy.delta,
-                           noise_multiplier=float(fed.privacy.noise_multiplier.max()))
+            summary.update(
+                epsilon=records[-1].get("epsilon_max") if records else 0.0,
+                delta=fed.privacy.delta,
+                noise_multiplier=float(fed.privacy.noise_multiplier.max()),
+            )
         write_json(run_dir / "summary.json", summary)
         # Finished: nothing left to resume, and client states of a large model are big.
         (run_dir / CHECKPOINT).unlink(missing_ok=True)

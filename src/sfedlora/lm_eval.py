@@ -38,7 +38,11 @@ def normalise_number(sign: bool, digits: str) -> str | None:
 
 
 def _numbers(text: str) -> list[str]:
-    return [n for m in _NUMBER.finditer(text) if (n := normalise_number(bool(m.group(1) or m.group(2)), m.group(3)))]
+    return [
+        n
+        for m in _NUMBER.finditer(text)
+        if (n := normalise_number(bool(m.group(1) or m.group(2)), m.group(3)))
+    ]
 
 
 def final_number(text: str) -> str | None:
@@ -68,8 +72,14 @@ def _length_order(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
 
 
 @torch.no_grad()
-def generate(model, prompts: list[list[int]], tokenizer, batch_size: int, max_new_tokens: int,
-             compute: Compute = Compute()) -> list[str]:
+def generate(
+    model,
+    prompts: list[list[int]],
+    tokenizer,
+    batch_size: int,
+    max_new_tokens: int,
+    compute: Compute = Compute(),
+) -> list[str]:
     """Greedy continuations of token-id prompts, decoded, in the prompts' order.
 
     Batches of similar length are left-padded so that every prompt ends where generation
@@ -79,16 +89,25 @@ def generate(model, prompts: list[list[int]], tokenizer, batch_size: int, max_ne
 
     model.eval()
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
-                              pad_token_id=pad, eos_token_id=eos)
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        use_cache=True,
+        pad_token_id=pad,
+        eos_token_id=eos,
+    )
     out: list[str] = [""] * len(prompts)
     for idx in _length_order(np.array([len(p) for p in prompts]), batch_size):
         width = max(len(prompts[i]) for i in idx)
         ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in idx])
         mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx])
         with compute.autocast():
-            generated = model.generate(input_ids=ids.to(compute.device), attention_mask=mask.to(compute.device),
-                                       generation_config=config)
+            generated = model.generate(
+                input_ids=ids.to(compute.device),
+                attention_mask=mask.to(compute.device),
+                generation_config=config,
+            )
         for i, row in zip(idx, generated[:, width:].tolist()):
             if eos in row:
                 row = row[: row.index(eos)]
@@ -106,13 +125,21 @@ def answer_nll(model, data, tokenizer, batch_size: int, compute: Compute = Compu
         labels = batch.pop("labels").to(compute.device)
         logits = compute.forward(model, batch).logits.float()
         # Token t predicts token t+1: drop the last logit and the first label.
-        total += float(torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"))
+        total += float(
+            torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]),
+                labels[:, 1:].reshape(-1),
+                ignore_index=-100,
+                reduction="sum",
+            )
+        )
         count += int((labels[:, 1:] != -100).sum())
     return total, count
 
 
-def lm_scores(model, data, tokenizer, batch_size: int, max_new_tokens: int, compute: Compute = Compute()) -> dict[str, float]:
+def lm_scores(
+    model, data, tokenizer, batch_size: int, max_new_tokens: int, compute: Compute = Compute()
+) -> dict[str, float]:
     """Answer loss and perplexity on ``data``; with reference numbers (GSM8K) also exact-match accuracy."""
     total, count = answer_nll(model, data, tokenizer, batch_size, compute)
     loss = total / max(count, 1)

@@ -37,7 +37,11 @@ def round_lines(record: dict, key: str | None, every_round: bool) -> list[str]:
         lines.append(f"round {record['round']}: no reply from clients {record['dropped']}")
     line = f"round {record['round']:>4}  loss {score_text(record['train_loss'])}"
     if key is None:
-        scores = {k: v for k, v in record.items() if k.startswith("personal_") and k.endswith("_mean") and v is not None}
+        scores = {
+            k: v
+            for k, v in record.items()
+            if k.startswith("personal_") and k.endswith("_mean") and v is not None
+        }
         line += "".join(f"  {k} {score_text(v)}" for k, v in scores.items())
         evaluated = bool(scores)
     else:
@@ -45,7 +49,11 @@ def round_lines(record: dict, key: str | None, every_round: bool) -> list[str]:
         if evaluated:
             line += f"  {key} {score_text(record[key])}"
             # The worst client: the lowest score, or the highest where lower is better (perplexity).
-            worst, word = (key.replace("_mean", "_min"), "min") if higher_is_better(key) else (key.replace("_mean", "_max"), "max")
+            worst, word = (
+                (key.replace("_mean", "_min"), "min")
+                if higher_is_better(key)
+                else (key.replace("_mean", "_max"), "max")
+            )
             if worst in record:
                 line += f"  ({word} over clients {score_text(record[worst])})"
     if every_round or evaluated:

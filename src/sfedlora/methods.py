@@ -10,8 +10,8 @@ on the client. So FedSA-LoRA's B never leaves the client, and FFA-LoRA's A never
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -65,14 +65,21 @@ class Method:
         """True when some trained tensor stays on the client, so personalised models differ."""
         return bool(self.ever_trained() - self.global_kinds)
 
-    def with_local_head(self) -> "Method":
+    def with_local_head(self) -> Method:
         """The same method with the task head trained but never sent."""
-        return replace(self, global_kinds=self.global_kinds - {"head"}, description=self.description + " Task head kept local.")
+        return replace(
+            self,
+            global_kinds=self.global_kinds - {"head"},
+            description=self.description + " Task head kept local.",
+        )
 
-    def with_head_probe(self, rounds: int) -> "Method":
+    def with_head_probe(self, rounds: int) -> Method:
         """The same method after ``rounds`` of head-only training, with the head frozen after."""
-        return replace(self, probe_rounds=rounds,
-                       description=self.description + f" Head trained alone for {rounds} rounds, then frozen.")
+        return replace(
+            self,
+            probe_rounds=rounds,
+            description=self.description + f" Head trained alone for {rounds} rounds, then frozen.",
+        )
 
 
 def _always(*kinds: str) -> Callable[[int], frozenset[str]]:
@@ -88,14 +95,30 @@ def _rolora(round_: int) -> frozenset[str]:
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("fedit", frozenset(KINDS), _always("A", "B", "head"),
-               "FedIT: FedAvg on LoRA; A and B trained and averaged."),
-        Method("ffa-lora", frozenset({"B", "head"}), _always("B", "head"),
-               "FFA-LoRA: A frozen at its shared random init; B trained and averaged."),
-        Method("fedsa-lora", frozenset({"A", "head"}), _always("A", "B", "head"),
-               "FedSA-LoRA: A and B trained; only A averaged; B stays on each client."),
-        Method("rolora", frozenset(KINDS), _rolora,
-               "RoLoRA: odd rounds train and average B (A frozen), even rounds A."),
+        Method(
+            "fedit",
+            frozenset(KINDS),
+            _always("A", "B", "head"),
+            "FedIT: FedAvg on LoRA; A and B trained and averaged.",
+        ),
+        Method(
+            "ffa-lora",
+            frozenset({"B", "head"}),
+            _always("B", "head"),
+            "FFA-LoRA: A frozen at its shared random init; B trained and averaged.",
+        ),
+        Method(
+            "fedsa-lora",
+            frozenset({"A", "head"}),
+            _always("A", "B", "head"),
+            "FedSA-LoRA: A and B trained; only A averaged; B stays on each client.",
+        ),
+        Method(
+            "rolora",
+            frozenset(KINDS),
+            _rolora,
+            "RoLoRA: odd rounds train and average B (A frozen), even rounds A.",
+        ),
     )
 }
 
@@ -125,7 +148,9 @@ def select(tensors: Mapping[str, torch.Tensor], kinds: frozenset[str]) -> dict[s
     return {n: t for n, t in tensors.items() if tensor_kind(n) in kinds}
 
 
-def aggregate(updates: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> dict[str, torch.Tensor]:
+def aggregate(
+    updates: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]
+) -> dict[str, torch.Tensor]:
     """Weighted mean of client tensors, name by name: Σ w_k x_k / Σ w_k.
 
     Weights are client example counts. Every update must carry the same names and shapes.
@@ -140,7 +165,9 @@ def aggregate(updates: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[f
     names = list(updates[0])
     for k, update in enumerate(updates):
         if set(update) != set(names):
-            raise ValueError(f"update {k} carries tensors {sorted(set(update) ^ set(names))[:3]} that the others do not")
+            raise ValueError(
+                f"update {k} carries tensors {sorted(set(update) ^ set(names))[:3]} that the others do not"
+            )
     out: dict[str, torch.Tensor] = {}
     for name in names:
         acc = torch.zeros_like(updates[0][name], dtype=torch.float64)

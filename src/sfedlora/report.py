@@ -20,12 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-
 from matplotlib.ticker import MaxNLocator
 
+from .config import build_config
 from .errors import SfedloraError
 from .evaluation import higher_is_better
-from .config import build_config
 from .rundir import read_metrics
 from .sweep import ALIASES, cell_name, grid_cells, last_value, value_text
 
@@ -35,7 +34,9 @@ PANEL_KEYS = ("method", "rank", "client_ranks", "clients", "seed")
 def _canonical(key: str) -> str:
     """Grid key → the panel role it plays (``lora.rank`` and ``r`` are both ``rank``)."""
     dotted = ALIASES.get(key, key)
-    return {"lora.rank": "rank", "lora.client_ranks": "client_ranks", "federation.n_clients": "clients"}.get(dotted, key)
+    return {"lora.rank": "rank", "lora.client_ranks": "client_ranks", "federation.n_clients": "clients"}.get(
+        dotted, key
+    )
 
 
 def _rank_setting(by_role: dict, base: dict) -> str:
@@ -53,7 +54,9 @@ def _series(runs: list[list[dict]], key: str) -> tuple[np.ndarray, np.ndarray, n
     """Rounds, mean and std over runs of ``key`` at the rounds every run recorded it."""
     per_run = [{r["round"]: r[key] for r in recs if r.get(key) is not None} for recs in runs]
     rounds = sorted(set.intersection(*(set(p) for p in per_run))) if per_run else []
-    values = np.array([[p[t] for t in rounds] for p in per_run], dtype=float).reshape(len(per_run), len(rounds))
+    values = np.array([[p[t] for t in rounds] for p in per_run], dtype=float).reshape(
+        len(per_run), len(rounds)
+    )
     return np.array(rounds), values.mean(0), values.std(0)
 
 
@@ -78,8 +81,11 @@ def plot_run(run_dir: Path, out_dir: Path) -> list[Path]:
     records = read_metrics(run_dir)
     metric = json.loads((run_dir / "summary.json").read_text())["metric"]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, keys, title in zip(axes, [[metric], ["train_loss"], ["grad_norm_A", "grad_norm_B"]],
-                               ["dev metric", "training loss", "gradient norm"]):
+    for ax, keys, title in zip(
+        axes,
+        [[metric], ["train_loss"], ["grad_norm_A", "grad_norm_B"]],
+        ["dev metric", "training loss", "gradient norm"],
+    ):
         for key in keys:
             t, m, _ = _series([records], key)
             ax.plot(t, m, marker="o" if len(t) < 30 else None, label=key)
@@ -94,8 +100,14 @@ def plot_run(run_dir: Path, out_dir: Path) -> list[Path]:
 
 
 def _grid_figure(plt, runs_by_cell, methods, clients, ranks, key, title, log_y=False):
-    fig, axes = plt.subplots(len(clients), len(methods), figsize=(3.6 * len(methods), 2.8 * len(clients)),
-                             squeeze=False, sharex=True, sharey=not log_y)
+    fig, axes = plt.subplots(
+        len(clients),
+        len(methods),
+        figsize=(3.6 * len(methods), 2.8 * len(clients)),
+        squeeze=False,
+        sharex=True,
+        sharey=not log_y,
+    )
     colours = plt.cm.viridis(np.linspace(0, 0.9, max(1, len(ranks))))
     for (i, n), (j, method) in itertools.product(enumerate(clients), enumerate(methods)):
         ax = axes[i][j]
@@ -119,7 +131,9 @@ def _grid_figure(plt, runs_by_cell, methods, clients, ranks, key, title, log_y=F
     fig.suptitle(title)
     fig.tight_layout()
     if labelled:
-        fig.legend(list(labelled.values()), list(labelled), fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+        fig.legend(
+            list(labelled.values()), list(labelled), fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5)
+        )
     return fig
 
 
@@ -134,11 +148,22 @@ def colour_scale(metric: str, values: list) -> dict:
 
 def _heatmap(plt, values: dict[tuple, list], methods, clients, ranks, metric: str):
     """Mean over seeds of ``values[(method, clients, rank)]``: clients × rank, a panel per method."""
-    fig, axes = plt.subplots(1, len(methods), figsize=(3.4 * len(methods), 0.6 * len(clients) + 2), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(methods), figsize=(3.4 * len(methods), 0.6 * len(clients) + 2), squeeze=False
+    )
     for j, (ax, method) in enumerate(zip(axes[0], methods)):
-        table = np.array([[np.mean([v for v in values.get((method, n, r), []) if v is not None] or [np.nan])
-                           for r in ranks] for n in clients])
-        im = ax.imshow(table, aspect="auto", **colour_scale(metric, [v for vs in values.values() for v in vs]))
+        table = np.array(
+            [
+                [
+                    np.mean([v for v in values.get((method, n, r), []) if v is not None] or [np.nan])
+                    for r in ranks
+                ]
+                for n in clients
+            ]
+        )
+        im = ax.imshow(
+            table, aspect="auto", **colour_scale(metric, [v for vs in values.values() for v in vs])
+        )
         ax.set_xticks(range(len(ranks)), [str(r) for r in ranks])
         ax.set_yticks(range(len(clients)), [str(n) for n in clients])
         ax.set_xlabel("rank r")
@@ -164,7 +189,9 @@ def plot_sweep(sweep_dir: Path, out_dir: Path) -> list[Path]:
         run_dir = sweep_dir / "runs" / cell_name(cell)
         if (run_dir / "summary.json").is_file():
             by_role = {role[k]: v for k, v in cell.items()}
-            finished.append((cell, by_role, read_metrics(run_dir), json.loads((run_dir / "summary.json").read_text())))
+            finished.append(
+                (cell, by_role, read_metrics(run_dir), json.loads((run_dir / "summary.json").read_text()))
+            )
     if not finished:
         raise SfedloraError(f"{sweep_dir} has no finished runs to report")
     metric = finished[0][3]["metric"]
@@ -180,19 +207,28 @@ def plot_sweep(sweep_dir: Path, out_dir: Path) -> list[Path]:
         runs_by_cell: dict[tuple, list] = {}
         finals: dict[tuple, list] = {}
         for _, by_role, records, summary in chosen:
-            key = (by_role.get("method", base["method"]), by_role.get("clients", base["federation"]["n_clients"]),
-                   _rank_setting(by_role, base))
+            key = (
+                by_role.get("method", base["method"]),
+                by_role.get("clients", base["federation"]["n_clients"]),
+                _rank_setting(by_role, base),
+            )
             runs_by_cell.setdefault(key, []).append(records)
             finals.setdefault(key, []).append(summary["final"])
-        for key, title, log_y in [(metric, f"{metric} vs round", False),
-                                  ("train_loss", "training loss vs round", False),
-                                  ("grad_norm_A", "A-gradient norm vs round", True),
-                                  ("grad_norm_B", "B-gradient norm vs round", True)]:
-            fig = _grid_figure(plt, runs_by_cell, methods, clients, ranks, key, title + suffix.replace("_", " "), log_y)
+        for key, title, log_y in [
+            (metric, f"{metric} vs round", False),
+            ("train_loss", "training loss vs round", False),
+            ("grad_norm_A", "A-gradient norm vs round", True),
+            ("grad_norm_B", "B-gradient norm vs round", True),
+        ]:
+            fig = _grid_figure(
+                plt, runs_by_cell, methods, clients, ranks, key, title + suffix.replace("_", " "), log_y
+            )
             stem = "metric_vs_round" if key == metric else key.replace("train_loss", "train_loss_vs_round")
             paths += _save(fig, out_dir, stem + suffix)
             plt.close(fig)
-        losses = {key: [last_value(recs, "train_loss") for recs in runs] for key, runs in runs_by_cell.items()}
+        losses = {
+            key: [last_value(recs, "train_loss") for recs in runs] for key, runs in runs_by_cell.items()
+        }
         for key, values, stem in [(metric, finals, "heatmap"), ("train_loss", losses, "heatmap_train_loss")]:
             fig = _heatmap(plt, values, methods, clients, ranks, key)
             paths += _save(fig, out_dir, stem + suffix)

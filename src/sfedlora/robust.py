@@ -8,7 +8,7 @@ by side.
 from __future__ import annotations
 
 import statistics
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -47,8 +47,12 @@ def norm_outliers(norms: list[float], factor: float) -> list[bool]:
     return [n > factor * median for n in norms]
 
 
-def corrupt(update: dict[str, torch.Tensor], reference: Mapping[str, torch.Tensor], kind: str,
-            rng: np.random.Generator) -> dict[str, torch.Tensor]:
+def corrupt(
+    update: dict[str, torch.Tensor],
+    reference: Mapping[str, torch.Tensor],
+    kind: str,
+    rng: np.random.Generator,
+) -> dict[str, torch.Tensor]:
     """A faulty copy of ``update``: a NaN or Inf entry, a wrong shape, or the change scaled by 1e6."""
     out = {n: t.clone() for n, t in update.items()}
     name = sorted(out)[int(rng.integers(len(out)))]

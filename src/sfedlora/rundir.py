@@ -37,12 +37,18 @@ def check_run_dir(cfg: RunConfig) -> Path:
     """
     path = Path(cfg.output_dir) / (cfg.name or default_run_name(cfg))
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise SfedloraError(f"run directory {path} already exists and is not empty: choose another name= or output_dir=")
+        raise SfedloraError(
+            f"run directory {path} already exists and is not empty: choose another name= or output_dir="
+        )
     parent = next(p for p in [path, *path.parents] if p.exists())
     if not parent.is_dir():
-        raise SfedloraError(f"cannot create the run directory {path}: {parent} is a file; choose another output_dir=")
+        raise SfedloraError(
+            f"cannot create the run directory {path}: {parent} is a file; choose another output_dir="
+        )
     if not os.access(parent, os.W_OK):
-        raise SfedloraError(f"cannot write the run directory {path}: {parent} is not writable; choose another output_dir=")
+        raise SfedloraError(
+            f"cannot write the run directory {path}: {parent} is not writable; choose another output_dir="
+        )
     return path
 
 
@@ -50,7 +56,9 @@ def create_run_dir(path: Path, cfg: RunConfig) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise SfedloraError(f"cannot create the run directory {path} ({err.strerror}): choose another output_dir=") from None
+        raise SfedloraError(
+            f"cannot create the run directory {path} ({err.strerror}): choose another output_dir="
+        ) from None
     (path / "config.yaml").write_text(dump_config(cfg))
     return path
 
@@ -135,20 +143,24 @@ class RunLock:
     def __init__(self, run_dir: Path):
         self.path = run_dir / ".lock"
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
                 owner = self._owner()
                 if owner is not None and owner != os.getpid() and _alive(owner):
-                    raise SfedloraError(f"run directory {self.path.parent} is in use by process {owner}: wait for it or stop it") from None
+                    raise SfedloraError(
+                        f"run directory {self.path.parent} is in use by process {owner}: wait for it or stop it"
+                    ) from None
                 self.path.unlink(missing_ok=True)
                 continue
             with os.fdopen(fd, "w") as f:
                 f.write(str(os.getpid()))
             return self
-        raise SfedloraError(f"could not lock run directory {self.path.parent}: remove {self.path} if no run uses it")
+        raise SfedloraError(
+            f"could not lock run directory {self.path.parent}: remove {self.path} if no run uses it"
+        )
 
     def _owner(self) -> int | None:
         try:
@@ -189,7 +201,9 @@ def truncate_metrics(run_dir: Path, rounds_done: int) -> list[dict]:
         kept.append(line)
         records.append(record)
     if len(kept) != rounds_done:
-        raise SfedloraError(f"{path} holds {len(kept)} complete rounds but the checkpoint {rounds_done}: the run cannot be "
-                            f"resumed; delete {run_dir} to run it again from the start")
+        raise SfedloraError(
+            f"{path} holds {len(kept)} complete rounds but the checkpoint {rounds_done}: the run cannot be "
+            f"resumed; delete {run_dir} to run it again from the start"
+        )
     atomic_write(path, lambda f: f.write(b"".join(kept)))
     return records

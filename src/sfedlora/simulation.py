@@ -7,8 +7,8 @@ import functools
 import logging
 import math
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -17,12 +17,18 @@ from .client import ClientResult, ClientState, new_client_state, steps_per_round
 from .config import RunConfig
 from .data import CAUSAL_LM, LM_TASKS, TaskData, encode_lm, label_histograms, partition
 from .data.encoding import encode
+from .errors import SfedloraError
 from .evaluation import label_mix_accuracy, predict, summarise, task_metrics
 from .lm_eval import lm_scores
 from .methods import Method, get_method, select
-from .models import (Compute, build_causal_lm, build_classifier, enable_gradient_checkpointing, read_tensors,
-                     trainable_parameters)
-from .errors import SfedloraError
+from .models import (
+    Compute,
+    build_causal_lm,
+    build_classifier,
+    enable_gradient_checkpointing,
+    read_tensors,
+    trainable_parameters,
+)
 from .privacy import DPSGD, PrivacyPlan, plan_privacy, user_level_mean
 from .ranks import RankPlan, pad
 from .robust import change_norm, check_update, corrupt, norm_outliers
@@ -60,7 +66,9 @@ class Federation:
     fault_rng: np.random.Generator  # injected faults (drop-outs, bad updates), apart from sampling
     round: int = 0  # rounds completed
     privacy: PrivacyPlan | None = None  # the DP mechanism (None without DP)
-    dp_ledger: np.ndarray | None = None  # DP steps (dp=client) or releases (dp=server) each client is charged for
+    dp_ledger: np.ndarray | None = (
+        None  # DP steps (dp=client) or releases (dp=server) each client is charged for
+    )
     dp_rng: np.random.Generator | None = None  # the server's DP noise (dp=server)
 
     @property
@@ -101,8 +109,10 @@ def split_clients(cfg: RunConfig, labels: np.ndarray) -> list[np.ndarray]:
     """Each client's training-example indices, as the config's partition asks."""
     p = cfg.partition
     if p.kind == "dirichlet" and cfg.data.task in LM_TASKS:
-        raise SfedloraError(f"partition.kind=dirichlet splits by label, and {cfg.data.task} has no labels: "
-                            "use partition.kind=iid, or size for clients of unequal size")
+        raise SfedloraError(
+            f"partition.kind=dirichlet splits by label, and {cfg.data.task} has no labels: "
+            "use partition.kind=iid, or size for clients of unequal size"
+        )
     return partition(labels, cfg.federation.n_clients, p.kind, p.beta, p.min_size, cfg.seed)
 
 
@@ -110,13 +120,32 @@ def build_model(cfg: RunConfig, data: TaskData, compute: Compute, n_sampled: int
     """The base model with its LoRA adapter, and its tokenizer: a causal LM for gsm8k/alpaca, else a classifier."""
     m, lora = cfg.model, cfg.lora
     if data.num_labels != CAUSAL_LM:
-        return build_classifier(m.name_or_path, data.num_labels, lora.rank, lora.alpha, cfg.scaling, n_sampled,
-                                dropout=lora.dropout, target_modules=m.target_modules, seed=cfg.seed)
+        return build_classifier(
+            m.name_or_path,
+            data.num_labels,
+            lora.rank,
+            lora.alpha,
+            cfg.scaling,
+            n_sampled,
+            dropout=lora.dropout,
+            target_modules=m.target_modules,
+            seed=cfg.seed,
+        )
     name = m.name_or_path
     if name == TINY_LLAMA:
         name = str(tiny_llama_dir(data.train.prompts + data.train.targets))
-    return build_causal_lm(name, lora.rank, lora.alpha, cfg.scaling, n_sampled, dropout=lora.dropout,
-                           target_modules=m.target_modules, lora_mlp=m.lora_mlp, dtype=compute.base_dtype, seed=cfg.seed)
+    return build_causal_lm(
+        name,
+        lora.rank,
+        lora.alpha,
+        cfg.scaling,
+        n_sampled,
+        dropout=lora.dropout,
+        target_modules=m.target_modules,
+        lora_mlp=m.lora_mlp,
+        dtype=compute.base_dtype,
+        seed=cfg.seed,
+    )
 
 
 def encode_split(data: TaskData, split: str, tokenizer, max_length: int):
@@ -128,18 +157,26 @@ def encode_split(data: TaskData, split: str, tokenizer, max_length: int):
 
 
 def build_federation(cfg: RunConfig, data: TaskData) -> Federation:
-    method = get_method(cfg.method, local_head=cfg.federation.local_head, head_probe_rounds=cfg.federation.head_probe_rounds)
+    method = get_method(
+        cfg.method, local_head=cfg.federation.local_head, head_probe_rounds=cfg.federation.head_probe_rounds
+    )
     if method.has_local_state() and not cfg.eval.personalised:
-        raise SfedloraError(f"eval.personalised=false leaves nothing to evaluate: {cfg.method} has no global model "
-                            "(its clients keep local tensors); set eval.personalised=true")
+        raise SfedloraError(
+            f"eval.personalised=false leaves nothing to evaluate: {cfg.method} has no global model "
+            "(its clients keep local tensors); set eval.personalised=true"
+        )
     if cfg.eval.judged_on == "local" and (data.num_labels < 2 or not cfg.eval.personalised):
-        raise SfedloraError("eval.judged_on=local needs a classification task and eval.personalised=true "
-                            "(it scores each client's personalised model under its own label mix); use judged_on=dev")
+        raise SfedloraError(
+            "eval.judged_on=local needs a classification task and eval.personalised=true "
+            "(it scores each client's personalised model under its own label mix); use judged_on=dev"
+        )
     fed = cfg.federation
     parts = split_clients(cfg, data.train.labels)
     n_sampled = fed.sampled_per_round()
     if data.num_labels == CAUSAL_LM and fed.head_probe_rounds:
-        raise SfedloraError("federation.head_probe_rounds trains a task head, and a causal LM has none: set it to 0")
+        raise SfedloraError(
+            "federation.head_probe_rounds trains a task head, and a causal LM has none: set it to 0"
+        )
     compute = Compute.resolve(cfg.model.device, cfg.model.precision)
     model, tokenizer = build_model(cfg, data, compute, n_sampled)
     if cfg.model.gradient_checkpointing:
@@ -147,7 +184,9 @@ def build_federation(cfg: RunConfig, data: TaskData) -> Federation:
     model.to(compute.device)
     params = trainable_parameters(model)
     initial = read_tensors(params)
-    ranks = RankPlan.build(cfg.scaling, cfg.lora.alpha, cfg.lora.rank, cfg.lora.client_ranks, fed.n_clients, n_sampled)
+    ranks = RankPlan.build(
+        cfg.scaling, cfg.lora.alpha, cfg.lora.rank, cfg.lora.client_ranks, fed.n_clients, n_sampled
+    )
     train_enc = encode_split(data, "training", tokenizer, cfg.model.max_length)
     client_data = [train_enc.subset(p) for p in parts]
     sizes = np.array([len(p) for p in parts])
@@ -162,7 +201,10 @@ def build_federation(cfg: RunConfig, data: TaskData) -> Federation:
         params=params,
         initial=initial,
         server=select(initial, method.global_kinds),
-        clients=[new_client_state(ranks.view(initial, k), seed=cfg.seed * 100_003 + k + 1) for k in range(fed.n_clients)],
+        clients=[
+            new_client_state(ranks.view(initial, k), seed=cfg.seed * 100_003 + k + 1)
+            for k in range(fed.n_clients)
+        ],
         client_data=client_data,
         client_sizes=sizes,
         histograms=label_histograms(data.train.labels, parts, data.num_labels),
@@ -181,7 +223,9 @@ def build_federation(cfg: RunConfig, data: TaskData) -> Federation:
 
 def client_steps(cfg: RunConfig, n_examples: int) -> int:
     """Local steps a client with ``n_examples`` takes in a round it is sampled in."""
-    return steps_per_round(n_examples, cfg.train.batch_size, cfg.federation.local_steps, cfg.federation.local_epochs)
+    return steps_per_round(
+        n_examples, cfg.train.batch_size, cfg.federation.local_steps, cfg.federation.local_epochs
+    )
 
 
 def client_dp(fed: Federation, k: int) -> DPSGD | None:
@@ -189,7 +233,12 @@ def client_dp(fed: Federation, k: int) -> DPSGD | None:
     plan = fed.privacy
     if plan is None or plan.mode != "client":
         return None
-    return DPSGD(plan.clip_norm, float(plan.noise_multiplier[k]), float(plan.sample_rate[k]), fed.cfg.privacy.secure_noise)
+    return DPSGD(
+        plan.clip_norm,
+        float(plan.noise_multiplier[k]),
+        float(plan.sample_rate[k]),
+        fed.cfg.privacy.secure_noise,
+    )
 
 
 def outputs_of(fed: Federation, tensors: dict[str, torch.Tensor], k: int | None = None):
@@ -219,8 +268,11 @@ def client_scores(fed: Federation, k: int, outputs) -> dict[str, float]:
     return scores
 
 
-def evaluate(fed: Federation, personal: Callable[[], list[dict[str, float]]] | None = None,
-             workers: ClientWorkers | None = None) -> dict[str, float | list[int]]:
+def evaluate(
+    fed: Federation,
+    personal: Callable[[], list[dict[str, float]]] | None = None,
+    workers: ClientWorkers | None = None,
+) -> dict[str, float | list[int]]:
     """Personalised models (mean/min over the evaluated clients, named in
     ``evaluated_clients`` when not every client) and, where one exists, the global model.
 
@@ -265,15 +317,21 @@ class ClientOutcome:
     update: dict[str, torch.Tensor]  # what the method uploads; empty when result is None
 
 
-def client_round(fed: Federation, k: int, state: ClientState, download: dict[str, torch.Tensor], round_: int) -> ClientOutcome:
+def client_round(
+    fed: Federation, k: int, state: ClientState, download: dict[str, torch.Tensor], round_: int
+) -> ClientOutcome:
     """Client side of a round, for every runtime: take the download, train, pick the upload.
 
     ``state`` itself is left untouched. If the loss turns non-finite, the outcome's state
     is ``state`` with the download but without the training, and nothing is sent.
     """
     cfg = fed.cfg
-    received = ClientState({**state.tensors, **{n: t.clone() for n, t in download.items()}},
-                           state.rng, state.optimizer, state.steps)
+    received = ClientState(
+        {**state.tensors, **{n: t.clone() for n, t in download.items()}},
+        state.rng,
+        state.optimizer,
+        state.steps,
+    )
     # Optimizer state is updated in place while training: train a copy, keep ``received`` intact.
     trained = copy.deepcopy(received)
     # The shared model runs at full rank: train the client's rank-r_k adapter zero-padded,
@@ -284,8 +342,19 @@ def client_round(fed: Federation, k: int, state: ClientState, download: dict[str
     # The schedule spans the steps a client is expected to take: it trains in a fraction
     # n_sampled / n_clients of the rounds.
     expected_steps = math.ceil(steps * cfg.federation.rounds * fed.n_sampled / len(fed.clients))
-    result = train_client(fed.model, fed.params, trained, fed.client_data[k], fed.tokenizer,
-                          fed.method.trained(round_), steps, expected_steps, cfg.train, fed.compute, client_dp(fed, k))
+    result = train_client(
+        fed.model,
+        fed.params,
+        trained,
+        fed.client_data[k],
+        fed.tokenizer,
+        fed.method.trained(round_),
+        steps,
+        expected_steps,
+        cfg.train,
+        fed.compute,
+        client_dp(fed, k),
+    )
     if not np.isfinite(result.loss):
         return ClientOutcome(received, None, {})
     trained.tensors = fed.ranks.view(trained.tensors, k)
@@ -337,8 +406,11 @@ def conclude_round(fed: Federation, round_: int, inbox: Inbox, start: float) -> 
     if cfg.server.outlier_rule == "median" and replies:
         norms = [change_norm(u, fed.ranks.view(expected, k)) for k, u in replies]
         outlier = norm_outliers(norms, cfg.server.outlier_factor)
-        rejected += [{"client": k, "reason": f"change norm {n:.3g} over {cfg.server.outlier_factor:g}x the median"}
-                     for (k, _), n, bad in zip(replies, norms, outlier) if bad]
+        rejected += [
+            {"client": k, "reason": f"change norm {n:.3g} over {cfg.server.outlier_factor:g}x the median"}
+            for (k, _), n, bad in zip(replies, norms, outlier)
+            if bad
+        ]
         replies = [r for r, bad in zip(replies, outlier) if not bad]
     for r in rejected:
         log.warning("round %d: update of client %d rejected: %s", round_, r["client"], r["reason"])
@@ -355,8 +427,12 @@ def conclude_round(fed: Federation, round_: int, inbox: Inbox, start: float) -> 
         update_norm = change_norm(new, expected)
         fed.server.update(new)
     elif expected and replies:
-        log.warning("round %d: %d sound replies, fewer than the %d required; skipping aggregation",
-                    round_, len(replies), min_replies)
+        log.warning(
+            "round %d: %d sound replies, fewer than the %d required; skipping aggregation",
+            round_,
+            len(replies),
+            min_replies,
+        )
         replies = []
     elif expected:
         log.warning("round %d: no update accepted; the server's tensors stay as they were", round_)
@@ -369,8 +445,11 @@ def conclude_round(fed: Federation, round_: int, inbox: Inbox, start: float) -> 
     return {
         "round": round_,
         "clients": inbox.clients,
-        "train_loss": float(np.average([r.loss for r in trained], weights=[fed.client_sizes[k] for k, _ in inbox.results]))
-        if trained else float("nan"),
+        "train_loss": float(
+            np.average([r.loss for r in trained], weights=[fed.client_sizes[k] for k, _ in inbox.results])
+        )
+        if trained
+        else float("nan"),
         "grad_norm_A": _mean_of(trained, "A"),
         "grad_norm_B": _mean_of(trained, "B"),
         "update_norm": update_norm,
@@ -387,12 +466,18 @@ def conclude_round(fed: Federation, round_: int, inbox: Inbox, start: float) -> 
     }
 
 
-def server_aggregate(fed: Federation, updates: list[dict[str, torch.Tensor]], clients: list[int],
-                     expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def server_aggregate(
+    fed: Federation,
+    updates: list[dict[str, torch.Tensor]],
+    clients: list[int],
+    expected: dict[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
     """The server's new tensors from the accepted updates: the example-weighted mean, or
     with dp=server the clipped, uniformly weighted, noised mean."""
     if fed.privacy is not None and fed.privacy.mode == "server":
-        return user_level_mean(updates, expected, fed.privacy.clip_norm, float(fed.privacy.noise_multiplier[0]), fed.dp_rng)
+        return user_level_mean(
+            updates, expected, fed.privacy.clip_norm, float(fed.privacy.noise_multiplier[0]), fed.dp_rng
+        )
     return fed.ranks.aggregate(updates, [float(fed.client_sizes[k]) for k in clients], clients, expected)
 
 
@@ -414,8 +499,10 @@ def run_round(fed: Federation, workers: ClientWorkers | None = None) -> dict:
     inbox = Inbox(sample_clients(fed))
     expected = expected_update(fed, round_)
     # Every fault is drawn before any client trains, so they do not depend on where clients train.
-    draws = [(fed.fault_rng.random(), fed.fault_rng.random(), str(fed.fault_rng.choice(faults.bad_kinds)))
-             for _ in inbox.clients]
+    draws = [
+        (fed.fault_rng.random(), fed.fault_rng.random(), str(fed.fault_rng.choice(faults.bad_kinds)))
+        for _ in inbox.clients
+    ]
     training = []
     for k, (u_drop, u_bad, kind) in zip(inbox.clients, draws):
         download = fed.download(k)
@@ -426,7 +513,9 @@ def run_round(fed: Federation, workers: ClientWorkers | None = None) -> dict:
         else:
             training.append((k, download, u_bad < faults.bad_update, kind))
     # A generator: each client's old state is read only when its turn comes, and dropped once replaced.
-    outcomes = run_clients(fed, workers, client_round, ((k, fed.clients[k], d, round_) for k, d, _, _ in training))
+    outcomes = run_clients(
+        fed, workers, client_round, ((k, fed.clients[k], d, round_) for k, d, _, _ in training)
+    )
     for (k, _, bad, kind), outcome in zip(training, outcomes):
         fed.clients[k] = outcome.state
         if outcome.result is None:
@@ -442,8 +531,11 @@ def run_round(fed: Federation, workers: ClientWorkers | None = None) -> dict:
     return conclude_round(fed, round_, inbox, start)
 
 
-def simulate(fed: Federation, step: Callable[[Federation], dict] | None = None,
-             personal: Callable[[], list[dict[str, float]]] | None = None) -> Iterator[dict]:
+def simulate(
+    fed: Federation,
+    step: Callable[[Federation], dict] | None = None,
+    personal: Callable[[], list[dict[str, float]]] | None = None,
+) -> Iterator[dict]:
     """Run the remaining rounds, yielding each round's record (with evaluation where due).
 
     ``step`` plays one round and ``personal`` scores the clients' models (see

@@ -18,10 +18,10 @@ import logging
 import math
 import os
 import shutil
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import yaml
@@ -36,9 +36,18 @@ log = logging.getLogger("sfedlora")
 
 # Short names for the axes a study varies most; any dotted config key works as well.
 ALIASES = {
-    "rank": "lora.rank", "r": "lora.rank", "alpha": "lora.alpha", "scaling": "lora.scaling",
-    "client_ranks": "lora.client_ranks", "clients": "federation.n_clients", "n": "federation.n_clients", "rounds": "federation.rounds",
-    "lr": "train.lr", "optimizer": "train.optimizer", "momentum": "train.momentum", "beta": "partition.beta",
+    "rank": "lora.rank",
+    "r": "lora.rank",
+    "alpha": "lora.alpha",
+    "scaling": "lora.scaling",
+    "client_ranks": "lora.client_ranks",
+    "clients": "federation.n_clients",
+    "n": "federation.n_clients",
+    "rounds": "federation.rounds",
+    "lr": "train.lr",
+    "optimizer": "train.optimizer",
+    "momentum": "train.momentum",
+    "beta": "partition.beta",
 }
 
 
@@ -78,7 +87,9 @@ def hashable(value):
 def cell_name(cell: dict) -> str:
     """Directory name of a cell: ``rank-8_seed-0``; a key's last part, unless two keys share it."""
     last = [k.split(".")[-1] for k in cell]
-    return "_".join(f"{s if last.count(s) == 1 else k}-{value_text(v)}" for k, s, v in zip(cell, last, cell.values()))
+    return "_".join(
+        f"{s if last.count(s) == 1 else k}-{value_text(v)}" for k, s, v in zip(cell, last, cell.values())
+    )
 
 
 def cell_overrides(cell: dict) -> list[str]:
@@ -87,18 +98,24 @@ def cell_overrides(cell: dict) -> list[str]:
     return [f"{ALIASES.get(k, k)}={v if isinstance(v, str) else json.dumps(v)}" for k, v in cell.items()]
 
 
-def load_sweep(path: str | Path | None, grid_text: str | None, overrides: list[str] | tuple[str, ...] = ()) -> tuple[dict, dict]:
+def load_sweep(
+    path: str | Path | None, grid_text: str | None, overrides: list[str] | tuple[str, ...] = ()
+) -> tuple[dict, dict]:
     """The base config tree (raw, unresolved) and the grid: from a YAML file with an
     optional ``grid:`` section, overridden by ``--grid`` text and ``--set`` overrides."""
     tree = read_yaml_mapping(path) if path is not None else {}
     grid_tree = tree.pop("grid", None) or {}
     if not isinstance(grid_tree, dict):
-        raise SfedloraError(f"the grid: section of {path} must map axes to lists of values, e.g. rank: [4, 8]")
+        raise SfedloraError(
+            f"the grid: section of {path} must map axes to lists of values, e.g. rank: [4, 8]"
+        )
     grid = {k: list(v) if isinstance(v, list) else [v] for k, v in grid_tree.items()}
     if grid_text:
         grid.update(parse_grid(grid_text))
     if not grid:
-        raise SfedloraError("the sweep has no grid: pass --grid \"method=... rank=...\" or a grid: section in the YAML")
+        raise SfedloraError(
+            'the sweep has no grid: pass --grid "method=... rank=..." or a grid: section in the YAML'
+        )
     # The base stays a raw tree: resolving it would pin a preset's scaling rule (say
     # sfed-lora's sfed) and carry it into cells of another method.
     base = apply_overrides(tree, overrides)
@@ -135,7 +152,11 @@ def _run_cell(base: dict, cell: dict, runs_dir: str, threads: int) -> str:
                 with RunLock(run_dir):  # unless another sweep process is running it right now
                     pass
                 shutil.rmtree(run_dir)
-            run(build_config(base, [*cell_overrides(cell), f"output_dir={runs_dir}", f"name={cell_name(cell)}"]))
+            run(
+                build_config(
+                    base, [*cell_overrides(cell), f"output_dir={runs_dir}", f"name={cell_name(cell)}"]
+                )
+            )
     finally:
         log.removeHandler(handler)
     return str(run_dir)
@@ -143,7 +164,9 @@ def _run_cell(base: dict, cell: dict, runs_dir: str, threads: int) -> str:
 
 def _within(part: dict, whole: dict) -> bool:
     """Same axes in the same order, each with a subset of ``whole``'s values."""
-    return list(part) == list(whole) and all({hashable(v) for v in part[k]} <= {hashable(v) for v in whole[k]} for k in part)
+    return list(part) == list(whole) and all(
+        {hashable(v) for v in part[k]} <= {hashable(v) for v in whole[k]} for k in part
+    )
 
 
 def run_sweep(
@@ -167,12 +190,16 @@ def run_sweep(
         old = yaml.safe_load(spec_path.read_text())
         stored = old.get("grid") or {}
         if old.get("base") != base or not (_within(grid, stored) or _within(stored, grid)):
-            raise SfedloraError(f"{sweep_dir} holds a different sweep (its sweep.yaml differs): choose another --name, "
-                                "or narrow its grid with --grid using its own axes and values")
+            raise SfedloraError(
+                f"{sweep_dir} holds a different sweep (its sweep.yaml differs): choose another --name, "
+                "or narrow its grid with --grid using its own axes and values"
+            )
         if _within(grid, stored):
             summary_grid = stored
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    spec_path.write_text(yaml.safe_dump({"base": base, "grid": summary_grid, "target": target}, sort_keys=False))
+    spec_path.write_text(
+        yaml.safe_dump({"base": base, "grid": summary_grid, "target": target}, sort_keys=False)
+    )
     runs_dir = sweep_dir / "runs"
     cells = grid_cells(grid)
     threads = max(1, (os.cpu_count() or 1) // jobs)
@@ -202,8 +229,10 @@ def run_sweep(
                 finished(futures[future], future.result, False)
     write_summary(sweep_dir, summary_grid, target)
     if failed:
-        raise SfedloraError(f"{len(failed)} of {len(cells)} cells failed (the others finished and are summarised), "
-                            f"first {failed[0]}; fix them and run the sweep again")
+        raise SfedloraError(
+            f"{len(failed)} of {len(cells)} cells failed (the others finished and are summarised), "
+            f"first {failed[0]}; fix them and run the sweep again"
+        )
     return done
 
 
@@ -219,8 +248,17 @@ def cell_row(cell: dict, run_dir: Path, target: float | None = None) -> dict:
     metric = summary["metric"]
     evals = [r for r in records if r.get(metric) is not None]
     higher = higher_is_better(metric)
-    reached = next((r["round"] for r in evals if target is not None and (r[metric] >= target if higher else r[metric] <= target)), None)
-    collapse = detect(records, summary["collapse_metric"], summary.get("majority_baseline"), summary["rounds"])
+    reached = next(
+        (
+            r["round"]
+            for r in evals
+            if target is not None and (r[metric] >= target if higher else r[metric] <= target)
+        ),
+        None,
+    )
+    collapse = detect(
+        records, summary["collapse_metric"], summary.get("majority_baseline"), summary["rounds"]
+    )
     return {
         **cell,
         "metric": metric,
@@ -263,14 +301,32 @@ def write_summary(sweep_dir: Path, grid: dict, target: float | None = None) -> l
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault(tuple(hashable(row[k]) for k in group_keys), []).append(row)
-    stats = ["final", "best", "rounds_to_target", "final_local_accuracy", "final_train_loss", "grad_norm_A", "grad_norm_B", "final_epsilon", "wall_seconds"]
-    lines = [f"# Sweep summary: {sweep_dir.name}", "",
-             f"{len(rows)} finished runs; mean ± std over seeds (n = runs per row).", "",
-             "| " + " | ".join(group_keys + ["n"] + stats + ["collapsed"]) + " |",
-             "|" + "---|" * (len(group_keys) + len(stats) + 2)]
+    stats = [
+        "final",
+        "best",
+        "rounds_to_target",
+        "final_local_accuracy",
+        "final_train_loss",
+        "grad_norm_A",
+        "grad_norm_B",
+        "final_epsilon",
+        "wall_seconds",
+    ]
+    lines = [
+        f"# Sweep summary: {sweep_dir.name}",
+        "",
+        f"{len(rows)} finished runs; mean ± std over seeds (n = runs per row).",
+        "",
+        "| " + " | ".join(group_keys + ["n"] + stats + ["collapsed"]) + " |",
+        "|" + "---|" * (len(group_keys) + len(stats) + 2),
+    ]
     for key, members in groups.items():
         collapsed = sum(m["collapsed"] for m in members)
-        cells = [value_text(list(v) if isinstance(v, tuple) else v) for v in key] + [str(len(members))] + [_mean_std([m[s] for m in members]) for s in stats]
+        cells = (
+            [value_text(list(v) if isinstance(v, tuple) else v) for v in key]
+            + [str(len(members))]
+            + [_mean_std([m[s] for m in members]) for s in stats]
+        )
         lines.append("| " + " | ".join(cells + [f"{collapsed}/{len(members)}"]) + " |")
     lines += _learning_rate_views(rows, grid)
     (sweep_dir / "summary.md").write_text("\n".join(lines) + "\n")
@@ -281,12 +337,16 @@ def _axis(grid: dict, dotted: str) -> str | None:
     return next((k for k in grid if ALIASES.get(k, k) == dotted), None)
 
 
-def _cell_means(rows: list[dict], column: str, others: list[str], rank_key: str, lr_key: str) -> dict[tuple, float]:
+def _cell_means(
+    rows: list[dict], column: str, others: list[str], rank_key: str, lr_key: str
+) -> dict[tuple, float]:
     """Mean over seeds of ``column``, keyed by (other axes' values, rank, learning rate)."""
     values: dict[tuple, list[float]] = {}
     for row in rows:
         if row.get(column) is not None:
-            values.setdefault((tuple(row[k] for k in others), row[rank_key], row[lr_key]), []).append(row[column])
+            values.setdefault((tuple(row[k] for k in others), row[rank_key], row[lr_key]), []).append(
+                row[column]
+            )
     return {k: float(np.mean(v)) for k, v in values.items()}
 
 
@@ -308,17 +368,31 @@ def _learning_rate_views(rows: list[dict], grid: dict) -> list[str]:
     rule = "|" + "---|" * (len(others) + len(ranks))
     out = []
     loss = _cell_means(rows, "final_train_loss", others, rank_key, lr_key)
-    for title, what, means in (("Fixed learning rate across ranks", "final metric", mean),
-                               ("Final training loss at a fixed learning rate across ranks", "final training loss", loss)):
+    for title, what, means in (
+        ("Fixed learning rate across ranks", "final metric", mean),
+        ("Final training loss at a fixed learning rate across ranks", "final training loss", loss),
+    ):
         out += ["", f"## {title}", "", f"Mean {what} over seeds; one table per learning rate.", ""]
         for lr in grid[lr_key]:
             out += [f"**lr = {lr}**", "", header, rule]
             for g in groups:
-                out.append("| " + " | ".join([str(v) for v in g] + [
-                    f"{means[(g, r, lr)]:.4f}" if (g, r, lr) in means else "–" for r in ranks]) + " |")
+                out.append(
+                    "| "
+                    + " | ".join(
+                        [str(v) for v in g]
+                        + [f"{means[(g, r, lr)]:.4f}" if (g, r, lr) in means else "–" for r in ranks]
+                    )
+                    + " |"
+                )
             out.append("")
-    out += ["## Best learning rate per cell (tuned)", "", "Mean final metric over seeds at the cell's best learning rate (that rate in brackets).", "",
-            header, rule]
+    out += [
+        "## Best learning rate per cell (tuned)",
+        "",
+        "Mean final metric over seeds at the cell's best learning rate (that rate in brackets).",
+        "",
+        header,
+        rule,
+    ]
     for g in groups:
         cells = []
         for r in ranks:

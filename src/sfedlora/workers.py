@@ -19,7 +19,7 @@ import os
 import signal
 import sys
 from collections import deque
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
@@ -35,8 +35,21 @@ except (OSError, AttributeError):  # not glibc (>= 2.33): nothing to trim
 
 
 class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
 
 
 if _LIBC is not None:
@@ -88,8 +101,10 @@ def worker_count(setting: int | str, device: str, clients: int) -> int:
     if setting == "auto":
         return 1 if device != "cpu" else max(1, min(torch.get_num_threads(), clients))
     if setting > 1 and device != "cpu":
-        raise SfedloraError(f"simulator.workers={setting} runs clients in forked CPU processes, which cannot share a GPU: "
-                            "set simulator.workers=1 (or auto) on a GPU")
+        raise SfedloraError(
+            f"simulator.workers={setting} runs clients in forked CPU processes, which cannot share a GPU: "
+            "set simulator.workers=1 (or auto) on a GPU"
+        )
     return min(int(setting), max(1, clients))
 
 
@@ -135,9 +150,11 @@ class ClientWorkers:
             except multiprocessing.TimeoutError:
                 dead = [p.exitcode for p in self._processes if p.exitcode is not None]
                 if dead:
-                    raise SfedloraError(f"a client worker process died (exit code {dead[0]}; -9 is usually the "
-                                        "out-of-memory killer): set simulator.workers=1, or free memory, and continue "
-                                        "the run with --resume") from None
+                    raise SfedloraError(
+                        f"a client worker process died (exit code {dead[0]}; -9 is usually the "
+                        "out-of-memory killer): set simulator.workers=1, or free memory, and continue "
+                        "the run with --resume"
+                    ) from None
 
     def pids(self) -> list[int]:
         return [p.pid for p in self._processes]

@@ -18,11 +18,13 @@ class Encoded:
     def __len__(self) -> int:
         return len(self.features)
 
-    def subset(self, idx) -> "Encoded":
+    def subset(self, idx) -> Encoded:
         return Encoded([self.features[i] for i in idx], self.labels[np.asarray(idx, dtype=np.int64)])
 
     def lengths(self) -> np.ndarray:
-        return np.fromiter((len(f["input_ids"]) for f in self.features), dtype=np.int64, count=len(self.features))
+        return np.fromiter(
+            (len(f["input_ids"]) for f in self.features), dtype=np.int64, count=len(self.features)
+        )
 
     def collate(self, idx, tokenizer) -> dict[str, torch.Tensor]:
         # A method, so training takes batches from any encoded task alike (see data.lm.LMEncoded).

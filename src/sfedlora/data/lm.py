@@ -51,7 +51,9 @@ class LMTaskSpec:
 
 LM_TASKS: dict[str, LMTaskSpec] = {
     "gsm8k": LMTaskSpec("gsm8k", ("question",), "answer", "accuracy", "openai/gsm8k", "main", "test"),
-    "alpaca": LMTaskSpec("alpaca", ("instruction", "input"), "output", "perplexity", "tatsu-lab/alpaca", None, None),
+    "alpaca": LMTaskSpec(
+        "alpaca", ("instruction", "input"), "output", "perplexity", "tatsu-lab/alpaca", None, None
+    ),
 }
 
 
@@ -70,23 +72,29 @@ class LMExamples:
         (IID and size splits use only the count)."""
         return np.zeros(len(self), dtype=np.int64)
 
-    def subset(self, idx) -> "LMExamples":
+    def subset(self, idx) -> LMExamples:
         idx = np.asarray(idx, dtype=np.int64)
-        return LMExamples([self.prompts[i] for i in idx], [self.targets[i] for i in idx], [self.references[i] for i in idx])
+        return LMExamples(
+            [self.prompts[i] for i in idx], [self.targets[i] for i in idx], [self.references[i] for i in idx]
+        )
 
 
 def read_records(path: str | Path, task: str) -> list[tuple[str, dict]]:
     """(where, record) pairs of a JSONL file (one object per line) or a JSON file (an array of objects)."""
     p = Path(path)
     if not p.is_file():
-        raise SfedloraError(f"data file {p} not found: set data.train_file / data.eval_file to your {task} JSON or JSONL "
-                            "files, or use data.source=hub")
+        raise SfedloraError(
+            f"data file {p} not found: set data.train_file / data.eval_file to your {task} JSON or JSONL "
+            "files, or use data.source=hub"
+        )
     text = p.read_text(encoding="utf-8")
     if p.suffix.lower() == ".json" and text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as err:
-            raise SfedloraError(f"{p}:{err.lineno}: not valid JSON ({err.msg}): fix the file, or write one object per line as .jsonl") from None
+            raise SfedloraError(
+                f"{p}:{err.lineno}: not valid JSON ({err.msg}): fix the file, or write one object per line as .jsonl"
+            ) from None
         pairs = [(f"{p} item {i}", r) for i, r in enumerate(rows)]
     else:
         pairs = []
@@ -96,10 +104,14 @@ def read_records(path: str | Path, task: str) -> list[tuple[str, dict]]:
             try:
                 pairs.append((f"{p}:{lineno}", json.loads(line)))
             except json.JSONDecodeError as err:
-                raise SfedloraError(f"{p}:{lineno}: not valid JSON ({err.msg}): each line of a JSONL file must be one JSON object") from None
+                raise SfedloraError(
+                    f"{p}:{lineno}: not valid JSON ({err.msg}): each line of a JSONL file must be one JSON object"
+                ) from None
     for where, record in pairs:
         if not isinstance(record, dict):
-            raise SfedloraError(f"{where}: expected a JSON object with the {task} fields, found a {type(record).__name__}")
+            raise SfedloraError(
+                f"{where}: expected a JSON object with the {task} fields, found a {type(record).__name__}"
+            )
     if not pairs:
         raise SfedloraError(f"data file {p} holds no examples")
     return pairs
@@ -122,14 +134,18 @@ def to_examples(pairs: list[tuple[str, dict]], spec: LMTaskSpec, template: str |
     for where, record in pairs:
         missing = [f for f in required if f not in record]
         if missing:
-            raise SfedloraError(f"{where}: no field {missing[0]!r} (fields: {', '.join(record) or 'none'}); "
-                                f"{spec.name} records need {', '.join(required)}")
+            raise SfedloraError(
+                f"{where}: no field {missing[0]!r} (fields: {', '.join(record) or 'none'}); "
+                f"{spec.name} records need {', '.join(required)}"
+            )
         target = str(record[spec.target_field])
         ref = None
         if spec.name == "gsm8k":
             ref = final_number(target.rpartition(ANSWER_MARK)[2]) if ANSWER_MARK in target else None
             if ref is None:
-                raise SfedloraError(f"{where}: answer has no final number: GSM8K answers end in '{ANSWER_MARK} <number>'")
+                raise SfedloraError(
+                    f"{where}: answer has no final number: GSM8K answers end in '{ANSWER_MARK} <number>'"
+                )
         prompts.append(_prompt(spec, record, template))
         targets.append(target)
         refs.append(ref)
@@ -142,8 +158,10 @@ def check_template(template: str | None, spec: LMTaskSpec) -> None:
     try:
         template.format(**{f: "" for f in spec.prompt_fields})
     except (KeyError, IndexError, ValueError) as err:
-        raise SfedloraError(f"data.prompt_template: cannot fill {template!r} ({type(err).__name__}: {err}); "
-                            f"{spec.name} offers {', '.join('{' + f + '}' for f in spec.prompt_fields)}") from None
+        raise SfedloraError(
+            f"data.prompt_template: cannot fill {template!r} ({type(err).__name__}: {err}); "
+            f"{spec.name} offers {', '.join('{' + f + '}' for f in spec.prompt_fields)}"
+        ) from None
 
 
 def _hub_records(cfg: DataConfig, spec: LMTaskSpec) -> dict[str, list[tuple[str, dict]]]:
@@ -153,8 +171,10 @@ def _hub_records(cfg: DataConfig, spec: LMTaskSpec) -> dict[str, list[tuple[str,
     try:
         ds = datasets.load_dataset(name, config)
     except Exception as err:
-        raise SfedloraError(f"could not load {name} from the Hugging Face hub ({str(err).splitlines()[0]}); "
-                            "check the name and your connection, or use data.source=files with local JSONL files") from None
+        raise SfedloraError(
+            f"could not load {name} from the Hugging Face hub ({str(err).splitlines()[0]}); "
+            "check the name and your connection, or use data.source=files with local JSONL files"
+        ) from None
     return {split: [(f"{name} {split} row {i}", r) for i, r in enumerate(ds[split])] for split in ds}
 
 
@@ -179,11 +199,18 @@ def load_lm_task(cfg: DataConfig, seed: int = 0):
     elif cfg.source == "hub":
         splits = _hub_records(cfg, spec)
         if "train" not in splits:
-            raise SfedloraError(f"{cfg.hub_name or spec.hub_name} has no 'train' split (it has {', '.join(splits)})")
-        train_pairs, eval_pairs = splits["train"], splits.get(spec.hub_eval_split) if spec.hub_eval_split else None
+            raise SfedloraError(
+                f"{cfg.hub_name or spec.hub_name} has no 'train' split (it has {', '.join(splits)})"
+            )
+        train_pairs, eval_pairs = (
+            splits["train"],
+            splits.get(spec.hub_eval_split) if spec.hub_eval_split else None,
+        )
     else:
-        raise SfedloraError(f"task {cfg.task} reads data.source=files (data.train_file, data.eval_file) or data.source=hub, "
-                            f"not {cfg.source}")
+        raise SfedloraError(
+            f"task {cfg.task} reads data.source=files (data.train_file, data.eval_file) or data.source=hub, "
+            f"not {cfg.source}"
+        )
     train = to_examples(train_pairs, spec, cfg.prompt_template)
     if eval_pairs is None:
         train, evals = _hold_out(train, cfg.holdout_fraction, seed)
@@ -203,11 +230,17 @@ class LMEncoded:
     def __len__(self) -> int:
         return len(self.features)
 
-    def subset(self, idx) -> "LMEncoded":
-        return LMEncoded([self.features[i] for i in idx], [self.prompt_lengths[i] for i in idx], [self.references[i] for i in idx])
+    def subset(self, idx) -> LMEncoded:
+        return LMEncoded(
+            [self.features[i] for i in idx],
+            [self.prompt_lengths[i] for i in idx],
+            [self.references[i] for i in idx],
+        )
 
     def lengths(self) -> np.ndarray:
-        return np.fromiter((len(f["input_ids"]) for f in self.features), dtype=np.int64, count=len(self.features))
+        return np.fromiter(
+            (len(f["input_ids"]) for f in self.features), dtype=np.int64, count=len(self.features)
+        )
 
     def prompts(self) -> list[list[int]]:
         return [f["input_ids"][:n] for f, n in zip(self.features, self.prompt_lengths)]
@@ -219,7 +252,9 @@ class LMEncoded:
         pad = tokenizer.pad_token_id
         return {
             "input_ids": torch.tensor([r["input_ids"] + [pad] * (width - len(r["input_ids"])) for r in rows]),
-            "attention_mask": torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in rows]),
+            "attention_mask": torch.tensor(
+                [[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in rows]
+            ),
             "labels": torch.tensor([r["labels"] + [IGNORE] * (width - len(r["labels"])) for r in rows]),
         }
 
@@ -242,12 +277,17 @@ def encode_lm(examples: LMExamples, tokenizer, max_length: int, split: str = "tr
             cut += 1
             if len(p) >= max_length:
                 long_prompts += 1
-                p = p[-(max_length // 2):]
+                p = p[-(max_length // 2) :]
             t = t[: max_length - len(p)]
         features.append({"input_ids": p + t, "labels": [IGNORE] * len(p) + t})
         prompt_lengths.append(len(p))
     if cut:
-        log.warning("%d of %d %s examples are longer than model.max_length=%d tokens and were truncated%s",
-                    cut, len(examples), split, max_length,
-                    f" ({long_prompts} prompts that alone filled it kept only their end)" if long_prompts else "")
+        log.warning(
+            "%d of %d %s examples are longer than model.max_length=%d tokens and were truncated%s",
+            cut,
+            len(examples),
+            split,
+            max_length,
+            f" ({long_prompts} prompts that alone filled it kept only their end)" if long_prompts else "",
+        )
     return LMEncoded(features, prompt_lengths, list(examples.references))

@@ -27,7 +27,7 @@ class Examples:
     def __len__(self) -> int:
         return len(self.texts)
 
-    def subset(self, idx) -> "Examples":
+    def subset(self, idx) -> Examples:
         idx = np.asarray(idx, dtype=np.int64)
         return Examples(
             [self.texts[i] for i in idx],
@@ -42,7 +42,9 @@ class TaskData:
     train: Examples  # or data.lm.LMExamples for a causal-LM task
     eval: Examples
     num_labels: int  # 1 means regression, 0 (data.lm.CAUSAL_LM) causal language modelling
-    metric: str  # headline metric: accuracy, f1, mcc or pearson; causal LM: accuracy (exact match) or perplexity
+    metric: (
+        str  # headline metric: accuracy, f1, mcc or pearson; causal LM: accuracy (exact match) or perplexity
+    )
 
 
 def bundled_sst2_dir() -> Path:
@@ -56,17 +58,23 @@ def _parse_label(raw: str, spec: TaskSpec, where: str) -> float | int:
         try:
             return float(raw)
         except ValueError:
-            raise SfedloraError(f"{where}: label {raw!r} is not a number; task {spec.name} needs a numeric score") from None
+            raise SfedloraError(
+                f"{where}: label {raw!r} is not a number; task {spec.name} needs a numeric score"
+            ) from None
     if raw in spec.label_names:
         return spec.label_names.index(raw)
-    raise SfedloraError(f"{where}: label {raw!r} is not one of {', '.join(spec.label_names)} for task {spec.name}")
+    raise SfedloraError(
+        f"{where}: label {raw!r} is not one of {', '.join(spec.label_names)} for task {spec.name}"
+    )
 
 
 def read_glue_tsv(path: str | Path, spec: TaskSpec) -> Examples:
     """One split of a GLUE task in the original distribution's TSV layout."""
     path = Path(path)
     if not path.is_file():
-        raise SfedloraError(f"data file {path} not found: data.data_dir must hold the GLUE {spec.name} files (train.tsv, {spec.dev_file})")
+        raise SfedloraError(
+            f"data file {path} not found: data.data_dir must hold the GLUE {spec.name} files (train.tsv, {spec.dev_file})"
+        )
     with path.open(newline="", encoding="utf-8-sig") as f:  # some GLUE files start with a BOM
         rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
     if not rows:
@@ -76,7 +84,9 @@ def read_glue_tsv(path: str | Path, spec: TaskSpec) -> Examples:
         header, body, first_line = rows[0], rows[1:], 2
         missing = [c for c in columns if c is not None and c not in header]
         if missing:
-            raise SfedloraError(f"data file {path} has no column {missing[0]!r} (columns: {', '.join(header)}); is it a {spec.name} file?")
+            raise SfedloraError(
+                f"data file {path} has no column {missing[0]!r} (columns: {', '.join(header)}); is it a {spec.name} file?"
+            )
         idx = [None if c is None else header.index(c) for c in columns]
     else:
         body, first_line = rows, 1
@@ -87,7 +97,9 @@ def read_glue_tsv(path: str | Path, spec: TaskSpec) -> Examples:
         if not row:
             continue
         if len(row) < width:
-            raise SfedloraError(f"{path}:{lineno}: expected at least {width} tab-separated fields, found {len(row)}")
+            raise SfedloraError(
+                f"{path}:{lineno}: expected at least {width} tab-separated fields, found {len(row)}"
+            )
         labels.append(_parse_label(row[idx[2]], spec, f"{path}:{lineno}"))
         texts.append(row[idx[0]].strip())
         if pairs is not None:
@@ -100,15 +112,23 @@ def read_glue_tsv(path: str | Path, spec: TaskSpec) -> Examples:
 
 def _load_glue_dir(task: str, data_dir: Path) -> TaskData:
     spec = GLUE_TASKS[task]
-    return TaskData(task, read_glue_tsv(data_dir / "train.tsv", spec), read_glue_tsv(data_dir / spec.dev_file, spec),
-                    spec.num_labels, spec.metric)
+    return TaskData(
+        task,
+        read_glue_tsv(data_dir / "train.tsv", spec),
+        read_glue_tsv(data_dir / spec.dev_file, spec),
+        spec.num_labels,
+        spec.metric,
+    )
 
 
-def _columns_to_examples(table, cfg: DataConfig, where: str, label_ids: dict | None, regression: bool,
-                         n_labels: int) -> Examples:
+def _columns_to_examples(
+    table, cfg: DataConfig, where: str, label_ids: dict | None, regression: bool, n_labels: int
+) -> Examples:
     for col in (cfg.text_column, cfg.text_pair_column, cfg.label_column):
         if col is not None and col not in table.column_names:
-            raise SfedloraError(f"{where} has no column {col!r} (columns: {', '.join(table.column_names)}): set data.text_column/text_pair_column/label_column")
+            raise SfedloraError(
+                f"{where} has no column {col!r} (columns: {', '.join(table.column_names)}): set data.text_column/text_pair_column/label_column"
+            )
     raw = table[cfg.label_column]
     if regression:
         labels = np.asarray(raw, dtype=np.float32)
@@ -119,8 +139,15 @@ def _columns_to_examples(table, cfg: DataConfig, where: str, label_ids: dict | N
         labels = np.asarray([label_ids[str(v)] for v in raw], dtype=np.int64)
     else:
         labels = np.asarray(raw, dtype=np.int64)
-    if not regression and label_ids is None and len(labels) and (labels.min() < 0 or labels.max() >= n_labels):
-        raise SfedloraError(f"{where}: labels must lie in 0..{n_labels - 1}; found {labels.min()}..{labels.max()}")
+    if (
+        not regression
+        and label_ids is None
+        and len(labels)
+        and (labels.min() < 0 or labels.max() >= n_labels)
+    ):
+        raise SfedloraError(
+            f"{where}: labels must lie in 0..{n_labels - 1}; found {labels.min()}..{labels.max()}"
+        )
     pairs = None if cfg.text_pair_column is None else [str(t) for t in table[cfg.text_pair_column]]
     return Examples([str(t) for t in table[cfg.text_column]], pairs, labels)
 
@@ -141,7 +168,9 @@ def _load_table(path: str):
     try:
         return datasets.load_dataset(kind, data_files=str(p), split="train", **extra)
     except Exception as err:  # datasets raises many types for malformed files
-        raise SfedloraError(f"data file {p} could not be parsed as {kind}: {str(err).splitlines()[0]}") from None
+        raise SfedloraError(
+            f"data file {p} could not be parsed as {kind}: {str(err).splitlines()[0]}"
+        ) from None
 
 
 def _label_vocabulary(values, num_labels: int | None) -> tuple[dict | None, int]:
@@ -157,7 +186,9 @@ def _label_vocabulary(values, num_labels: int | None) -> tuple[dict | None, int]
 
 def _load_custom(train, evals, cfg: DataConfig, name: str) -> TaskData:
     if cfg.label_column not in train.column_names:
-        raise SfedloraError(f"training data has no column {cfg.label_column!r} (columns: {', '.join(train.column_names)}): set data.label_column")
+        raise SfedloraError(
+            f"training data has no column {cfg.label_column!r} (columns: {', '.join(train.column_names)}): set data.label_column"
+        )
     values = list(train[cfg.label_column])
     regression = cfg.num_labels == 1 or (cfg.num_labels is None and values and isinstance(values[0], float))
     label_ids, n = (None, 1) if regression else _label_vocabulary(values, cfg.num_labels)
@@ -181,21 +212,29 @@ def _load_hub(cfg: DataConfig) -> TaskData:
     try:
         ds = datasets.load_dataset(name, config)
     except Exception as err:
-        raise SfedloraError(f"could not load {name}/{config} from the Hugging Face hub ({str(err).splitlines()[0]}); "
-                            "check the name and your connection, or use data.source=tsv with local files") from None
+        raise SfedloraError(
+            f"could not load {name}/{config} from the Hugging Face hub ({str(err).splitlines()[0]}); "
+            "check the name and your connection, or use data.source=tsv with local files"
+        ) from None
     eval_split = spec.hub_eval_split if spec else "validation"
     for split in ("train", eval_split):
         if split not in ds:
-            raise SfedloraError(f"{name}/{config} has no {split!r} split (it has {', '.join(ds)}); sfedlora trains on 'train' "
-                                "and evaluates on 'validation'")
+            raise SfedloraError(
+                f"{name}/{config} has no {split!r} split (it has {', '.join(ds)}); sfedlora trains on 'train' "
+                "and evaluates on 'validation'"
+            )
     if spec is None:
         return _load_custom(ds["train"], ds["validation"], cfg, cfg.task)
     columns = DataConfig(text_column=spec.hub_text, text_pair_column=spec.hub_pair, label_column="label")
     regression = spec.is_regression
     return TaskData(
         cfg.task,
-        _columns_to_examples(ds["train"], columns, f"{name}/{config} train", None, regression, spec.num_labels),
-        _columns_to_examples(ds[eval_split], columns, f"{name}/{config} {eval_split}", None, regression, spec.num_labels),
+        _columns_to_examples(
+            ds["train"], columns, f"{name}/{config} train", None, regression, spec.num_labels
+        ),
+        _columns_to_examples(
+            ds[eval_split], columns, f"{name}/{config} {eval_split}", None, regression, spec.num_labels
+        ),
         spec.num_labels,
         spec.metric,
     )
@@ -210,16 +249,22 @@ def _subsample(ex: Examples, n: int | None, seed: int) -> Examples:
 def load_task(cfg: DataConfig, seed: int = 0) -> TaskData:
     """Load the train and evaluation splits that ``cfg`` names."""
     if cfg.source in ("bundled", "tsv") and cfg.task not in GLUE_TASKS:
-        raise SfedloraError(f"data.task {cfg.task!r} is not a GLUE task ({', '.join(GLUE_TASKS)}); use data.source=files for your own data")
+        raise SfedloraError(
+            f"data.task {cfg.task!r} is not a GLUE task ({', '.join(GLUE_TASKS)}); use data.source=files for your own data"
+        )
     if cfg.task in LM_TASKS:
         data = load_lm_task(cfg, seed)
     elif cfg.source == "bundled":
         if cfg.task != "sst2":
-            raise SfedloraError(f"only SST-2 is bundled; for {cfg.task} set data.source=tsv with data.data_dir, or data.source=hub")
+            raise SfedloraError(
+                f"only SST-2 is bundled; for {cfg.task} set data.source=tsv with data.data_dir, or data.source=hub"
+            )
         data = _load_glue_dir("sst2", bundled_sst2_dir())
     elif cfg.source == "tsv":
         if cfg.data_dir is None:
-            raise SfedloraError("data.source=tsv needs data.data_dir: a directory with the GLUE train.tsv and dev.tsv")
+            raise SfedloraError(
+                "data.source=tsv needs data.data_dir: a directory with the GLUE train.tsv and dev.tsv"
+            )
         if not Path(cfg.data_dir).is_dir():
             raise SfedloraError(f"data.data_dir {cfg.data_dir} is not a directory")
         data = _load_glue_dir(cfg.task, Path(cfg.data_dir))

@@ -53,7 +53,9 @@ def dirichlet_partition(
     )
 
 
-def size_partition(n_examples: int, n_clients: int, beta: float, min_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+def size_partition(
+    n_examples: int, n_clients: int, beta: float, min_size: int, rng: np.random.Generator
+) -> list[np.ndarray]:
     """Quantity skew, for data without labels (GSM8K, Alpaca): client shares of the data
     are drawn from Dir(β·1), on top of ``min_size`` examples each; examples are assigned at
     random, so every client's data is drawn like the whole. β → ∞ approaches equal sizes.
@@ -66,7 +68,9 @@ def size_partition(n_examples: int, n_clients: int, beta: float, min_size: int, 
     return [np.sort(part) for part in np.split(rng.permutation(n_examples), np.cumsum(sizes)[:-1])]
 
 
-def partition(labels: np.ndarray, n_clients: int, kind: str, beta: float, min_size: int, seed: int) -> list[np.ndarray]:
+def partition(
+    labels: np.ndarray, n_clients: int, kind: str, beta: float, min_size: int, seed: int
+) -> list[np.ndarray]:
     """Indices of each client's training examples; every example goes to exactly one client."""
     rng = np.random.default_rng(seed)
     if kind == "iid":

@@ -12,7 +12,6 @@ import logging
 
 import torch
 import yaml
-
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -47,10 +46,14 @@ def partition_id(context: Context, n_clients: int) -> int:
     try:
         k = int(context.node_config["partition-id"])
     except (KeyError, ValueError):
-        raise SfedloraError("this SuperNode has no integer partition-id: start it with "
-                            "--node-config 'partition-id=K' (K = 0 .. n_clients-1)") from None
+        raise SfedloraError(
+            "this SuperNode has no integer partition-id: start it with "
+            "--node-config 'partition-id=K' (K = 0 .. n_clients-1)"
+        ) from None
     if not 0 <= k < n_clients:
-        raise SfedloraError(f"partition-id {k} is outside 0..{n_clients - 1} (federation.n_clients={n_clients})")
+        raise SfedloraError(
+            f"partition-id {k} is outside 0..{n_clients - 1} (federation.n_clients={n_clients})"
+        )
     return k
 
 
@@ -96,12 +99,16 @@ def train_secure(msg: Message, context: Context) -> Message:
     fed = federation_for(cfg, text)
     round_ = int(fitins.config["round"])
     download = from_parameters(fitins.parameters, fed.method.download(fed.initial))
-    fed, k, round_, download, state = _check_node(cfg, text, int(fitins.config["client"]), round_, download, context)
+    fed, k, round_, download, state = _check_node(
+        cfg, text, int(fitins.config["client"]), round_, download, context
+    )
     outcome = client_round(fed, k, state, download, round_)
     save_state(context.state, outcome.state)
     reference = fed.method.upload(download, round_)
-    change = {n: outcome.update[n] - reference[n] if outcome.result is not None else torch.zeros_like(reference[n])
-              for n in reference}
+    change = {
+        n: outcome.update[n] - reference[n] if outcome.result is not None else torch.zeros_like(reference[n])
+        for n in reference
+    }
     fitres = fit_result(outcome.result, change, int(fed.client_sizes[k]))
     return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
 

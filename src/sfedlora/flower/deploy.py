@@ -17,8 +17,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import yaml
 
@@ -77,11 +77,15 @@ class LocalDeployment:
         self.startup_timeout = startup_timeout
         self.port = free_port()
         self.processes: dict[str, subprocess.Popen] = {}
-        self.env = {**os.environ, "FLWR_HOME": str(self.workdir / "flwr-home"), "FLWR_TELEMETRY_ENABLED": "0",
-                    # The app's dependencies are this package's: installed already, never fetched at run time.
-                    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+        self.env = {
+            **os.environ,
+            "FLWR_HOME": str(self.workdir / "flwr-home"),
+            "FLWR_TELEMETRY_ENABLED": "0",
+            # The app's dependencies are this package's: installed already, never fetched at run time.
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        }
 
-    def __enter__(self) -> "LocalDeployment":
+    def __enter__(self) -> LocalDeployment:
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "logs").mkdir(exist_ok=True)
         try:
@@ -100,13 +104,28 @@ class LocalDeployment:
         home.mkdir(exist_ok=True)
         (home / "config.toml").write_text(
             f'[superlink]\ndefault = "{LINK}"\n\n[superlink.{LINK}]\naddress = "{HOST}:{self.port}"\n'
-            f'root-certificates = "{self.tls.ca_cert}"\n')
+            f'root-certificates = "{self.tls.ca_cert}"\n'
+        )
         (self.workdir / "app").mkdir(exist_ok=True)
         (self.workdir / "app" / "pyproject.toml").write_text(APP_PYPROJECT)
-        self.spawn("superlink", [_tool("flower-superlink"), "--ssl-ca-certfile", str(self.tls.ca_cert),
-                                 "--ssl-certfile", str(self.tls.server_cert), "--ssl-keyfile", str(self.tls.server_key),
-                                 "--enable-supernode-auth", "--disable-runtime-dependency-installation",
-                                 "--host", HOST, "--port", str(self.port)])
+        self.spawn(
+            "superlink",
+            [
+                _tool("flower-superlink"),
+                "--ssl-ca-certfile",
+                str(self.tls.ca_cert),
+                "--ssl-certfile",
+                str(self.tls.server_cert),
+                "--ssl-keyfile",
+                str(self.tls.server_key),
+                "--enable-supernode-auth",
+                "--disable-runtime-dependency-installation",
+                "--host",
+                HOST,
+                "--port",
+                str(self.port),
+            ],
+        )
         for k in range(self.n_clients):
             private, public = make_node_key(self.workdir / "keys", f"node-{k}")
             self.register(public)
@@ -114,15 +133,27 @@ class LocalDeployment:
 
     def spawn(self, name: str, command: list[str]) -> subprocess.Popen:
         log = (self.workdir / "logs" / f"{name}.log").open("ab")
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            cwd=self.workdir,
+            start_new_session=True,
+        )
         log.close()
         self.processes[name] = proc
         return proc
 
     def flwr(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
-        return subprocess.run([_tool("flwr"), *args], env=self.env, cwd=self.workdir, capture_output=True, text=True,
-                              timeout=timeout)
+        return subprocess.run(
+            [_tool("flwr"), *args],
+            env=self.env,
+            cwd=self.workdir,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def register(self, public_key: Path) -> None:
         """Authorise a SuperNode's key, retrying while the SuperLink starts."""
@@ -132,25 +163,51 @@ class LocalDeployment:
             if done.returncode == 0:
                 return
             if self.processes["superlink"].poll() is not None:
-                raise SfedloraError(f"the SuperLink stopped (exit code {self.processes['superlink'].returncode}): "
-                                    f"see {self.workdir / 'logs' / 'superlink.log'}")
+                raise SfedloraError(
+                    f"the SuperLink stopped (exit code {self.processes['superlink'].returncode}): "
+                    f"see {self.workdir / 'logs' / 'superlink.log'}"
+                )
             if time.monotonic() > deadline:
-                raise SfedloraError(f"could not register SuperNode key {public_key.name}: {done.stdout.strip()[-300:]} "
-                                    f"{done.stderr.strip()[-300:]}")
+                raise SfedloraError(
+                    f"could not register SuperNode key {public_key.name}: {done.stdout.strip()[-300:]} "
+                    f"{done.stderr.strip()[-300:]}"
+                )
             time.sleep(0.5)
 
     def start_node(self, k: int, private_key: Path, name: str | None = None) -> subprocess.Popen:
-        return self.spawn(name or f"supernode-{k}", [
-            _tool("flower-supernode"), "--superlink", f"{HOST}:{self.port}", "--root-certificates", str(self.tls.ca_cert),
-            "--auth-supernode-private-key", str(private_key), "--port", str(free_port()),
-            "--node-config", f"partition-id={k} num-partitions={self.n_clients}"])
+        return self.spawn(
+            name or f"supernode-{k}",
+            [
+                _tool("flower-supernode"),
+                "--superlink",
+                f"{HOST}:{self.port}",
+                "--root-certificates",
+                str(self.tls.ca_cert),
+                "--auth-supernode-private-key",
+                str(private_key),
+                "--port",
+                str(free_port()),
+                "--node-config",
+                f"partition-id={k} num-partitions={self.n_clients}",
+            ],
+        )
 
     def submit(self, cfg: RunConfig) -> subprocess.Popen:
         """Start ``cfg`` on the federation; the returned ``flwr run --stream`` exits with the run."""
         path = self.workdir / "config.yaml"
         path.write_text(dump_config(cfg))
-        return self.spawn("run", [_tool("flwr"), "run", str(self.workdir / "app"), LINK, "--stream",
-                                  "--run-config", f"config='{path}'"])
+        return self.spawn(
+            "run",
+            [
+                _tool("flwr"),
+                "run",
+                str(self.workdir / "app"),
+                LINK,
+                "--stream",
+                "--run-config",
+                f"config='{path}'",
+            ],
+        )
 
     def kill(self, name: str) -> None:
         """Stop one process and everything it started, at once (a machine that dies)."""
@@ -165,7 +222,9 @@ class LocalDeployment:
         Flower's helpers may start sessions of their own, so the whole tree of processes
         each one started is collected first, and every one of them is waited for.
         """
-        order = [n for n in self.processes if n != "superlink"] + [n for n in self.processes if n == "superlink"]
+        order = [n for n in self.processes if n != "superlink"] + [
+            n for n in self.processes if n == "superlink"
+        ]
         tree = _descendants({self.processes[n].pid for n in order})
         for name in order:
             _signal_group(self.processes[name].pid, signal.SIGTERM)
@@ -238,7 +297,9 @@ def prepare(cfg: RunConfig) -> RunConfig:
     return fixed
 
 
-def up(cfg: RunConfig, workdir: Path, timeout: float = 3600.0, on_record: Callable[[dict], None] | None = None) -> Path:
+def up(
+    cfg: RunConfig, workdir: Path, timeout: float = 3600.0, on_record: Callable[[dict], None] | None = None
+) -> Path:
     """Run ``cfg`` on a fresh local deployment; the run directory it wrote.
 
     ``on_record`` gets each round's record as the ServerApp appends it to metrics.jsonl.
@@ -263,10 +324,14 @@ def up(cfg: RunConfig, workdir: Path, timeout: float = 3600.0, on_record: Callab
         deadline = time.monotonic() + timeout
         while job.poll() is None:
             if time.monotonic() > deadline:
-                raise SfedloraError(f"the run did not finish within {timeout:g}s: see the logs in {workdir / 'logs'}")
+                raise SfedloraError(
+                    f"the run did not finish within {timeout:g}s: see the logs in {workdir / 'logs'}"
+                )
             new_records()
             time.sleep(1.0)
     new_records()
     if not (run_dir / "summary.json").is_file():
-        raise SfedloraError(f"the run stopped before it finished: see {workdir / 'logs'} (run.log, superlink.log)")
+        raise SfedloraError(
+            f"the run stopped before it finished: see {workdir / 'logs'} (run.log, superlink.log)"
+        )
     return run_dir

@@ -37,10 +37,12 @@ def record_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
 def request(cfg_text: str, client: int, round_: int, download: dict[str, torch.Tensor]) -> RecordDict:
     """A server → client message body: the config (so a fresh node needs nothing else), the
     client index the server expects at that node, the round, and the download."""
-    return RecordDict({
-        CONFIG: ConfigRecord({"config": cfg_text, "client": client, "round": round_}),
-        DOWNLOAD: tensors_record(download),
-    })
+    return RecordDict(
+        {
+            CONFIG: ConfigRecord({"config": cfg_text, "client": client, "round": round_}),
+            DOWNLOAD: tensors_record(download),
+        }
+    )
 
 
 def config_text(cfg: RunConfig) -> str:
@@ -51,7 +53,9 @@ def read_request(msg: Message) -> tuple[RunConfig, str, int, int, dict[str, torc
     """(config, its text, client, round, download) of a server message."""
     meta = msg.content.config_records[CONFIG]
     text = str(meta["config"])
-    download = record_tensors(msg.content.array_records[DOWNLOAD]) if DOWNLOAD in msg.content.array_records else {}
+    download = (
+        record_tensors(msg.content.array_records[DOWNLOAD]) if DOWNLOAD in msg.content.array_records else {}
+    )
     return build_config(yaml.safe_load(text)), text, int(meta["client"]), int(meta["round"]), download
 
 
@@ -82,11 +86,13 @@ def _pack(obj) -> bytes:
 def save_state(state: RecordDict, client: ClientState) -> None:
     """Keep ``client`` in a ClientApp's ``Context.state`` until its next round."""
     state[STATE_TENSORS] = tensors_record(client.tensors)
-    state[STATE_META] = ConfigRecord({
-        "rng": client.rng.numpy().tobytes(),
-        "steps": client.steps,
-        "optimizer": _pack(client.optimizer),
-    })
+    state[STATE_META] = ConfigRecord(
+        {
+            "rng": client.rng.numpy().tobytes(),
+            "steps": client.steps,
+            "optimizer": _pack(client.optimizer),
+        }
+    )
 
 
 def load_state(state: RecordDict, fresh: ClientState) -> ClientState:

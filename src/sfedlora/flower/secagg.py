@@ -20,7 +20,15 @@ import numpy as np
 import torch
 from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
-from flwr.common import Code, FitIns, FitRes, Parameters, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import (
+    Code,
+    FitIns,
+    FitRes,
+    Parameters,
+    Status,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from ..client import ClientResult
@@ -75,7 +83,14 @@ class SecAggRound:
     clients train on what (``configure_fit``), and where the securely summed mean goes
     (``aggregate_fit``). Nothing else of a strategy is called by the workflow."""
 
-    def __init__(self, grid, nodes: dict[int, int], clients: list[int], fitins_config: dict, download: dict[str, torch.Tensor]):
+    def __init__(
+        self,
+        grid,
+        nodes: dict[int, int],
+        clients: list[int],
+        fitins_config: dict,
+        download: dict[str, torch.Tensor],
+    ):
         from flwr.server.compat.grid_client_proxy import GridClientProxy
 
         self.proxies = {k: GridClientProxy(nodes[k], grid, 0) for k in clients}
@@ -86,8 +101,10 @@ class SecAggRound:
         self.weight = 0  # total example weight in the mean
 
     def configure_fit(self, server_round, parameters, client_manager):
-        return [(proxy, FitIns(to_parameters(self.download), {**self.fitins_config, "client": k}))
-                for k, proxy in self.proxies.items()]
+        return [
+            (proxy, FitIns(to_parameters(self.download), {**self.fitins_config, "client": k}))
+            for k, proxy in self.proxies.items()
+        ]
 
     def aggregate_fit(self, server_round, results, failures):
         client_of = {proxy.node_id: k for k, proxy in self.proxies.items()}

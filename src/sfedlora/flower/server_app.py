@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from flwr.app import Context, Message, MessageType
 from flwr.common import log as flwr_log
@@ -20,7 +20,16 @@ from ..config import RunConfig, load_config
 from ..errors import SfedloraError
 from ..experiment import RunResult, run
 from ..logs import quiet_libraries, round_lines
-from ..simulation import DIVERGED, Federation, Inbox, conclude_round, expected_update, nbytes, sample_clients, simulate
+from ..simulation import (
+    DIVERGED,
+    Federation,
+    Inbox,
+    conclude_round,
+    expected_update,
+    nbytes,
+    sample_clients,
+    simulate,
+)
 from .records import CONFIG, RESULT, config_text, read_train_reply, request
 from .secagg import SecAggRound, from_parameters, read_fit_metrics, to_parameters
 
@@ -29,8 +38,10 @@ log = logging.getLogger("sfedlora")
 
 def check_runnable(cfg: RunConfig) -> None:
     if cfg.faults.dropout or cfg.faults.bad_update:
-        raise SfedloraError("faults.dropout and faults.bad_update inject faults in the embedded simulator only; "
-                            "on Flower faults are real (stop a SuperNode): set both to 0")
+        raise SfedloraError(
+            "faults.dropout and faults.bad_update inject faults in the embedded simulator only; "
+            "on Flower faults are real (stop a SuperNode): set both to 0"
+        )
 
 
 class FlowerRounds:
@@ -46,16 +57,21 @@ class FlowerRounds:
         self.nodes = self.connect(len(fed.clients))
         return simulate(fed, step=self.play, personal=lambda: self.personal(fed))
 
-    def ask(self, kind: str, clients: list[int], body: Callable[[int], object], group: str) -> dict[int, Message | str]:
+    def ask(
+        self, kind: str, clients: list[int], body: Callable[[int], object], group: str
+    ) -> dict[int, Message | str]:
         """Send ``body(k)`` to each client's node; each client's reply, or why there is none.
 
         Replies are matched to requests by message id: the SuperLink's own error replies
         (a node it found gone) do not come from the node they answer for.
         """
-        messages = [Message(body(k), dst_node_id=self.nodes[k], message_type=kind, group_id=group) for k in clients]
+        messages = [
+            Message(body(k), dst_node_id=self.nodes[k], message_type=kind, group_id=group) for k in clients
+        ]
         asked = dict(zip(self.grid.push_messages(messages), clients))
-        out: dict[int, Message | str] = {k: f"no reply within flower.round_timeout={self.cfg.flower.round_timeout:g}s"
-                                         for k in clients}
+        out: dict[int, Message | str] = {
+            k: f"no reply within flower.round_timeout={self.cfg.flower.round_timeout:g}s" for k in clients
+        }
         deadline = time.monotonic() + self.cfg.flower.round_timeout
         while asked and time.monotonic() < deadline:
             for reply in self.grid.pull_messages(list(asked)):
@@ -70,22 +86,30 @@ class FlowerRounds:
         deadline = time.monotonic() + self.cfg.flower.connect_timeout
         while len(ids := list(self.grid.get_node_ids())) < n_clients:
             if time.monotonic() > deadline:
-                raise SfedloraError(f"{len(ids)} of {n_clients} SuperNodes connected within flower.connect_timeout="
-                                    f"{self.cfg.flower.connect_timeout:g}s: start one per client (federation.n_clients); "
-                                    f"with flwr run's local simulation pass --federation-config \"num-supernodes={n_clients}\"")
+                raise SfedloraError(
+                    f"{len(ids)} of {n_clients} SuperNodes connected within flower.connect_timeout="
+                    f"{self.cfg.flower.connect_timeout:g}s: start one per client (federation.n_clients); "
+                    f'with flwr run\'s local simulation pass --federation-config "num-supernodes={n_clients}"'
+                )
             time.sleep(0.5)
         self.nodes = {i: node for i, node in enumerate(ids)}  # provisional, to address the handshake
         held: dict[int, int] = {}
-        for i, reply in self.ask(MessageType.QUERY, list(self.nodes), lambda i: request(self.text, -1, 0, {}), "hello").items():
+        for i, reply in self.ask(
+            MessageType.QUERY, list(self.nodes), lambda i: request(self.text, -1, 0, {}), "hello"
+        ).items():
             if isinstance(reply, str):
                 raise SfedloraError(f"SuperNode {self.nodes[i]} did not answer the handshake ({reply})")
             k = int(reply.content.config_records[CONFIG]["client"])
             if k in held:
-                raise SfedloraError(f"SuperNodes {held[k]} and {self.nodes[i]} both hold partition-id {k}: give each its own")
+                raise SfedloraError(
+                    f"SuperNodes {held[k]} and {self.nodes[i]} both hold partition-id {k}: give each its own"
+                )
             held[k] = self.nodes[i]
         missing = sorted(set(range(n_clients)) - set(held))
         if missing:
-            raise SfedloraError(f"no SuperNode holds client(s) {missing}: start them with --node-config 'partition-id=K'")
+            raise SfedloraError(
+                f"no SuperNode holds client(s) {missing}: start them with --node-config 'partition-id=K'"
+            )
         log.info("%d SuperNodes connected: %s", len(held), held)
         return held
 
@@ -98,12 +122,19 @@ class FlowerRounds:
         inbox = Inbox(sample_clients(fed))
         # Each client gets the global tensors at its own rank (all of them, with one rank).
         downloads = {k: fed.download(k) for k in inbox.clients}
-        replies = self.ask(MessageType.TRAIN, inbox.clients, lambda k: request(self.text, k, round_, downloads[k]), str(round_))
+        replies = self.ask(
+            MessageType.TRAIN,
+            inbox.clients,
+            lambda k: request(self.text, k, round_, downloads[k]),
+            str(round_),
+        )
         for k in inbox.clients:
             inbox.bytes_down += nbytes(downloads[k])
             reply = replies[k]
             if isinstance(reply, str):
-                log.warning("round %d: no reply from client %d (node %d): %s", round_, k, self.nodes[k], reply)
+                log.warning(
+                    "round %d: no reply from client %d (node %d): %s", round_, k, self.nodes[k], reply
+                )
                 inbox.dropped.append(k)
                 continue
             result, update = read_train_reply(reply)
@@ -129,21 +160,35 @@ class FlowerRounds:
         inbox = Inbox(sample_clients(fed))
         download = fed.method.download(fed.server)
         expected = expected_update(fed, round_)
-        strategy = SecAggRound(self.grid, self.nodes, inbox.clients, {"config": self.text, "round": round_}, download)
-        context = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),
-                                strategy=strategy)
+        strategy = SecAggRound(
+            self.grid, self.nodes, inbox.clients, {"config": self.text, "round": round_}, download
+        )
+        context = LegacyContext(
+            Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}), strategy=strategy
+        )
         context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: round_})
-        context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(to_parameters(download), True)
+        context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
+            to_parameters(download), True
+        )
         p = self.cfg.privacy
         # max_weight: the largest client's example count, so no weight overflows its share of the range.
-        SecAggPlusWorkflow(num_shares=p.secagg_num_shares, reconstruction_threshold=p.secagg_threshold,
-                           max_weight=float(fed.client_sizes.max()), clipping_range=p.secagg_clipping_range,
-                           timeout=self.cfg.flower.round_timeout)(self.grid, context)
+        SecAggPlusWorkflow(
+            num_shares=p.secagg_num_shares,
+            reconstruction_threshold=p.secagg_threshold,
+            max_weight=float(fed.client_sizes.max()),
+            clipping_range=p.secagg_clipping_range,
+            timeout=self.cfg.flower.round_timeout,
+        )(self.grid, context)
         contributors = []
         for k in inbox.clients:
             inbox.bytes_down += nbytes(download)
             if k not in strategy.results:
-                log.warning("round %d: client %d (node %d) dropped out of secure aggregation", round_, k, self.nodes[k])
+                log.warning(
+                    "round %d: client %d (node %d) dropped out of secure aggregation",
+                    round_,
+                    k,
+                    self.nodes[k],
+                )
                 inbox.dropped.append(k)
                 continue
             result = read_fit_metrics(strategy.results[k])
@@ -161,12 +206,18 @@ class FlowerRounds:
     def personal(self, fed: Federation) -> list[dict[str, float]]:
         """The scores of every reachable evaluated client's personalised model."""
         clients = fed.evaluated_clients
-        replies = self.ask(MessageType.EVALUATE, clients, lambda k: request(self.text, k, fed.round, fed.download(k)),
-                           f"eval-{fed.round}")
+        replies = self.ask(
+            MessageType.EVALUATE,
+            clients,
+            lambda k: request(self.text, k, fed.round, fed.download(k)),
+            f"eval-{fed.round}",
+        )
         scores = []
         for k, reply in replies.items():
             if isinstance(reply, str):
-                log.warning("round %d: client %d (node %d) not evaluated: %s", fed.round, k, self.nodes[k], reply)
+                log.warning(
+                    "round %d: client %d (node %d) not evaluated: %s", fed.round, k, self.nodes[k], reply
+                )
             else:
                 scores.append(dict(reply.content.metric_records[RESULT]))
         return scores
@@ -174,7 +225,9 @@ class FlowerRounds:
 
 def run_on_grid(grid: Grid, cfg: RunConfig, on_start=None, on_record=None) -> RunResult:
     check_runnable(cfg)
-    return run(cfg, on_start=on_start, on_record=on_record, rounds=FlowerRounds(grid, cfg), clients_here=False)
+    return run(
+        cfg, on_start=on_start, on_record=on_record, rounds=FlowerRounds(grid, cfg), clients_here=False
+    )
 
 
 def config_from_context(context: Context) -> RunConfig:
@@ -185,8 +238,9 @@ def config_from_context(context: Context) -> RunConfig:
     return load_config(path, overrides)
 
 
-def make_server_app(cfg: RunConfig | None = None, on_start=None, on_record=None,
-                    outcome: dict | None = None) -> ServerApp:
+def make_server_app(
+    cfg: RunConfig | None = None, on_start=None, on_record=None, outcome: dict | None = None
+) -> ServerApp:
     """A ServerApp that runs ``cfg`` (or the config named in the run config, for ``flwr run``).
 
     ``outcome`` receives the ``result`` or the ``error``: the app may run in a thread of
@@ -198,7 +252,9 @@ def make_server_app(cfg: RunConfig | None = None, on_start=None, on_record=None,
     def main(grid: Grid, context: Context) -> None:
         quiet_libraries()
         # Under `flwr run` nobody watches the records: log each round to the run's stream.
-        report = on_record or (lambda record: [flwr_log(logging.INFO, line) for line in round_lines(record, None, True)])
+        report = on_record or (
+            lambda record: [flwr_log(logging.INFO, line) for line in round_lines(record, None, True)]
+        )
         try:
             result = run_on_grid(grid, cfg or config_from_context(context), on_start, report)
         except Exception as err:

@@ -22,7 +22,9 @@ from ..config import PrivacyConfig, RunConfig
 
 
 @lru_cache(maxsize=4096)
-def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str = "rdp") -> float:
+def epsilon(
+    noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str = "rdp"
+) -> float:
     """ε after ``steps`` subsampled Gaussian steps (σ, q), at δ, by an Opacus accountant."""
     if steps == 0:
         return 0.0
@@ -34,12 +36,21 @@ def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: floa
 
 
 @lru_cache(maxsize=1024)
-def noise_multiplier_for(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp") -> float:
+def noise_multiplier_for(
+    target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp"
+) -> float:
     """The smallest σ (to Opacus's tolerance) that keeps ε ≤ ``target_epsilon`` after ``steps``."""
     from opacus.accountants.utils import get_noise_multiplier
 
-    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
-                                      steps=steps, accountant=accountant))
+    return float(
+        get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant=accountant,
+        )
+    )
 
 
 @dataclass(frozen=True)
@@ -70,8 +81,12 @@ class PrivacyPlan:
         return out
 
     def epsilons(self, ledger: np.ndarray) -> np.ndarray:
-        return np.array([epsilon(float(s), float(q), int(t), self.delta, self.accountant)
-                         for s, q, t in zip(self.noise_multiplier, self.sample_rate, ledger)])
+        return np.array(
+            [
+                epsilon(float(s), float(q), int(t), self.delta, self.accountant)
+                for s, q, t in zip(self.noise_multiplier, self.sample_rate, ledger)
+            ]
+        )
 
     def metrics(self, ledger: np.ndarray) -> dict:
         """What a round's record says about privacy: ε spent, worst and mean over clients."""
@@ -103,7 +118,10 @@ def plan_privacy(cfg: RunConfig, client_sizes: np.ndarray, steps_per_round: np.n
     if p.noise_multiplier is not None:
         sigmas = np.full(n, p.noise_multiplier)
     else:
-        sigmas = np.array([noise_multiplier_for(p.epsilon, p.delta, float(q), int(t), p.accountant)
-                           for q, t in zip(rates, total_steps)])
+        sigmas = np.array(
+            [
+                noise_multiplier_for(p.epsilon, p.delta, float(q), int(t), p.accountant)
+                for q, t in zip(rates, total_steps)
+            ]
+        )
     return PrivacyPlan(p.dp, p.delta, p.clip_norm, p.accountant, sigmas, rates, per_round)
-

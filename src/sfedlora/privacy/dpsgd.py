@@ -11,9 +11,9 @@ frozen but still passes gradients on (A in front of a trained B).
 from __future__ import annotations
 
 import secrets
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 
@@ -51,15 +51,27 @@ def per_example_gradients(model: torch.nn.Module):
         sampler.cleanup()
 
 
-def apply_private_gradient(params: Mapping[str, torch.nn.Parameter], dp: DPSGD, expected_batch_size: float,
-                           generator: torch.Generator) -> None:
+def apply_private_gradient(
+    params: Mapping[str, torch.nn.Parameter],
+    dp: DPSGD,
+    expected_batch_size: float,
+    generator: torch.Generator,
+) -> None:
     """Replace the gradients of the trained ``params`` by their DP-SGD gradient and clear
     the per-example ones (Opacus would otherwise accumulate them across steps)."""
     trained = {n: p for n, p in params.items() if p.requires_grad}
     # bf16 autocast gives bf16 per-example gradients: clip and noise in fp32.
-    samples = {n: p.grad_sample.float() for n, p in trained.items() if getattr(p, "grad_sample", None) is not None}
-    grads = private_gradient(samples, {n: p.shape for n, p in trained.items()}, dp.clip_norm,
-                             dp.noise_multiplier, expected_batch_size, generator)
+    samples = {
+        n: p.grad_sample.float() for n, p in trained.items() if getattr(p, "grad_sample", None) is not None
+    }
+    grads = private_gradient(
+        samples,
+        {n: p.shape for n, p in trained.items()},
+        dp.clip_norm,
+        dp.noise_multiplier,
+        expected_batch_size,
+        generator,
+    )
     for n, p in trained.items():
         p.grad = grads[n].to(device=p.device, dtype=p.dtype)
         p.grad_sample = None

@@ -10,7 +10,7 @@ clipping and standard-deviation functions, so it is Flower's math, not a copy of
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -42,8 +42,14 @@ def gaussian_noise(like: torch.Tensor, std: float, generator: torch.Generator) -
     return noise.to(device=like.device, dtype=like.dtype)
 
 
-def private_gradient(grad_samples: Mapping[str, torch.Tensor], shapes: Mapping[str, torch.Size], clip_norm: float,
-                     noise_multiplier: float, expected_batch_size: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
+def private_gradient(
+    grad_samples: Mapping[str, torch.Tensor],
+    shapes: Mapping[str, torch.Size],
+    clip_norm: float,
+    noise_multiplier: float,
+    expected_batch_size: float,
+    generator: torch.Generator,
+) -> dict[str, torch.Tensor]:
     """One DP-SGD gradient: (Σ clipped per-example gradients + N(0, (σC)²)) / expected batch size.
 
     ``grad_samples`` may be empty (a Poisson batch with no example): the gradient is then
@@ -54,18 +60,24 @@ def private_gradient(grad_samples: Mapping[str, torch.Tensor], shapes: Mapping[s
     out = {}
     for name, shape in shapes.items():
         total = clipped[name].sum(0).float() if name in clipped else torch.zeros(shape)
-        out[name] = (total + gaussian_noise(total, noise_multiplier * clip_norm, generator)) / expected_batch_size
+        out[name] = (
+            total + gaussian_noise(total, noise_multiplier * clip_norm, generator)
+        ) / expected_batch_size
     return out
 
 
 def poisson_batches(n: int, sample_rate: float, steps: int, generator: torch.Generator) -> list[np.ndarray]:
     """``steps`` batches in which every example is included independently with
     probability ``sample_rate``: the sampling the privacy accountant assumes."""
-    return [torch.nonzero(torch.rand(n, generator=generator) < sample_rate).flatten().numpy() for _ in range(steps)]
+    return [
+        torch.nonzero(torch.rand(n, generator=generator) < sample_rate).flatten().numpy()
+        for _ in range(steps)
+    ]
 
 
-def clip_update(update: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor],
-                clip_norm: float) -> dict[str, torch.Tensor]:
+def clip_update(
+    update: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], clip_norm: float
+) -> dict[str, torch.Tensor]:
     """``reference`` + the change ``update - reference`` scaled to L2 norm at most ``clip_norm``
     (over all tensors together), by Flower's ``compute_clip_model_update``."""
     from flwr.supercore.differential_privacy import compute_clip_model_update  # imported late: flwr is heavy
@@ -80,8 +92,13 @@ def clip_update(update: Mapping[str, torch.Tensor], reference: Mapping[str, torc
     return {n: torch.from_numpy(a).to(update[n].dtype) for n, a in zip(names, arrays)}
 
 
-def user_level_mean(updates: Sequence[Mapping[str, torch.Tensor]], reference: Mapping[str, torch.Tensor],
-                    clip_norm: float, noise_multiplier: float, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+def user_level_mean(
+    updates: Sequence[Mapping[str, torch.Tensor]],
+    reference: Mapping[str, torch.Tensor],
+    clip_norm: float,
+    noise_multiplier: float,
+    rng: np.random.Generator,
+) -> dict[str, torch.Tensor]:
     """Server-side DP aggregate: uniform mean of the clipped updates + N(0, (σC / m)²).
 
     The mean is uniform, not weighted by example counts: with weights one client could
