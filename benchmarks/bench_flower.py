@@ -1,6 +1,7 @@
 """Flower's simulation engine against the embedded simulator, side by side in one run.
 
-    python benchmarks/bench_flower.py [--clients 10] [--steps 10] [--rounds 3] [--out benchmarks/flower_results.json]
+    python benchmarks/bench_flower.py [--clients 10] [--steps 10] [--rounds 3]
+        [--out benchmarks/flower_results.json]
 
 Same job in both: MiniLM, the bundled SST-2 sample, LoRA r = 16, batch 16, sfed-lora,
 one warm-up round then ``--rounds`` timed rounds (evaluation only after the last, on 64

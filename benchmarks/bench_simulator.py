@@ -27,6 +27,7 @@ import platform
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -34,10 +35,12 @@ import torch
 from sfedlora.client import train_client
 from sfedlora.config import build_config
 from sfedlora.data import load_task
-from sfedlora.evaluation import predict
+from sfedlora.evaluation import evaluate
+from sfedlora.federation import build_federation
 from sfedlora.methods import aggregate
 from sfedlora.models import trainable_parameters
-from sfedlora.simulation import build_federation, evaluate, run_round
+from sfedlora.simulator import run_round
+from sfedlora.tasks.sequence import predict
 from sfedlora.workers import ClientWorkers
 
 BASE = [
@@ -130,11 +133,16 @@ def plain_loop(fed) -> None:
 
 
 def peak_rss_mb(n_clients: int, local_steps: int = 1) -> float:
+    overrides = BASE + [
+        f"federation.n_clients={n_clients}",
+        f"federation.local_steps={local_steps}",
+        "partition.min_size=16",
+    ]
     code = (
         "import sys; sys.argv=['x'];"
         "from sfedlora.config import build_config; from sfedlora.data import load_task;"
-        "from sfedlora.simulation import build_federation, run_round;"
-        f"cfg = build_config(overrides={BASE + [f'federation.n_clients={n_clients}', f'federation.local_steps={local_steps}', 'partition.min_size=16']!r});"
+        "from sfedlora.federation import build_federation; from sfedlora.simulator import run_round;"
+        f"cfg = build_config(overrides={overrides!r});"
         "fed = build_federation(cfg, load_task(cfg.data)); run_round(fed);"
         # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forking parent.
         "print(int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) / 1024)"
@@ -156,11 +164,11 @@ def main() -> None:
         fed = federation(n, steps)
         workers = ClientWorkers(fed, threads)
         examples = n * steps * fed.cfg.train.batch_size
-        sim = timed_rounds(lambda: run_round(fed), args.rounds)
-        par = timed_rounds(lambda: run_round(fed, workers), args.rounds)
+        sim = timed_rounds(partial(run_round, fed), args.rounds)
+        par = timed_rounds(partial(run_round, fed, workers), args.rounds)
         fed_naive = federation(n, steps)
-        naive = timed_rounds(lambda: naive_round(fed_naive), args.rounds)
-        plain = timed_rounds(lambda: plain_loop(fed), args.rounds)
+        naive = timed_rounds(partial(naive_round, fed_naive), args.rounds)
+        plain = timed_rounds(partial(plain_loop, fed), args.rounds)
         results[f"N={n}x{steps}"] = {
             "embedded_s_per_round": sim,
             "embedded_examples_per_s": examples / sim,
@@ -181,7 +189,7 @@ def main() -> None:
             personal = {}
             for name, w in [("one_process", None), (f"{threads}_workers", workers)]:
                 start = time.perf_counter()
-                evaluate(fed, workers=w)
+                evaluate(fed, executor=w)
                 personal[name] = time.perf_counter() - start
             results["evaluation"] = {
                 "one_model_s": one,

@@ -46,9 +46,9 @@ def test_partition_command_shows_sizes_and_label_histograms():
     assert result.exit_code == 0, result.output
     assert "12000 training examples, 4 clients, Dirichlet β=0.5" in result.output
     rows = [
-        l
-        for l in result.output.splitlines()
-        if l.strip().startswith("│") and l.split("│")[1].strip().isdigit()
+        line
+        for line in result.output.splitlines()
+        if line.strip().startswith("│") and line.split("│")[1].strip().isdigit()
     ]
     assert len(rows) == 4
     sizes = [int(r.split("│")[2]) for r in rows]

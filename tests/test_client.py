@@ -4,10 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from sfedlora.client import _batch_indices, lr_at, steps_per_round
+from sfedlora.client import _batch_indices, lr_at
 from sfedlora.config import TrainConfig
 from sfedlora.data import load_task
-from sfedlora.simulation import build_federation, run_round
+from sfedlora.federation import build_federation
+from sfedlora.shared import steps_per_round
+from sfedlora.simulator import run_round
 
 
 def test_warmup_then_schedules():

@@ -83,7 +83,8 @@ def test_shipped_configs_are_valid_in_every_cell(path):
     import yaml
 
     from sfedlora.config import load_config
-    from sfedlora.sweep import grid_cells, load_sweep
+    from sfedlora.grid import grid_cells
+    from sfedlora.sweep import load_sweep
 
     if "grid" in yaml.safe_load(path.read_text()):
         base, grid = load_sweep(path, None)

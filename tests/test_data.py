@@ -107,7 +107,7 @@ def test_own_files_with_text_labels_and_pairs(tmp_path):
         label_column="y",
     )
     data = load_task(cfg)
-    assert data.num_labels == 3 and data.metric == "accuracy"
+    assert (data.kind, data.classes, data.metric) == ("classification", 3, "accuracy")
     assert data.train.labels[:3].tolist() == [1, 2, 0]  # ids in sorted label order: maybe, no, yes
     assert data.eval.pairs == ["z"] and data.eval.labels.tolist() == [2]
 

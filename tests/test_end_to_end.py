@@ -13,8 +13,9 @@ from sfedlora.config import load_config
 from sfedlora.data import load_task
 from sfedlora.data.encoding import collate
 from sfedlora.experiment import run, save_adapters
+from sfedlora.federation import build_federation
 from sfedlora.models import resolve_model_path, write_tensors
-from sfedlora.simulation import build_federation, simulate
+from sfedlora.simulator import simulate
 
 ROUND_KEYS = {
     "round",
@@ -37,13 +38,18 @@ def test_run_writes_the_run_directory(tiny_config):
     resolved = yaml.safe_load((d / "config.yaml").read_text())
     assert resolved["lora"]["scaling"] == "sfed" and resolved["federation"]["rounds"] == 2
     assert load_config(d / "config.yaml") == cfg  # the resolved config re-runs as it is
-    lines = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
-    assert [l["round"] for l in lines] == [1, 2]
-    for l in lines:
-        assert ROUND_KEYS <= set(l)
-        assert 0 <= l["personal_accuracy_min"] <= l["personal_accuracy_mean"] <= 1
-        assert l["gamma"] == pytest.approx(16 * np.sqrt(3 / 4))
-        assert l["bytes_up"] > 0 and l["bytes_down"] > 0 and l["grad_norm_A"] > 0 and l["grad_norm_B"] > 0
+    lines = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+    assert [record["round"] for record in lines] == [1, 2]
+    for record in lines:
+        assert ROUND_KEYS <= set(record)
+        assert 0 <= record["personal_accuracy_min"] <= record["personal_accuracy_mean"] <= 1
+        assert record["gamma"] == pytest.approx(16 * np.sqrt(3 / 4))
+        assert (
+            record["bytes_up"] > 0
+            and record["bytes_down"] > 0
+            and record["grad_norm_A"] > 0
+            and record["grad_norm_B"] > 0
+        )
     part = json.loads((d / "partition.json").read_text())
     assert sum(part["sizes"]) == 120 and np.array(part["label_histograms"]).sum() == 120
     summary = json.loads((d / "summary.json").read_text())
@@ -70,7 +76,7 @@ def test_a_run_judged_on_local_label_mixes(tiny_config):
 
 
 def test_evaluating_a_sample_of_clients_scores_those_clients_only(tiny_config):
-    from sfedlora.simulation import client_scores, evaluate, outputs_of
+    from sfedlora.evaluation import client_scores, evaluate, outputs_of
 
     cfg = tiny_config(
         "federation.n_clients=5", "partition.kind=dirichlet", "method=fedsa-lora", "eval.clients=2"
@@ -83,7 +89,9 @@ def test_evaluating_a_sample_of_clients_scores_those_clients_only(tiny_config):
                 tensor.normal_(std=0.5)
     chosen = fed.evaluated_clients
     assert len(chosen) == 2 and chosen == sorted(set(chosen)) and set(chosen) <= set(range(5))
-    per_client = [client_scores(fed, k, outputs_of(fed, fed.personal_tensors(k), k)) for k in range(5)]
+    per_client = [
+        client_scores(fed, fed.histograms[k], outputs_of(fed, fed.personal_tensors(k), k)) for k in range(5)
+    ]
     scores = evaluate(fed)
     assert scores["evaluated_clients"] == chosen
     for key in ("accuracy", "local_accuracy"):

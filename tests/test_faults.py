@@ -8,8 +8,9 @@ import torch
 
 from sfedlora.data import load_task
 from sfedlora.experiment import run
+from sfedlora.federation import build_federation
 from sfedlora.robust import check_update, corrupt, norm_outliers
-from sfedlora.simulation import build_federation, run_round
+from sfedlora.simulator import run_round
 
 REF = {"a.lora_A.w": torch.zeros(2, 3), "a.lora_B.w": torch.zeros(3, 2)}
 
@@ -62,7 +63,7 @@ def test_drop_outs_and_poisoned_updates(tiny_overrides, tmp_path):
         ]
     )
     result = run(cfg)
-    records = [json.loads(l) for l in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     injected = {(r["round"], i["client"]) for r in records for i in r["injected"]}
     rejected = {(r["round"], x["client"]) for r in records for x in r["rejected"]}
     dropped = sum(len(r["dropped"]) for r in records)

@@ -9,9 +9,11 @@ from flwr.app import Context, Message, MessageType, RecordDict  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from sfedlora.cli import app  # noqa: E402
+from sfedlora.client import client_round  # noqa: E402
 from sfedlora.data import load_task  # noqa: E402
 from sfedlora.errors import SfedloraError  # noqa: E402
 from sfedlora.experiment import run  # noqa: E402
+from sfedlora.federation import build_federation  # noqa: E402
 from sfedlora.flower import client_app  # noqa: E402
 from sfedlora.flower.engine import run_simulation  # noqa: E402
 from sfedlora.flower.records import (
@@ -25,7 +27,6 @@ from sfedlora.flower.records import (
 )  # noqa: E402
 from sfedlora.methods import tensor_kind  # noqa: E402
 from sfedlora.rundir import read_metrics  # noqa: E402
-from sfedlora.simulation import build_federation, client_round  # noqa: E402
 
 COMPARED = (
     "train_loss",
@@ -111,7 +112,7 @@ def test_client_app_sends_only_a_and_keeps_b_and_optimizer_in_context_state(tiny
         sent = reply.content.array_records[UPDATE]
         assert {tensor_kind(n) for n in sent} == {"A", "head"}
         # The simulator's own client step, on the same state, gives the same bits.
-        expected = client_round(fed, 1, state, download, round_)
+        expected = client_round(fed, fed.client(1), state, download, round_)
         result, update = read_train_reply(reply)
         assert result.loss == expected.result.loss and result.steps == 2
         assert all(torch.equal(update[n], expected.update[n]) for n in expected.update)
@@ -140,7 +141,7 @@ def test_client_app_trains_and_sends_at_its_own_rank(tiny_config, server_identit
     assert all(t.shape[0] == 2 for n, t in download.items() if tensor_kind(n) == "A")
     reply = client_app.train(_message(cfg, 0, 1, download), context)
     result, update = read_train_reply(reply)
-    expected = client_round(fed, 0, fed.clients[0], download, 1)
+    expected = client_round(fed, fed.client(0), fed.clients[0], download, 1)
     assert result.loss == expected.result.loss
     assert {tensor_kind(n) for n in update} == {"A", "head"}
     assert all(

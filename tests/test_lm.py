@@ -12,10 +12,10 @@ from typer.testing import CliRunner
 from sfedlora.cli import app
 from sfedlora.config import build_config
 from sfedlora.data import load_task, size_partition
+from sfedlora.data.answers import exact_match, final_number
 from sfedlora.data.lm import ALPACA_TEMPLATE_NO_INPUT, GSM8K_TEMPLATE, IGNORE, LMExamples, encode_lm
 from sfedlora.evaluation import best_of, higher_is_better, summarise
 from sfedlora.experiment import run
-from sfedlora.lm_eval import exact_match, final_number
 from sfedlora.models import lm_target_modules, load_tokenizer, lora_scalings
 from sfedlora.tiny_llama import tiny_llama_dir
 
@@ -187,7 +187,7 @@ def test_alpaca_files_hold_out_an_evaluation_split(tmp_path):
         ]
     )
     data = load_task(cfg.data, seed=0)
-    assert (len(data.train), len(data.eval), data.metric, data.num_labels) == (36, 4, "perplexity", 0)
+    assert (len(data.train), len(data.eval), data.metric, data.kind) == (36, 4, "perplexity", "causal-lm")
     assert set(data.train.prompts).isdisjoint(data.eval.prompts)
     for prompt in data.train.prompts:  # records with an empty input get Alpaca's prompt without one
         with_input = "hint" in prompt
@@ -327,14 +327,16 @@ LM_BAD_INPUT = {
     "malformed JSONL line": (
         lambda t: [
             "--set",
-            f"data.train_file={write_bad(t, 'x.jsonl', json.dumps(gsm8k_record(0)) + chr(10) + '{oops' + chr(10))}",
+            "data.train_file="
+            f"{write_bad(t, 'x.jsonl', json.dumps(gsm8k_record(0)) + chr(10) + '{oops' + chr(10))}",
         ],
         "x.jsonl:2: not valid JSON",
     ),
     "answer without a number": (
         lambda t: [
             "--set",
-            f"data.train_file={write_bad(t, 'n.jsonl', json.dumps({'question': 'q', 'answer': 'none'}) + chr(10))}",
+            "data.train_file="
+            f"{write_bad(t, 'n.jsonl', json.dumps({'question': 'q', 'answer': 'none'}) + chr(10))}",
         ],
         "n.jsonl:1: answer has no final number: GSM8K answers end in '#### <number>'",
     ),
@@ -385,7 +387,8 @@ def test_lm_bad_input(case, tmp_path, lm_overrides):
 
 def test_gradient_checkpointing_gives_the_same_round(lm_overrides):
     """Checkpointing recomputes activations: the same losses and adapters, less memory."""
-    from sfedlora.simulation import build_federation, run_round
+    from sfedlora.federation import build_federation
+    from sfedlora.simulator import run_round
 
     outs = []
     for gc in (False, True):
@@ -409,7 +412,8 @@ def test_gradient_checkpointing_gives_the_same_round(lm_overrides):
 def test_cuda_half_precision_with_gradient_checkpointing(lm_overrides, precision):
     """On a GPU the frozen base is stored in half precision, the adapter stays fp32, and a
     round trains with gradient checkpointing (fp16 with loss scaling)."""
-    from sfedlora.simulation import build_federation, run_round
+    from sfedlora.federation import build_federation
+    from sfedlora.simulator import run_round
 
     cfg = build_config(
         overrides=[
@@ -444,10 +448,11 @@ def test_flower_client_app_trains_and_scores_a_causal_lm_client(lm_overrides, mo
     from flwr.app import Context, Message, MessageType, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
+    from sfedlora.evaluation import client_scores, outputs_of
+    from sfedlora.federation import build_federation
     from sfedlora.flower import client_app
     from sfedlora.flower.records import RESULT, UPDATE, config_text, request
     from sfedlora.methods import tensor_kind
-    from sfedlora.simulation import build_federation, client_scores, outputs_of
 
     for attr in ("_run_id", "_node_id", "_task_id"):  # what Flower sets in a ServerApp process
         monkeypatch.setattr(TaskIdentity, attr, 1)
@@ -460,12 +465,15 @@ def test_flower_client_app_trains_and_scores_a_causal_lm_client(lm_overrides, mo
     assert {tensor_kind(n) for n in sent} == {"A"}  # no head on a causal LM, and B stays home
     scores = dict(client_app.evaluate(ask(MessageType.EVALUATE), context).content.metric_records[RESULT])
     assert set(scores) == {"loss", "perplexity", "accuracy"}
-    untrained = client_scores(fed, 1, outputs_of(fed, fed.personal_tensors(1)))
+    untrained = client_scores(fed, fed.histograms[1], outputs_of(fed, fed.personal_tensors(1)))
     assert scores["loss"] != pytest.approx(untrained["loss"])  # the node scored its trained adapter
 
 
 def test_hub_sources_use_the_test_split_or_hold_out(monkeypatch):
-    """openai/gsm8k (main) is scored on its test split; tatsu-lab/alpaca has only train, so part is held out."""
+    """openai/gsm8k (main) is scored on its test split.
+
+    tatsu-lab/alpaca has only train, so part is held out.
+    """
     import datasets
 
     asked = []
@@ -521,7 +529,8 @@ def test_an_interrupted_causal_lm_run_resumes_exactly(lm_overrides):
 )
 def test_shipped_causal_lm_configs_are_valid(path):
     from sfedlora.config import load_config
-    from sfedlora.sweep import grid_cells, load_sweep
+    from sfedlora.grid import grid_cells
+    from sfedlora.sweep import load_sweep
 
     full = Path(__file__).resolve().parents[1] / path
     if "paper" in path:

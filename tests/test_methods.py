@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from sfedlora.data import load_task
+from sfedlora.federation import build_federation
 from sfedlora.methods import aggregate, get_method, tensor_kind
-from sfedlora.simulation import build_federation, run_round
+from sfedlora.simulator import run_round
 
 A, B, HEAD = (
     "m.layer.q.lora_A.default.weight",

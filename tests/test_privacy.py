@@ -341,10 +341,11 @@ def test_client_dp_on_flower_is_the_simulators_client_round(tiny_config, server_
     """The ClientApp trains with the same DP-SGD code: the same noise, the same bits."""
     from flwr.app import Context, Message, MessageType, RecordDict
 
+    from sfedlora.client import client_round
     from sfedlora.data import load_task
+    from sfedlora.federation import build_federation
     from sfedlora.flower import client_app
     from sfedlora.flower.records import config_text, read_train_reply, request
-    from sfedlora.simulation import build_federation, client_round
 
     cfg = tiny_config("method=sfed-lora", "privacy.dp=client", "privacy.epsilon=3", "model.precision=fp32")
     fed = build_federation(cfg, load_task(cfg.data, seed=cfg.seed))
@@ -352,18 +353,13 @@ def test_client_dp_on_flower_is_the_simulators_client_round(tiny_config, server_
     download = fed.method.download(fed.server)
     msg = Message(request(config_text(cfg), 1, 1, download), dst_node_id=7, message_type=MessageType.TRAIN)
     result, update = read_train_reply(client_app.train(msg, context))
-    expected = client_round(fed, 1, fed.clients[1], download, 1)
+    expected = client_round(fed, fed.client(1), fed.clients[1], download, 1)
     assert result.grad_norm == expected.result.grad_norm  # the private gradients' norms: noise included
     assert all(torch.equal(update[n], expected.update[n]) for n in expected.update)
-    plain = client_round(
-        build_federation(
-            tiny_config("method=sfed-lora", "model.precision=fp32"), load_task(cfg.data, seed=cfg.seed)
-        ),
-        1,
-        fed.clients[1],
-        download,
-        1,
+    plain_fed = build_federation(
+        tiny_config("method=sfed-lora", "model.precision=fp32"), load_task(cfg.data, seed=cfg.seed)
     )
+    plain = client_round(plain_fed, plain_fed.client(1), fed.clients[1], download, 1)
     assert not all(torch.equal(plain.update[n], expected.update[n]) for n in expected.update)  # DP changed it
 
 

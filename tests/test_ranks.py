@@ -9,15 +9,17 @@ import torch
 from typer.testing import CliRunner
 
 from sfedlora.cli import app
+from sfedlora.client import client_round
 from sfedlora.config import build_config
 from sfedlora.data import load_task
 from sfedlora.data.encoding import collate
 from sfedlora.errors import SfedloraError
 from sfedlora.experiment import run
+from sfedlora.federation import build_federation
 from sfedlora.methods import aggregate, tensor_kind
 from sfedlora.models import lora_scalings, resolve_model_path
 from sfedlora.ranks import RankPlan, aggregate_rows, client_gammas, holders, pad, truncate
-from sfedlora.simulation import build_federation, client_round, run_round
+from sfedlora.simulator import run_round
 
 A = "base_model.model.layer.0.query.lora_A.default.weight"  # (r × d_in)
 B = "base_model.model.layer.0.query.lora_B.default.weight"  # (d_out × r)
@@ -38,7 +40,8 @@ def test_rows_are_averaged_over_the_clients_that_hold_them():
     updates = [_update(2, 1.0), _update(4, 2.0), _update(8, 4.0)]
     current = {A: torch.full((8, 3), 9.0), B: torch.full((2, 8), 9.0), HEAD: torch.zeros(2, 2)}
     new = aggregate_rows(updates, [1.0, 1.0, 2.0], [2, 4, 8], current)
-    # rows 0-1: all three hold them: (1·1 + 1·2 + 2·4) / 4; rows 2-3: clients 2 and 3: (2 + 8) / 3; rows 4-7: client 3.
+    # rows 0-1: all three hold them: (1·1 + 1·2 + 2·4) / 4; rows 2-3: clients 2 and 3: (2 + 8) / 3;
+    # rows 4-7: client 3.
     expected_rows = torch.tensor([2.75, 2.75, 10 / 3, 10 / 3, 4, 4, 4, 4])
     torch.testing.assert_close(new[A], expected_rows[:, None].expand(8, 3))
     torch.testing.assert_close(new[B], -expected_rows[None, :].expand(2, 8))  # B: the same, by columns
@@ -113,7 +116,8 @@ def test_unset_client_ranks_keep_the_uniform_plan():
         ("[4, -2]", "lora.client_ranks: every rank must be a positive integer, got -2"),
         (
             "[4, 16]",
-            "lora.client_ranks: rank 16 exceeds lora.rank=8, the rank the server keeps A at; set lora.rank=16",
+            "lora.client_ranks: rank 16 exceeds lora.rank=8, the rank the server keeps A at; "
+            "set lora.rank=16",
         ),
     ],
 )
@@ -140,7 +144,7 @@ def test_a_client_receives_and_sends_only_rows_within_its_rank(tiny_config, meth
         for n, t in download.items():
             if tensor_kind(n) in ("A", "B"):
                 assert t.shape[0 if tensor_kind(n) == "A" else 1] == r, (k, n)
-        outcome = client_round(fed, k, fed.clients[k], download, 1)
+        outcome = client_round(fed, fed.client(k), fed.clients[k], download, 1)
         assert outcome.result is not None and outcome.result.loss > 0
         for n, t in outcome.update.items():
             assert t.shape == download[n].shape  # the upload is cut like the download

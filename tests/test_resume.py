@@ -20,7 +20,7 @@ runner = CliRunner()
 
 def without_timing(run_dir):
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(l).items() if k not in TIMING} for l in lines]
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in lines]
 
 
 def adapters(run_dir):

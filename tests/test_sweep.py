@@ -7,7 +7,8 @@ from typer.testing import CliRunner
 
 from sfedlora.cli import app
 from sfedlora.errors import SfedloraError
-from sfedlora.sweep import cell_name, cell_overrides, grid_cells, load_sweep, parse_grid, run_sweep
+from sfedlora.grid import cell_name, cell_overrides, grid_cells, parse_grid
+from sfedlora.sweep import load_sweep, run_sweep
 
 runner = CliRunner()
 
@@ -145,7 +146,7 @@ def test_cells_of_other_methods_do_not_inherit_a_preset_scaling(tiny_overrides):
 
 
 def test_learning_rate_views(tmp_path):
-    from sfedlora.sweep import _learning_rate_views
+    from sfedlora.sweep_summary import _learning_rate_views
 
     grid = {"method": ["a"], "rank": [4, 8], "lr": [0.1, 0.01], "seed": [0, 1]}
     finals = {(4, 0.1): [0.8, 0.7], (4, 0.01): [0.6, 0.6], (8, 0.1): [0.5, 0.5], (8, 0.01): [0.9, 0.7]}

@@ -9,7 +9,7 @@ import torch
 from sfedlora.data import load_task
 from sfedlora.errors import SfedloraError
 from sfedlora.experiment import run
-from sfedlora.simulation import build_federation
+from sfedlora.federation import build_federation
 from sfedlora.workers import ClientWorkers, worker_count
 
 
@@ -101,7 +101,7 @@ def test_freed_memory_is_handed_back_only_once_it_outgrows_the_live_heap(monkeyp
     for live, free, trims in [(500 << 20, 300 << 20, 0), (500 << 20, 600 << 20, 1)]:
         libc = Libc(live, free)
         monkeypatch.setattr(workers, "_LIBC", libc)
-        workers._release_freed_memory()
+        workers.release_freed_memory()
         assert libc.trims == trims
     monkeypatch.undo()
     if workers._LIBC is not None:  # glibc's own answer reads back: this process holds live heap

@@ -2,7 +2,8 @@
 
 A checkpoint holds what the config cannot rebuild: the rounds done, the server's global
 tensors, every client's state (adapter tensors, optimizer state, RNG, step count) and
-the RNGs of client sampling and fault injection, and the privacy ledger and the server's DP noise RNG. Everything else (model, data split, initial adapter) is rebuilt
+the RNGs of client sampling and fault injection, and the privacy ledger and the server's DP
+noise RNG. Everything else (model, data split, initial adapter) is rebuilt
 from the config with the same seed, so a resumed run continues bit for bit.
 """
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 import typer
@@ -49,7 +49,7 @@ def _load(config: Path | None, overrides: list[str]) -> RunConfig:
         _fail(str(err))
 
 
-class Runtime(str, Enum):
+class Runtime(StrEnum):
     simulator = "simulator"
     flower = "flower"
 
@@ -141,11 +141,12 @@ def run(
         if "run_dir" not in state or runtime is Runtime.flower:  # Flower runs cannot be resumed
             raise
         err_console.print(
-            f"interrupted: the last checkpoint is kept; continue with: sfedlora run --resume {state['run_dir']}",
+            "interrupted: the last checkpoint is kept; continue with: "
+            f"sfedlora run --resume {state['run_dir']}",
             highlight=False,
             soft_wrap=True,
         )
-        raise typer.Exit(130)
+        raise typer.Exit(130) from None
     progress.stop()
     print_summary(result.summary, result.run_dir)
 
@@ -161,17 +162,20 @@ def print_summary(summary: dict, run_dir: Path) -> None:
 @app.command()
 def partition(config: Path | None = ConfigArg, overrides: list[str] = SetOpt) -> None:
     """Show how the training data is split: each client's size and label histogram."""
-    from .data import label_histograms, load_task
-    from .simulation import split_clients
+    from .data import load_task
+    from .shared import split_clients
+    from .tasks import get_task
 
     cfg = _load(config, overrides)
     quiet_libraries()
     try:
         data = load_task(cfg.data, seed=cfg.seed)
+        task = get_task(data)
+        task.check(cfg)
         parts = split_clients(cfg, data.train.labels)
     except SfedloraError as err:
         _fail(str(err))
-    hist = label_histograms(data.train.labels, parts, data.num_labels)
+    hist = task.histograms(data.train.labels, parts)
     desc = {
         "iid": "IID",
         "dirichlet": f"Dirichlet β={cfg.partition.beta} over labels",
@@ -180,11 +184,12 @@ def partition(config: Path | None = ConfigArg, overrides: list[str] = SetOpt) ->
     table = Table(title=f"{data.name}: {len(data.train)} training examples, {len(parts)} clients, {desc}")
     table.add_column("client", justify="right")
     table.add_column("size", justify="right")
-    labels = ["examples"] if data.num_labels == 1 else [f"label {i}" for i in range(data.num_labels)]
-    for name in labels if data.num_labels > 1 else []:
-        table.add_column(name, justify="right")
+    # The task's histogram columns: label counts where it has classes, else the size again.
+    counts = task.has_classes
+    for c in range(hist.shape[1] if counts else 0):
+        table.add_column(f"label {c}", justify="right")
     for k, part in enumerate(parts):
-        table.add_row(str(k), str(len(part)), *([str(c) for c in hist[k]] if data.num_labels > 1 else []))
+        table.add_row(str(k), str(len(part)), *([str(c) for c in hist[k]] if counts else []))
     console.print(table)
 
 
@@ -213,7 +218,8 @@ def sweep(
     except SfedloraError as err:
         _fail(str(err))
     quiet_libraries()
-    # The base tree holds only what the YAML and --set give: the output_dir default comes from the config model.
+    # The base tree holds only what the YAML and --set give: the output_dir default comes from the
+    # config model.
     sweep_dir = Path(build_config(base).output_dir) / (name or f"sweep-{datetime.now():%Y%m%d-%H%M%S}")
     total = len(grid_cells(axes))
     console.print(f"sweep of {total} runs into {sweep_dir} ({jobs} at a time)")
@@ -274,7 +280,8 @@ def flower_up(
     cfg = _load(config, [*overrides, *([f"federation.n_clients={clients}"] if clients else [])])
     workdir = workdir or Path(tempfile.mkdtemp(prefix="sfedlora-flower-"))
     console.print(
-        f"deployment: 1 SuperLink + {cfg.federation.n_clients} SuperNodes on 127.0.0.1 (TLS, node authentication); "
+        f"deployment: 1 SuperLink + {cfg.federation.n_clients} SuperNodes on 127.0.0.1 "
+        "(TLS, node authentication); "
         f"logs in {workdir / 'logs'}"
     )
 

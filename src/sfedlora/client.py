@@ -8,8 +8,10 @@ into which the state is written before training and read back after.
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,6 +23,8 @@ from .methods import tensor_kind
 from .models import Compute, read_tensors, write_tensors
 from .privacy.dpsgd import DPSGD, apply_private_gradient, per_example_gradients
 from .privacy.mechanisms import poisson_batches
+from .ranks import pad
+from .shared import ClientSpec, Shared, client_steps, expected_steps
 
 
 @dataclass
@@ -35,9 +39,23 @@ class ClientState:
 class ClientResult:
     loss: float  # mean training loss over the round's steps
     steps: int
-    grad_norm: dict[str, float] = field(
-        default_factory=dict
-    )  # kind → mean L2 norm of its gradient (pre-clipping)
+    # kind → mean L2 norm of its gradient (pre-clipping)
+    grad_norm: dict[str, float] = field(default_factory=dict)
+
+    def stats(self) -> dict[str, float | int]:
+        """As flat named numbers (a Flower MetricRecord); :meth:`from_stats` reads them back."""
+        return {
+            "loss": self.loss,
+            "steps": self.steps,
+            **{f"grad_norm.{k}": v for k, v in self.grad_norm.items()},
+        }
+
+    @classmethod
+    def from_stats(cls, stats) -> ClientResult:
+        norms = {
+            k.removeprefix("grad_norm."): float(v) for k, v in stats.items() if k.startswith("grad_norm.")
+        }
+        return cls(loss=float(stats["loss"]), steps=int(stats["steps"]), grad_norm=norms)
 
 
 def new_client_state(tensors: Mapping[str, torch.Tensor], seed: int) -> ClientState:
@@ -55,14 +73,6 @@ def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
     if cfg.schedule == "linear":
         return cfg.lr * (1.0 - progress)
     return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def steps_per_round(
-    n_examples: int, batch_size: int, local_steps: int | None, local_epochs: float | None
-) -> int:
-    if local_steps is not None:
-        return local_steps
-    return max(1, math.ceil(local_epochs * n_examples / batch_size))
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -111,6 +121,7 @@ def train_client(
     cfg: TrainConfig,
     compute: Compute = Compute(),
     dp: DPSGD | None = None,
+    loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor] | None = None,
 ) -> ClientResult:
     """Train ``steps`` local steps from ``state``; update ``state`` in place.
 
@@ -118,8 +129,10 @@ def train_client(
     ``total_steps`` is the client's step count over the whole run (for the LR schedule).
     With ``dp`` each step is a DP-SGD step: Poisson-sampled batches, per-example
     clipping and Gaussian noise instead of ``cfg.max_grad_norm``; the reported gradient
-    norms are then those of the private gradients.
+    norms are then those of the private gradients. ``loss_fn(model, batch)`` is the task's
+    loss (:meth:`sfedlora.tasks.Task.loss`); by default the model's own.
     """
+    loss_fn = loss_fn or (lambda m, batch: compute.forward(m, batch).loss)
     write_tensors(params, state.tensors)
     ordered = list(params.values())
     for n, p in params.items():
@@ -147,7 +160,7 @@ def train_client(
         for idx in batches:
             if len(idx):  # a Poisson batch may be empty: its DP gradient is noise alone
                 batch = data.collate(idx, tokenizer)
-                loss = compute.forward(model, batch).loss
+                loss = loss_fn(model, batch)
                 scaler.scale(loss).backward()
                 losses.append(float(loss.detach()))
             scaler.unscale_(optimizer)
@@ -172,3 +185,53 @@ def train_client(
         steps=len(batches),
         grad_norm={k: float(np.mean([n[k] for n in norms])) for k in kinds},
     )
+
+
+@dataclass
+class ClientOutcome:
+    """What one client's round leaves behind: its next state, and what it sends (if anything)."""
+
+    state: ClientState
+    result: ClientResult | None  # None: the loss turned non-finite, so nothing is sent
+    update: dict[str, torch.Tensor]  # what the method uploads; empty when result is None
+
+
+def client_round(
+    shared: Shared, client: ClientSpec, state: ClientState, download: dict[str, torch.Tensor], round_: int
+) -> ClientOutcome:
+    """Client side of a round, for every runtime: take the download, train, pick the upload.
+
+    ``state`` itself is left untouched. If the loss turns non-finite, the outcome's state
+    is ``state`` with the download but without the training, and nothing is sent.
+    """
+    cfg, k = shared.cfg, client.k
+    received = ClientState(
+        {**state.tensors, **{n: t.clone() for n, t in download.items()}},
+        state.rng,
+        state.optimizer,
+        state.steps,
+    )
+    # Optimizer state is updated in place while training: train a copy, keep ``received`` intact.
+    trained = copy.deepcopy(received)
+    # The shared model runs at full rank: train the client's rank-r_k adapter zero-padded,
+    # under its own γ; the padding gets zero gradients and is cut off again below.
+    trained.tensors = pad(trained.tensors, shared.params)
+    shared.ranks.use(shared.model, k)
+    result = train_client(
+        shared.model,
+        shared.params,
+        trained,
+        client.data,
+        shared.tokenizer,
+        shared.method.trained(round_),
+        client_steps(cfg, client.size),
+        expected_steps(cfg, client.size),
+        cfg.train,
+        shared.compute,
+        client.dp,
+        functools.partial(shared.task.loss, compute=shared.compute),
+    )
+    if not np.isfinite(result.loss):
+        return ClientOutcome(received, None, {})
+    trained.tensors = shared.ranks.view(trained.tensors, k)
+    return ClientOutcome(trained, result, shared.method.upload(trained.tensors, round_))

@@ -1,59 +1,19 @@
-"""Task metrics, and prediction with the shared model under a given set of adapter tensors."""
+"""Evaluation: the global and the personalised models scored on the dev set, and how
+per-client scores are summarised. What a score *is* belongs to the task (:mod:`sfedlora.tasks`)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from .data.encoding import Encoded, collate, length_sorted_batches
-from .models import Compute
+from .executors import Executor, InProcess
+from .shared import Shared
 
-
-def task_metrics(logits: np.ndarray, labels: np.ndarray, num_labels: int) -> dict[str, float]:
-    """Accuracy and the GLUE metrics that apply: F1 and MCC (binary), Pearson/Spearman (regression)."""
-    from scipy.stats import pearsonr, spearmanr
-    from sklearn.metrics import f1_score, matthews_corrcoef
-
-    if num_labels == 1:
-        pred = logits.reshape(-1)
-        if np.std(pred) == 0:  # a constant prediction has no correlation; scipy would warn and give nan
-            return {"pearson": 0.0, "spearman": 0.0}
-        return {"pearson": float(pearsonr(pred, labels)[0]), "spearman": float(spearmanr(pred, labels)[0])}
-    pred = logits.argmax(-1)
-    out = {"accuracy": float((pred == labels).mean()), "mcc": float(matthews_corrcoef(labels, pred))}
-    if num_labels == 2:
-        out["f1"] = float(f1_score(labels, pred, zero_division=0.0))
-    return out
-
-
-def label_mix_accuracy(logits: np.ndarray, labels: np.ndarray, mix: np.ndarray) -> float:
-    """Accuracy on a test set whose labels follow ``mix`` (a client's own label counts).
-
-    The per-class accuracies on the shared dev set, weighted by the mix: what a client's
-    model would score on held-out data drawn like its own, with no second pass.
-    """
-    pred = logits.argmax(-1)
-    weights = mix / mix.sum()
-    per_class = [(pred[labels == c] == c).mean() if np.any(labels == c) else 0.0 for c in range(len(mix))]
-    return float(np.dot(weights, per_class))
-
-
-@torch.no_grad()
-def predict(
-    model: torch.nn.Module, data: Encoded, tokenizer, batch_size: int, compute: Compute = Compute()
-) -> np.ndarray:
-    """Logits for every example of ``data``, in its order."""
-    model.eval()
-    out: np.ndarray | None = None
-    for idx in length_sorted_batches(data, batch_size):
-        batch = collate(data, idx, tokenizer)
-        batch.pop("labels")
-        logits = compute.forward(model, batch).logits.float().cpu().numpy()
-        if out is None:
-            out = np.empty((len(data), logits.shape[-1]), dtype=np.float32)
-        out[idx] = logits
-    return out
-
+if TYPE_CHECKING:
+    from .federation import Federation
 
 # Metrics where lower is better; every other metric (accuracy, F1, MCC, correlations) is higher-better.
 LOWER_IS_BETTER = ("loss", "perplexity")
@@ -80,4 +40,53 @@ def summarise(per_client: list[dict[str, float]]) -> dict[str, float]:
         out[f"{name}_min"] = float(np.min(values))
         if not higher_is_better(name):
             out[f"{name}_max"] = float(np.max(values))
+    return out
+
+
+def outputs_of(shared: Shared, tensors: dict[str, torch.Tensor], k: int | None = None):
+    """What the shared model under client ``k``'s ``tensors`` (None: the global model's)
+    produces on the dev set, for the task's scores."""
+    shared.ranks.load(shared.model, shared.params, tensors, k)
+    return shared.task.outputs(
+        shared.model, shared.eval_data, shared.tokenizer, shared.cfg.eval, shared.compute
+    )
+
+
+def client_scores(shared: Shared, histogram: np.ndarray, outputs) -> dict[str, float]:
+    """A client's scores on the dev set (for classification also under its own label mix)."""
+    return shared.task.client_scores(outputs, shared.eval_data, histogram)
+
+
+def evaluate(
+    fed: Federation,
+    personal: Callable[[], list[dict[str, float]]] | None = None,
+    executor: Executor | None = None,
+) -> dict[str, float | list[int]]:
+    """Personalised models (mean/min over the evaluated clients, named in
+    ``evaluated_clients`` when not every client) and, where one exists, the global model.
+
+    Every score is on the whole dev set. ``personal`` gives the clients' scores where their
+    tensors live elsewhere (Flower); by default they are computed from ``fed.clients`` by
+    ``executor`` (the round executor's processes; without one, here, one after another).
+    """
+    out: dict[str, float | list[int]] = {}
+    global_outputs = None
+    if not fed.method.has_local_state():
+        global_outputs = outputs_of(fed, fed.global_tensors())
+        out.update({f"global_{k}": v for k, v in fed.task.scores(global_outputs, fed.eval_data).items()})
+    if fed.cfg.eval.personalised:
+        ks = fed.evaluated_clients
+        # Without local tensors (and with one rank) every client's model is the global one: no second pass.
+        if not fed.client_models_differ():
+            per_client = [client_scores(fed, fed.histograms[k], global_outputs) for k in ks]
+        elif personal is not None:
+            per_client = personal()
+        else:
+            executor = executor or InProcess(fed)
+            outputs = executor.map(outputs_of, ((fed.personal_tensors(k), k) for k in ks))
+            per_client = [client_scores(fed, fed.histograms[k], o) for k, o in zip(ks, outputs)]
+        if per_client:
+            out.update({f"personal_{k}": v for k, v in summarise(per_client).items()})
+        if len(ks) < len(fed.clients):
+            out["evaluated_clients"] = ks
     return out

@@ -1,74 +1,20 @@
-"""Causal-LM evaluation: final-number extraction, batched greedy generation, answer perplexity.
+"""Causal-LM evaluation: batched greedy generation, answer perplexity.
 
-GSM8K is scored by exact match of the final number: a reference answer ends in
-``#### <number>``, and a generated answer is read the same way (the number after its first
-``####``, else its last number). Alpaca-style data is scored by the perplexity of the
+GSM8K is scored by exact match of the final number (:mod:`sfedlora.data.answers`). Alpaca-style
+data is scored by the perplexity of the
 held-out responses (prompt tokens carry no loss, as in training).
 """
 
 from __future__ import annotations
 
 import math
-import re
-from decimal import Decimal, InvalidOperation
 
 import numpy as np
 import torch
 
+from .data.answers import exact_match
+from .data.encoding import length_batches
 from .models import Compute
-
-ANSWER_MARK = "####"
-
-# A number as GSM8K writes it: optional sign and dollar sign in either order ("-$5", "$-5"),
-# thousands separators only in groups of three (so "1,2,3" is three numbers, not 123), an
-# optional decimal part. A minus directly after a digit or letter is subtraction ("5-3"), not a sign.
-_NUMBER = re.compile(r"(?<![\w.])(-)?\$?(-)?(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)")
-
-
-def normalise_number(sign: bool, digits: str) -> str | None:
-    """Canonical text of a number: no separators, no trailing zeros ("1,000.50" → "1000.5")."""
-    try:
-        value = Decimal(digits.replace(",", ""))
-    except InvalidOperation:
-        return None
-    if sign:
-        value = -value
-    text = format(value.normalize(), "f")
-    return "0" if text in ("-0", "0") else text
-
-
-def _numbers(text: str) -> list[str]:
-    return [
-        n
-        for m in _NUMBER.finditer(text)
-        if (n := normalise_number(bool(m.group(1) or m.group(2)), m.group(3)))
-    ]
-
-
-def final_number(text: str) -> str | None:
-    """The answer a text gives: the first number after its first ``####``, else its last number.
-
-    None when there is no number at all. Commas, ``$`` and trailing zeros are normalised away,
-    so "$1,234.50" and "1234.5" are the same answer.
-    """
-    head, mark, tail = text.partition(ANSWER_MARK)
-    if mark:
-        after = _numbers(tail)
-        if after:
-            return after[0]
-    found = _numbers(head if mark else text)
-    return found[-1] if found else None
-
-
-def exact_match(predictions: list[str], references: list[str | None]) -> float:
-    """Share of predictions whose final number equals the reference's."""
-    hits = [ref is not None and final_number(p) == ref for p, ref in zip(predictions, references)]
-    return float(np.mean(hits)) if hits else 0.0
-
-
-def _length_order(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
-    order = np.argsort(lengths, kind="stable")
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 @torch.no_grad()
@@ -98,7 +44,7 @@ def generate(
         eos_token_id=eos,
     )
     out: list[str] = [""] * len(prompts)
-    for idx in _length_order(np.array([len(p) for p in prompts]), batch_size):
+    for idx in length_batches(np.array([len(p) for p in prompts]), batch_size):
         width = max(len(prompts[i]) for i in idx)
         ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in idx])
         mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx])
@@ -120,7 +66,7 @@ def answer_nll(model, data, tokenizer, batch_size: int, compute: Compute = Compu
     """Summed negative log-likelihood of the answer tokens of ``data`` (an LMEncoded), and their count."""
     model.eval()
     total, count = 0.0, 0
-    for idx in _length_order(data.lengths(), batch_size):
+    for idx in length_batches(data.lengths(), batch_size):
         batch = data.collate(idx, tokenizer)
         labels = batch.pop("labels").to(compute.device)
         logits = compute.forward(model, batch).logits.float()

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .errors import SfedloraError
-from .scaling import gamma, peft_scaling_kwargs
+from .scaling import check_realised, peft_scaling_kwargs
 
 MINILM = "minilm"
 
@@ -27,7 +27,8 @@ def resolve_model_path(name_or_path: str) -> str:
     looks_local = name_or_path.startswith((".", "/", "~")) or Path(name_or_path).exists()
     if looks_local and not (Path(name_or_path).expanduser() / "config.json").is_file():
         raise SfedloraError(
-            f"model path {name_or_path} has no config.json: point model.name_or_path at a Hugging Face model directory or use a hub id"
+            f"model path {name_or_path} has no config.json: point model.name_or_path at a Hugging Face "
+            "model directory or use a hub id"
         )
     return str(Path(name_or_path).expanduser()) if looks_local else name_or_path
 
@@ -73,7 +74,8 @@ def _with_lora(
     target_modules: list[str] | None,
     modules_to_save: list[str] | None,
 ):
-    """``base`` with a LoRA adapter whose scaling is ``gamma(rule, alpha, rank, n_clients)``, checked layer by layer."""
+    """``base`` with a LoRA adapter whose scaling is ``gamma(rule, alpha, rank, n_clients)``,
+    checked layer by layer."""
     from peft import LoraConfig, get_peft_model
 
     lora_config = LoraConfig(
@@ -90,11 +92,8 @@ def _with_lora(
         raise SfedloraError(
             f"cannot put LoRA on {name_or_path!r}: {str(err).splitlines()[0]} (set model.target_modules)"
         ) from None
-    expected = gamma(rule, alpha, rank, n_clients)
-    if any(abs(s - expected) > 1e-9 * max(1.0, expected) for s in lora_scalings(model)):
-        raise RuntimeError(
-            f"PEFT did not realise γ={expected} (got {sorted(set(lora_scalings(model)))}); is this PEFT version supported?"
-        )
+    for value in set(lora_scalings(model)):
+        check_realised(rule, alpha, rank, n_clients, value)
     return model
 
 
@@ -179,7 +178,8 @@ def lm_target_modules(model_type: str, target_modules: list[str] | None, mlp: bo
 
 
 def _dtype_kwarg(dtype: torch.dtype) -> dict:
-    """``from_pretrained``'s storage-dtype argument: ``dtype`` since transformers 4.56, ``torch_dtype`` before."""
+    """``from_pretrained``'s storage-dtype argument: ``dtype`` since transformers 4.56,
+    ``torch_dtype`` before."""
     import transformers
     from packaging.version import Version
 
@@ -214,7 +214,8 @@ def build_causal_lm(
         base = AutoModelForCausalLM.from_pretrained(path, **_dtype_kwarg(dtype))
     except (OSError, ValueError) as err:
         raise SfedloraError(
-            f"could not load causal LM {name_or_path!r} ({str(err).splitlines()[0]}): check model.name_or_path"
+            f"could not load causal LM {name_or_path!r} ({str(err).splitlines()[0]}): check "
+            "model.name_or_path"
         ) from None
     if base.config.pad_token_id is None:
         base.config.pad_token_id = tokenizer.pad_token_id
@@ -226,7 +227,8 @@ def build_causal_lm(
 
 
 def enable_gradient_checkpointing(model) -> None:
-    """Recompute activations in the backward pass: less memory for long sequences, one more forward pass of compute.
+    """Recompute activations in the backward pass: less memory for long sequences, one more
+    forward pass of compute.
 
     Non-reentrant checkpointing needs no input that requires grad, so it works with a frozen
     embedding layer under PEFT.
@@ -246,9 +248,9 @@ def lora_scalings(model) -> list[float]:
     return [m.scaling[a] for m in model.modules() if isinstance(m, LoraLayer) for a in m.scaling]
 
 
-def set_lora_scaling(model, value: float) -> None:
+def set_gamma(model, value: float) -> None:
     """Set every LoRA layer's γ to ``value``: the shared model runs clients of different
-    ranks, each with its own γ (see :mod:`sfedlora.ranks`)."""
+    ranks, each with its own γ (see :mod:`sfedlora.ranks`, which computes it)."""
     from peft.tuners.lora import LoraLayer
 
     for m in model.modules():

@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 
 from .methods import aggregate, tensor_kind
-from .models import set_lora_scaling, write_tensors
-from .scaling import gamma
+from .models import set_gamma, write_tensors
+from .scaling import check_realised, gamma, peft_gamma, peft_scaling_kwargs
 
 # The rank dimension of each kind of LoRA tensor: A is (r × d_in), B is (d_out × r).
 RANK_AXIS = {"A": 0, "B": 1}
@@ -146,16 +146,20 @@ def aggregate_rows(
 
 @dataclass(frozen=True)
 class RankPlan:
-    """Every client's rank and γ, derived from the config.
+    """Every client's rank, holder count and γ, derived from the config.
 
-    ``mixed`` is False when ``lora.client_ranks`` is unset: then every method here is the
-    identity and the uniform code path runs unchanged (PEFT's own γ, no padding).
+    This is the one road from a scaling rule to a LoRA layer: :meth:`peft_kwargs` gives the
+    PEFT settings of client ``k`` (None: the global model), from which the γ written into the
+    shared model's layers (:meth:`use`) and the adapter config saved with its weights
+    (:meth:`save`) both follow; :meth:`build` checks that each realises the rule's γ.
+    ``mixed`` is False when ``lora.client_ranks`` is unset: then no tensor is cut or padded.
     """
 
+    rule: str
+    alpha: float
     full: int  # r_max = lora.rank: rows of the server's A
     ranks: tuple[int, ...]  # r_k of client k
-    gammas: tuple[float, ...]  # γ_k of client k
-    global_gamma: float  # γ of the global model: that of a client of the highest rank
+    holders: tuple[float, ...]  # n_k of client k: the updates its rows are averaged over
     mixed: bool
 
     @classmethod
@@ -163,12 +167,27 @@ class RankPlan:
         cls, rule: str, alpha: float, rank: int, listed: Sequence[int] | None, n_clients: int, n_sampled: int
     ) -> RankPlan:
         if listed is None:
-            g = gamma(rule, alpha, rank, n_sampled)
-            return cls(rank, (rank,) * n_clients, (g,) * n_clients, g, False)
-        ranks = assign_ranks(listed, n_clients, rank)
-        gammas = client_gammas(rule, alpha, ranks, n_sampled)
-        top = max(range(n_clients), key=lambda k: ranks[k])
-        return cls(rank, ranks, gammas, gammas[top], True)
+            plan = cls(rule, alpha, rank, (rank,) * n_clients, (n_sampled,) * n_clients, False)
+        else:
+            ranks = assign_ranks(listed, n_clients, rank)
+            plan = cls(rule, alpha, rank, ranks, holders(ranks, n_sampled), True)
+        for k in {plan.ranks.index(r) for r in set(plan.ranks)}:
+            check_realised(rule, alpha, plan.ranks[k], plan.holders[k], plan.layer_gamma(k))
+        return plan
+
+    @property
+    def top(self) -> int:
+        """The client whose γ the global model runs with: one of the highest rank."""
+        return max(range(len(self.ranks)), key=lambda k: self.ranks[k])
+
+    @property
+    def gammas(self) -> tuple[float, ...]:
+        """γ_k of every client: the rule at the client's own rank and holder count n_k."""
+        return tuple(self.gamma_of(k) for k in range(len(self.ranks)))
+
+    @property
+    def global_gamma(self) -> float:
+        return self.gamma_of(None)
 
     @property
     def global_rank(self) -> int:
@@ -178,8 +197,19 @@ class RankPlan:
     def rank_of(self, k: int | None) -> int:
         return self.global_rank if k is None else self.ranks[k]
 
+    def peft_kwargs(self, k: int | None) -> dict:
+        """The LoraConfig scaling settings of client ``k`` (None: the global model) at its rank."""
+        k = self.top if k is None else k
+        return peft_scaling_kwargs(self.rule, self.alpha, self.ranks[k], self.holders[k])
+
     def gamma_of(self, k: int | None) -> float:
-        return self.global_gamma if k is None else self.gammas[k]
+        """The rule's γ for client ``k`` (None: the global model), as reported."""
+        k = self.top if k is None else k
+        return gamma(self.rule, self.alpha, self.ranks[k], self.holders[k])
+
+    def layer_gamma(self, k: int | None) -> float:
+        """The γ PEFT computes from :meth:`peft_kwargs`: what the layers run with and load with."""
+        return peft_gamma(self.peft_kwargs(k), self.rank_of(k))
 
     def view(self, tensors: Mapping[str, torch.Tensor], k: int | None) -> dict[str, torch.Tensor]:
         """What client ``k`` (None: the global model) holds of full-rank ``tensors``."""
@@ -199,8 +229,7 @@ class RankPlan:
 
     def use(self, model: torch.nn.Module, k: int | None) -> None:
         """Give the shared model client ``k``'s γ (None: the global model's) before it runs."""
-        if self.mixed:
-            set_lora_scaling(model, self.gamma_of(k))
+        set_gamma(model, self.layer_gamma(k))
 
     def load(
         self,
@@ -236,33 +265,25 @@ class RankPlan:
         """Save client ``k``'s adapter (None: the global one) in PEFT format at its own rank."""
         self.load(model, params, tensors, k)
         model.save_pretrained(path)
-        if self.mixed:
-            shrink_saved_adapter(path, self.rank_of(k), self.gamma_of(k))
+        write_adapter_scaling(path, self.rank_of(k), self.peft_kwargs(k))
         return path
 
 
-def shrink_saved_adapter(path: Path, rank: int, value: float) -> None:
-    """Rewrite a saved PEFT adapter as a rank-``rank`` adapter with scaling ``value``.
+def write_adapter_scaling(path: Path, rank: int, kwargs: dict) -> None:
+    """Make a saved PEFT adapter a rank-``rank`` adapter with the scaling settings ``kwargs``.
 
-    The shared model saves at r_max; the client's adapter is its first ``rank`` rows of A
-    and columns of B, and its config says r = rank and, through rsLoRA's α/√r,
-    lora_alpha = γ·√r, so that PEFT computes exactly this client's γ when it loads it.
+    The shared model saves at r_max; a client's adapter is its first ``rank`` rows of A and
+    columns of B, and its config says r = rank with the client's own lora_alpha, so that PEFT
+    computes exactly this client's γ when it loads it.
     """
     from safetensors.torch import load_file, save_file
 
     weights = Path(path) / "adapter_model.safetensors"
     state = load_file(weights)
-    save_file(
-        {
-            n: t.narrow(rank_axis(n), 0, rank).contiguous()
-            if rank_axis(n) is not None and t.shape[rank_axis(n)] > rank
-            else t
-            for n, t in state.items()
-        },
-        weights,
-        metadata={"format": "pt"},
-    )
+    if any(rank_axis(n) is not None and t.shape[rank_axis(n)] > rank for n, t in state.items()):
+        cut = {n: truncate({n: t}, rank)[n].contiguous() for n, t in state.items()}
+        save_file(cut, weights, metadata={"format": "pt"})
     config_path = Path(path) / "adapter_config.json"
     config = json.loads(config_path.read_text())
-    config.update({"r": rank, "lora_alpha": value * rank**0.5, "use_rslora": True})
+    config.update({"r": rank, **kwargs})
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True))

@@ -25,8 +25,9 @@ from matplotlib.ticker import MaxNLocator
 from .config import build_config
 from .errors import SfedloraError
 from .evaluation import higher_is_better
+from .grid import ALIASES, cell_name, grid_cells, value_text
 from .rundir import read_metrics
-from .sweep import ALIASES, cell_name, grid_cells, last_value, value_text
+from .sweep_summary import last_value
 
 PANEL_KEYS = ("method", "rank", "client_ranks", "clients", "seed")
 
@@ -240,7 +241,7 @@ def report(path: str | Path) -> Path:
     """Render the plots and ``report.md`` for a run directory or a sweep directory."""
     path = Path(path)
     if (path / "sweep.yaml").is_file():
-        from .sweep import write_summary
+        from .sweep_summary import write_summary
 
         spec = yaml.safe_load((path / "sweep.yaml").read_text())
         write_summary(path, spec["grid"], spec.get("target"))

@@ -72,7 +72,8 @@ def ctrl_c_deferred():
     """
     previous = signal.getsignal(signal.SIGINT)
     if threading.current_thread() is not threading.main_thread() or previous in (signal.SIG_IGN, None):
-        yield  # signals reach the main thread only; ignored stays ignored; a C-level handler is not ours to swap
+        # Signals reach the main thread only; ignored stays ignored; a C-level handler is not ours to swap.
+        yield
         return
     caught = []
     signal.signal(signal.SIGINT, lambda *_: caught.append(True))
@@ -151,7 +152,8 @@ class RunLock:
                 owner = self._owner()
                 if owner is not None and owner != os.getpid() and _alive(owner):
                     raise SfedloraError(
-                        f"run directory {self.path.parent} is in use by process {owner}: wait for it or stop it"
+                        f"run directory {self.path.parent} is in use by process {owner}: "
+                        "wait for it or stop it"
                     ) from None
                 self.path.unlink(missing_ok=True)
                 continue

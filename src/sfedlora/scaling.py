@@ -14,7 +14,7 @@ ScalingRule = Literal["lora", "rslora", "sfed"]
 SCALING_RULES: tuple[str, ...] = ("lora", "rslora", "sfed")
 
 
-def gamma(rule: str, alpha: float, rank: int, n_clients: int = 1) -> float:
+def gamma(rule: str, alpha: float, rank: int, n_clients: float = 1) -> float:
     """The LoRA scaling factor γ.
 
     - ``lora``:   α / r            (Hu et al., 2021)
@@ -34,7 +34,7 @@ def gamma(rule: str, alpha: float, rank: int, n_clients: int = 1) -> float:
     raise ValueError(f"unknown scaling rule {rule!r}; choose one of {', '.join(SCALING_RULES)}")
 
 
-def peft_scaling_kwargs(rule: str, alpha: float, rank: int, n_clients: int = 1) -> dict:
+def peft_scaling_kwargs(rule: str, alpha: float, rank: int, n_clients: float = 1) -> dict:
     """The ``LoraConfig`` arguments that make PEFT compute exactly ``gamma(...)``.
 
     PEFT's scaling is ``lora_alpha / r`` or, with ``use_rslora``, ``lora_alpha / √r``;
@@ -46,3 +46,20 @@ def peft_scaling_kwargs(rule: str, alpha: float, rank: int, n_clients: int = 1) 
     if rule == "rslora":
         return {"lora_alpha": alpha, "use_rslora": True}
     return {"lora_alpha": alpha * math.sqrt(n_clients), "use_rslora": True}
+
+
+def peft_gamma(kwargs: dict, rank: int) -> float:
+    """The γ PEFT computes for a layer of rank ``rank`` from ``kwargs``: the value a saved
+    adapter loads with, so the value every layer is given (``models.set_gamma``)."""
+    if kwargs["use_rslora"]:
+        return kwargs["lora_alpha"] / math.sqrt(rank)
+    return kwargs["lora_alpha"] / rank
+
+
+def check_realised(rule: str, alpha: float, rank: int, n_clients: float, realised: float) -> None:
+    """Raise unless ``realised`` (a γ PEFT computes) is the rule's γ up to float rounding."""
+    expected = gamma(rule, alpha, rank, n_clients)
+    if abs(realised - expected) > 1e-9 * max(1.0, expected):
+        raise RuntimeError(
+            f"PEFT did not realise γ={expected} (got {realised}); is this PEFT version supported?"
+        )

@@ -13,7 +13,6 @@ order in which one thread or several sum the same floats.
 from __future__ import annotations
 
 import ctypes
-import io
 import multiprocessing
 import os
 import signal
@@ -24,12 +23,15 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 
 from .errors import SfedloraError
+from .wire import pack, unpack
 
-_FED = None  # the federation a worker inherits when it is forked
+# The one module-level mutable state: the federation the forked workers inherit. Set by
+# ClientWorkers() and cleared by close(); one pool at a time per process.
+_FED = None
 
 try:
     _LIBC = ctypes.CDLL("libc.so.6")
-    _LIBC.mallinfo2
+    _LIBC.mallinfo2  # noqa: B018  (raises AttributeError where glibc has no mallinfo2)
 except (OSError, AttributeError):  # not glibc (>= 2.33): nothing to trim
     _LIBC = None
 
@@ -64,27 +66,15 @@ def _init() -> None:
     torch.set_num_threads(1)
 
 
-def _pack(obj) -> bytes:
-    # torch.save moves tensors as plain bytes: multiprocessing would put each of a client's
-    # hundreds of small tensors into its own shared-memory segment.
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
-
-
-def _unpack(data: bytes):
-    return torch.load(io.BytesIO(data), weights_only=False)
-
-
 def _apply(payload: bytes) -> bytes:
-    fn, args = _unpack(payload)
-    out = _pack(fn(_FED, *args))
+    fn, args = unpack(payload, trusted=True)
+    out = pack(fn(_FED, *args))
     del fn, args
-    _release_freed_memory()
+    release_freed_memory()
     return out
 
 
-def _release_freed_memory() -> None:
+def release_freed_memory() -> None:
     # A task frees a client's activations and state copies, which glibc keeps on its heap
     # for the next task. Handing them back after every task kept a worker at 60% of the
     # memory but cost 12% of a 10-client round and 26% of a 100-client one (the next
@@ -136,10 +126,10 @@ class ClientWorkers:
         args = iter(args)
         while True:
             while len(pending) < self._window and (a := next(args, None)) is not None:
-                pending.append(self._pool.apply_async(_apply, (_pack((fn, a)),)))
+                pending.append(self._pool.apply_async(_apply, (pack((fn, a)),)))
             if not pending:
                 return
-            yield _unpack(self._result(pending.popleft()))
+            yield unpack(self._result(pending.popleft()), trusted=True)
 
     def _result(self, task) -> bytes:
         # A worker killed mid-task (out of memory, say) never answers, and the pool would
@@ -164,17 +154,3 @@ class ClientWorkers:
         self._pool.terminate()
         self._pool.join()
         _FED = None
-
-
-def run_clients(fed, workers: ClientWorkers | None, fn: Callable, args: Iterable[tuple]) -> Iterator:
-    """``fn(fed, *a)`` for each ``a``: in ``workers`` when there are any, else here, one by one."""
-    if workers is None:
-        return _here(fed, fn, args)
-    return workers.map(fn, args)
-
-
-def _here(fed, fn: Callable, args: Iterable[tuple]) -> Iterator:
-    for a in args:
-        out = fn(fed, *a)
-        _release_freed_memory()
-        yield out

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .loading import Examples
+from .examples import Examples
 
 
 @dataclass
@@ -46,7 +46,7 @@ def collate(encoded: Encoded, idx, tokenizer) -> dict[str, torch.Tensor]:
     return dict(batch)
 
 
-def length_sorted_batches(encoded: Encoded, batch_size: int) -> list[np.ndarray]:
-    """Evaluation batches of similar length, so little compute goes to padding."""
-    order = np.argsort(encoded.lengths(), kind="stable")
+def length_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Indices in batches of similar length (evaluation), so little compute goes to padding."""
+    order = np.argsort(lengths, kind="stable")
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]

@@ -17,11 +17,11 @@ import torch
 
 from ..config import DataConfig
 from ..errors import SfedloraError
-from ..lm_eval import ANSWER_MARK, final_number
+from .answers import ANSWER_MARK, final_number
+from .examples import CAUSAL_LM, TaskData
 
 log = logging.getLogger("sfedlora")
 
-CAUSAL_LM = 0  # TaskData.num_labels of a causal-LM task: it has no classes
 IGNORE = -100  # label of tokens that carry no loss
 
 GSM8K_TEMPLATE = "Question: {question}\nAnswer:"
@@ -93,7 +93,8 @@ def read_records(path: str | Path, task: str) -> list[tuple[str, dict]]:
             rows = json.loads(text)
         except json.JSONDecodeError as err:
             raise SfedloraError(
-                f"{p}:{err.lineno}: not valid JSON ({err.msg}): fix the file, or write one object per line as .jsonl"
+                f"{p}:{err.lineno}: not valid JSON ({err.msg}): fix the file, or write one object per "
+                "line as .jsonl"
             ) from None
         pairs = [(f"{p} item {i}", r) for i, r in enumerate(rows)]
     else:
@@ -105,7 +106,8 @@ def read_records(path: str | Path, task: str) -> list[tuple[str, dict]]:
                 pairs.append((f"{p}:{lineno}", json.loads(line)))
             except json.JSONDecodeError as err:
                 raise SfedloraError(
-                    f"{p}:{lineno}: not valid JSON ({err.msg}): each line of a JSONL file must be one JSON object"
+                    f"{p}:{lineno}: not valid JSON ({err.msg}): each line of a JSONL file must be one "
+                    "JSON object"
                 ) from None
     for where, record in pairs:
         if not isinstance(record, dict):
@@ -185,10 +187,8 @@ def _hold_out(train: LMExamples, fraction: float, seed: int) -> tuple[LMExamples
     return train.subset(np.sort(order[n_eval:])), train.subset(np.sort(order[:n_eval]))
 
 
-def load_lm_task(cfg: DataConfig, seed: int = 0):
+def load_lm_task(cfg: DataConfig, seed: int = 0) -> TaskData:
     """GSM8K or Alpaca-format data from local JSON/JSONL files or the hub, as a TaskData."""
-    from .loading import TaskData  # here, not at the top: loading imports this module
-
     spec = LM_TASKS[cfg.task]
     check_template(cfg.prompt_template, spec)
     if cfg.source == "files":

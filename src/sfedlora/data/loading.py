@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import sys
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -12,39 +11,11 @@ import numpy as np
 
 from ..config import DataConfig
 from ..errors import SfedloraError
+from .examples import CLASSIFICATION, REGRESSION, Examples, TaskData
+from .glue import GLUE_TASKS, TaskSpec
 from .lm import LM_TASKS, load_lm_task
-from .tasks import GLUE_TASKS, TaskSpec
 
 csv.field_size_limit(sys.maxsize)
-
-
-@dataclass
-class Examples:
-    texts: list[str]
-    pairs: list[str] | None  # second text of sentence-pair tasks
-    labels: np.ndarray  # int64 class ids, or float32 scores for regression
-
-    def __len__(self) -> int:
-        return len(self.texts)
-
-    def subset(self, idx) -> Examples:
-        idx = np.asarray(idx, dtype=np.int64)
-        return Examples(
-            [self.texts[i] for i in idx],
-            None if self.pairs is None else [self.pairs[i] for i in idx],
-            self.labels[idx],
-        )
-
-
-@dataclass
-class TaskData:
-    name: str
-    train: Examples  # or data.lm.LMExamples for a causal-LM task
-    eval: Examples
-    num_labels: int  # 1 means regression, 0 (data.lm.CAUSAL_LM) causal language modelling
-    metric: (
-        str  # headline metric: accuracy, f1, mcc or pearson; causal LM: accuracy (exact match) or perplexity
-    )
 
 
 def bundled_sst2_dir() -> Path:
@@ -73,7 +44,8 @@ def read_glue_tsv(path: str | Path, spec: TaskSpec) -> Examples:
     path = Path(path)
     if not path.is_file():
         raise SfedloraError(
-            f"data file {path} not found: data.data_dir must hold the GLUE {spec.name} files (train.tsv, {spec.dev_file})"
+            f"data file {path} not found: data.data_dir must hold the GLUE {spec.name} files (train.tsv, "
+            f"{spec.dev_file})"
         )
     with path.open(newline="", encoding="utf-8-sig") as f:  # some GLUE files start with a BOM
         rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
@@ -85,7 +57,8 @@ def read_glue_tsv(path: str | Path, spec: TaskSpec) -> Examples:
         missing = [c for c in columns if c is not None and c not in header]
         if missing:
             raise SfedloraError(
-                f"data file {path} has no column {missing[0]!r} (columns: {', '.join(header)}); is it a {spec.name} file?"
+                f"data file {path} has no column {missing[0]!r} (columns: {', '.join(header)}); is it a "
+                f"{spec.name} file?"
             )
         idx = [None if c is None else header.index(c) for c in columns]
     else:
@@ -112,13 +85,22 @@ def read_glue_tsv(path: str | Path, spec: TaskSpec) -> Examples:
 
 def _load_glue_dir(task: str, data_dir: Path) -> TaskData:
     spec = GLUE_TASKS[task]
-    return TaskData(
+    return _task_data(
         task,
         read_glue_tsv(data_dir / "train.tsv", spec),
         read_glue_tsv(data_dir / spec.dev_file, spec),
+        spec.is_regression,
         spec.num_labels,
         spec.metric,
     )
+
+
+def _task_data(
+    name: str, train: Examples, evals: Examples, regression: bool, n_labels: int, metric: str
+) -> TaskData:
+    if regression:
+        return TaskData(name, train, evals, REGRESSION, metric)
+    return TaskData(name, train, evals, CLASSIFICATION, metric, n_labels)
 
 
 def _columns_to_examples(
@@ -127,7 +109,8 @@ def _columns_to_examples(
     for col in (cfg.text_column, cfg.text_pair_column, cfg.label_column):
         if col is not None and col not in table.column_names:
             raise SfedloraError(
-                f"{where} has no column {col!r} (columns: {', '.join(table.column_names)}): set data.text_column/text_pair_column/label_column"
+                f"{where} has no column {col!r} (columns: {', '.join(table.column_names)}): set "
+                "data.text_column/text_pair_column/label_column"
             )
     raw = table[cfg.label_column]
     if regression:
@@ -187,15 +170,17 @@ def _label_vocabulary(values, num_labels: int | None) -> tuple[dict | None, int]
 def _load_custom(train, evals, cfg: DataConfig, name: str) -> TaskData:
     if cfg.label_column not in train.column_names:
         raise SfedloraError(
-            f"training data has no column {cfg.label_column!r} (columns: {', '.join(train.column_names)}): set data.label_column"
+            f"training data has no column {cfg.label_column!r} (columns: "
+            f"{', '.join(train.column_names)}): set data.label_column"
         )
     values = list(train[cfg.label_column])
     regression = cfg.num_labels == 1 or (cfg.num_labels is None and values and isinstance(values[0], float))
     label_ids, n = (None, 1) if regression else _label_vocabulary(values, cfg.num_labels)
-    return TaskData(
+    return _task_data(
         name,
         _columns_to_examples(train, cfg, "training data", label_ids, regression, n),
         _columns_to_examples(evals, cfg, "evaluation data", label_ids, regression, n),
+        regression,
         n,
         "pearson" if regression else "accuracy",
     )
@@ -220,14 +205,15 @@ def _load_hub(cfg: DataConfig) -> TaskData:
     for split in ("train", eval_split):
         if split not in ds:
             raise SfedloraError(
-                f"{name}/{config} has no {split!r} split (it has {', '.join(ds)}); sfedlora trains on 'train' "
+                f"{name}/{config} has no {split!r} split (it has {', '.join(ds)}); sfedlora trains on "
+                "'train' "
                 "and evaluates on 'validation'"
             )
     if spec is None:
         return _load_custom(ds["train"], ds["validation"], cfg, cfg.task)
     columns = DataConfig(text_column=spec.hub_text, text_pair_column=spec.hub_pair, label_column="label")
     regression = spec.is_regression
-    return TaskData(
+    return _task_data(
         cfg.task,
         _columns_to_examples(
             ds["train"], columns, f"{name}/{config} train", None, regression, spec.num_labels
@@ -235,6 +221,7 @@ def _load_hub(cfg: DataConfig) -> TaskData:
         _columns_to_examples(
             ds[eval_split], columns, f"{name}/{config} {eval_split}", None, regression, spec.num_labels
         ),
+        regression,
         spec.num_labels,
         spec.metric,
     )
@@ -250,14 +237,16 @@ def load_task(cfg: DataConfig, seed: int = 0) -> TaskData:
     """Load the train and evaluation splits that ``cfg`` names."""
     if cfg.source in ("bundled", "tsv") and cfg.task not in GLUE_TASKS:
         raise SfedloraError(
-            f"data.task {cfg.task!r} is not a GLUE task ({', '.join(GLUE_TASKS)}); use data.source=files for your own data"
+            f"data.task {cfg.task!r} is not a GLUE task ({', '.join(GLUE_TASKS)}); use data.source=files "
+            "for your own data"
         )
     if cfg.task in LM_TASKS:
         data = load_lm_task(cfg, seed)
     elif cfg.source == "bundled":
         if cfg.task != "sst2":
             raise SfedloraError(
-                f"only SST-2 is bundled; for {cfg.task} set data.source=tsv with data.data_dir, or data.source=hub"
+                f"only SST-2 is bundled; for {cfg.task} set data.source=tsv with data.data_dir, or "
+                "data.source=hub"
             )
         data = _load_glue_dir("sst2", bundled_sst2_dir())
     elif cfg.source == "tsv":

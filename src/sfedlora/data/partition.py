@@ -81,10 +81,3 @@ def partition(
     if kind == "size":
         return size_partition(len(labels), n_clients, beta, min_size, rng)
     raise SfedloraError(f"unknown partition kind {kind!r}: use iid, dirichlet or size")
-
-
-def label_histograms(labels: np.ndarray, parts: list[np.ndarray], num_labels: int) -> np.ndarray:
-    """Counts of each label per client, shape (n_clients, num_labels); regression and causal LM give sizes only."""
-    if num_labels < 2:
-        return np.array([[len(p)] for p in parts])
-    return np.stack([np.bincount(labels[p], minlength=num_labels) for p in parts])

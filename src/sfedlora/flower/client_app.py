@@ -1,8 +1,9 @@
 """The Flower ClientApp: one client of the federation per SuperNode.
 
 The node's ``partition-id`` (node config) says which client it is. The config comes with
-every message, so a node needs nothing but the package and the data. Training and
-scoring are the simulator's own :func:`client_round` and :func:`client_scores`.
+every message, so a node needs nothing but the package and the data. A node builds only
+its own client (:func:`sfedlora.federation.build_node`); training and scoring are the
+simulator's own :func:`client_round` and :func:`client_scores`.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ import yaml
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from ..client import client_round
 from ..config import build_config
 from ..data import load_task
 from ..errors import SfedloraError
+from ..evaluation import client_scores, outputs_of
+from ..federation import Node, build_node
 from ..logs import quiet_libraries
-from ..simulation import Federation, build_federation, client_round, client_scores, outputs_of
 from .records import CONFIG, RESULT, load_state, read_request, save_state, train_reply
 from .secagg import FITINS_CONFIG, fit_result, from_parameters, secagg_mod
 
@@ -28,18 +31,20 @@ log = logging.getLogger("sfedlora")
 # secagg_mod runs Flower's SecAgg+ client protocol for the messages that belong to it.
 app = ClientApp(mods=[secagg_mod])
 
-# The base model, data split and encodings of the run this process serves: built on the
-# first message, reused for every later one (the client's own state is in Context.state).
-_built: dict[str, Federation] = {}
+# The one module-level cache: the Node this process serves (the shared base model, its own
+# client's data and initial state), keyed by (sha256 of the run's config text, partition id);
+# built on the first message, reused for every later one, replaced when either changes. The
+# client's state between rounds is in Context.state.
+_node: dict[tuple[str, int], Node] = {}
 
 
-def federation_for(cfg, text: str) -> Federation:
-    key = hashlib.sha256(text.encode()).hexdigest()
-    if key not in _built:
-        _built.clear()
+def node_for(cfg, text: str, k: int) -> Node:
+    key = (hashlib.sha256(text.encode()).hexdigest(), k)
+    if key not in _node:
+        _node.clear()
         quiet_libraries()  # a Ray worker or SuperNode process starts with the libraries' chatty defaults
-        _built[key] = build_federation(cfg, load_task(cfg.data, seed=cfg.seed))
-    return _built[key]
+        _node[key] = build_node(cfg, load_task(cfg.data, seed=cfg.seed), k)
+    return _node[key]
 
 
 def partition_id(context: Context, n_clients: int) -> int:
@@ -63,11 +68,11 @@ def _setup(msg: Message, context: Context):
 
 
 def _check_node(cfg, text: str, client: int, round_: int, download, context: Context):
-    fed = federation_for(cfg, text)
     k = partition_id(context, cfg.federation.n_clients)
     if client != k:
         raise SfedloraError(f"server asked this node for client {client}, but it holds partition {k}")
-    return fed, k, round_, download, load_state(context.state, fed.clients[k])
+    node = node_for(cfg, text, k)
+    return node, round_, download, load_state(context.state, node.fresh)
 
 
 @app.query()
@@ -82,8 +87,8 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     if FITINS_CONFIG in msg.content.config_records:
         return train_secure(msg, context)
-    fed, k, round_, download, state = _setup(msg, context)
-    outcome = client_round(fed, k, state, download, round_)
+    node, round_, download, state = _setup(msg, context)
+    outcome = client_round(node.shared, node.client, state, download, round_)
     save_state(context.state, outcome.state)
     return Message(train_reply(outcome.result, outcome.update), reply_to=msg)
 
@@ -96,26 +101,26 @@ def train_secure(msg: Message, context: Context) -> Message:
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     text = str(fitins.config["config"])
     cfg = build_config(yaml.safe_load(text))
-    fed = federation_for(cfg, text)
-    round_ = int(fitins.config["round"])
-    download = from_parameters(fitins.parameters, fed.method.download(fed.initial))
-    fed, k, round_, download, state = _check_node(
-        cfg, text, int(fitins.config["client"]), round_, download, context
+    shared = node_for(cfg, text, partition_id(context, cfg.federation.n_clients)).shared
+    download = from_parameters(fitins.parameters, shared.method.download(shared.initial))
+    node, round_, download, state = _check_node(
+        cfg, text, int(fitins.config["client"]), int(fitins.config["round"]), download, context
     )
-    outcome = client_round(fed, k, state, download, round_)
+    outcome = client_round(shared, node.client, state, download, round_)
     save_state(context.state, outcome.state)
-    reference = fed.method.upload(download, round_)
+    reference = shared.method.upload(download, round_)
     change = {
         n: outcome.update[n] - reference[n] if outcome.result is not None else torch.zeros_like(reference[n])
         for n in reference
     }
-    fitres = fit_result(outcome.result, change, int(fed.client_sizes[k]))
+    fitres = fit_result(outcome.result, change, node.client.size)
     return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Score this client's personalised model: its own tensors under the server's global ones."""
-    fed, k, _, download, state = _setup(msg, context)
-    scores = client_scores(fed, k, outputs_of(fed, {**state.tensors, **download}, k))
+    node, _, download, state = _setup(msg, context)
+    outputs = outputs_of(node.shared, {**state.tensors, **download}, node.client.k)
+    scores = client_scores(node.shared, node.histogram, outputs)
     return Message(RecordDict({RESULT: MetricRecord(scores)}), reply_to=msg)

@@ -9,14 +9,13 @@ moments are never put in a message.
 
 from __future__ import annotations
 
-import io
-
 import torch
 import yaml
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from ..client import ClientResult, ClientState
 from ..config import RunConfig, build_config, dump_config
+from ..wire import pack, unpack
 
 CONFIG = "sfedlora"  # ConfigRecord: the run's config, the client asked, the round
 DOWNLOAD = "download"  # ArrayRecord: the server's global tensors
@@ -61,26 +60,24 @@ def read_request(msg: Message) -> tuple[RunConfig, str, int, int, dict[str, torc
 
 def train_reply(result: ClientResult | None, update: dict[str, torch.Tensor]) -> RecordDict:
     """A client's reply to a training request; ``result`` None means its loss diverged."""
-    stats: dict[str, float | int] = {"diverged": int(result is None)}
-    if result is not None:
-        stats.update({"loss": result.loss, "steps": result.steps})
-        stats.update({f"grad_norm.{k}": v for k, v in result.grad_norm.items()})
-    return RecordDict({UPDATE: tensors_record(update), RESULT: MetricRecord(stats)})
+    return RecordDict({UPDATE: tensors_record(update), RESULT: MetricRecord(result_stats(result))})
+
+
+def result_stats(result: ClientResult | None) -> dict[str, float | int]:
+    """A client's training statistics as a record's numbers; ``diverged`` when there are none."""
+    return {"diverged": int(result is None), **(result.stats() if result is not None else {})}
+
+
+def stats_result(stats) -> ClientResult | None:
+    """The :class:`ClientResult` of :func:`result_stats`, or None where the loss diverged."""
+    return None if stats["diverged"] else ClientResult.from_stats(stats)
 
 
 def read_train_reply(msg: Message) -> tuple[ClientResult | None, dict[str, torch.Tensor]]:
-    stats = msg.content.metric_records[RESULT]
-    if stats["diverged"]:
+    result = stats_result(msg.content.metric_records[RESULT])
+    if result is None:
         return None, {}
-    norms = {k.removeprefix("grad_norm."): float(v) for k, v in stats.items() if k.startswith("grad_norm.")}
-    result = ClientResult(loss=float(stats["loss"]), steps=int(stats["steps"]), grad_norm=norms)
     return result, record_tensors(msg.content.array_records[UPDATE])
-
-
-def _pack(obj) -> bytes:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
 
 
 def save_state(state: RecordDict, client: ClientState) -> None:
@@ -90,7 +87,7 @@ def save_state(state: RecordDict, client: ClientState) -> None:
         {
             "rng": client.rng.numpy().tobytes(),
             "steps": client.steps,
-            "optimizer": _pack(client.optimizer),
+            "optimizer": pack(client.optimizer),
         }
     )
 
@@ -100,6 +97,6 @@ def load_state(state: RecordDict, fresh: ClientState) -> ClientState:
     if STATE_TENSORS not in state:
         return fresh
     meta = state.config_records[STATE_META]
-    optimizer = torch.load(io.BytesIO(meta["optimizer"]), weights_only=True)
+    optimizer = unpack(meta["optimizer"])
     rng = torch.frombuffer(bytearray(meta["rng"]), dtype=torch.uint8).clone()
     return ClientState(record_tensors(state.array_records[STATE_TENSORS]), rng, optimizer, int(meta["steps"]))

@@ -32,6 +32,7 @@ from flwr.common import (
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from ..client import ClientResult
+from .records import result_stats
 
 FITINS_CONFIG = "fitins.config"  # how a legacy FitIns record says it is one
 
@@ -64,18 +65,8 @@ def fit_result(result: ClientResult | None, change: dict[str, torch.Tensor], n_e
     A client whose loss diverged still has to take part (its masks must cancel), so it
     sends a zero change with weight 0: it adds nothing to the mean.
     """
-    stats: dict[str, float | int] = {"diverged": int(result is None)}
-    if result is not None:
-        stats.update({"loss": result.loss, "steps": result.steps})
-        stats.update({f"grad_norm.{k}": v for k, v in result.grad_norm.items()})
+    stats = result_stats(result)
     return FitRes(Status(Code.OK, ""), to_parameters(change), 0 if result is None else n_examples, stats)
-
-
-def read_fit_metrics(metrics: dict) -> ClientResult | None:
-    if metrics["diverged"]:
-        return None
-    norms = {k.removeprefix("grad_norm."): float(v) for k, v in metrics.items() if k.startswith("grad_norm.")}
-    return ClientResult(loss=float(metrics["loss"]), steps=int(metrics["steps"]), grad_norm=norms)
 
 
 class SecAggRound:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from flwr.app import Context, Message, MessageType
 from flwr.common import log as flwr_log
@@ -18,20 +18,13 @@ from flwr.serverapp import Grid, ServerApp
 
 from ..config import RunConfig, load_config
 from ..errors import SfedloraError
+from ..evaluation import evaluate
 from ..experiment import RunResult, run
+from ..federation import Federation
 from ..logs import quiet_libraries, round_lines
-from ..simulation import (
-    DIVERGED,
-    Federation,
-    Inbox,
-    conclude_round,
-    expected_update,
-    nbytes,
-    sample_clients,
-    simulate,
-)
-from .records import CONFIG, RESULT, config_text, read_train_reply, request
-from .secagg import SecAggRound, from_parameters, read_fit_metrics, to_parameters
+from ..server import Inbox, conclude_round, expected_update, nbytes, sample_clients
+from .records import CONFIG, RESULT, config_text, read_train_reply, request, stats_result
+from .secagg import SecAggRound, from_parameters, to_parameters
 
 log = logging.getLogger("sfedlora")
 
@@ -45,7 +38,9 @@ def check_runnable(cfg: RunConfig) -> None:
 
 
 class FlowerRounds:
-    """The rounds of a run, played over a Flower ``Grid``; called by :func:`experiment.run`."""
+    """The rounds of a run played over a Flower ``Grid``: a :class:`sfedlora.runtime.Runtime`."""
+
+    clients_here = False  # each client's state lives on its SuperNode
 
     def __init__(self, grid: Grid, cfg: RunConfig):
         self.grid = grid
@@ -53,9 +48,20 @@ class FlowerRounds:
         self.text = config_text(cfg)
         self.nodes: dict[int, int] = {}  # client index → node id
 
-    def __call__(self, fed: Federation) -> Iterator[dict]:
+    def check(self, cfg: RunConfig) -> None:
+        check_runnable(cfg)
+
+    def start(self, fed: Federation) -> None:
         self.nodes = self.connect(len(fed.clients))
-        return simulate(fed, step=self.play, personal=lambda: self.personal(fed))
+
+    def play_round(self, fed: Federation) -> dict:
+        return self.play_secure(fed) if self.cfg.privacy.secagg else self.play(fed)
+
+    def evaluate(self, fed: Federation) -> dict:
+        return evaluate(fed, personal=lambda: self.personal(fed))
+
+    def close(self) -> None:
+        pass
 
     def ask(
         self, kind: str, clients: list[int], body: Callable[[int], object], group: str
@@ -114,9 +120,7 @@ class FlowerRounds:
         return held
 
     def play(self, fed: Federation) -> dict:
-        """One round: the simulator's :func:`run_round`, with messages instead of calls."""
-        if self.cfg.privacy.secagg:
-            return self.play_secure(fed)
+        """One round: the simulator's, with messages instead of calls."""
         start = time.perf_counter()
         round_ = fed.round + 1
         inbox = Inbox(sample_clients(fed))
@@ -129,7 +133,7 @@ class FlowerRounds:
             str(round_),
         )
         for k in inbox.clients:
-            inbox.bytes_down += nbytes(downloads[k])
+            inbox.sent(downloads[k])
             reply = replies[k]
             if isinstance(reply, str):
                 log.warning(
@@ -137,13 +141,7 @@ class FlowerRounds:
                 )
                 inbox.dropped.append(k)
                 continue
-            result, update = read_train_reply(reply)
-            if result is None:
-                inbox.rejected.append({"client": k, "reason": DIVERGED})
-                continue
-            inbox.results.append((k, result))
-            inbox.bytes_up += nbytes(update)
-            inbox.updates.append((k, update))
+            inbox.receive(k, *read_train_reply(reply))
         return conclude_round(fed, round_, inbox, start)
 
     def play_secure(self, fed: Federation) -> dict:
@@ -181,7 +179,7 @@ class FlowerRounds:
         )(self.grid, context)
         contributors = []
         for k in inbox.clients:
-            inbox.bytes_down += nbytes(download)
+            inbox.sent(download)
             if k not in strategy.results:
                 log.warning(
                     "round %d: client %d (node %d) dropped out of secure aggregation",
@@ -191,13 +189,9 @@ class FlowerRounds:
                 )
                 inbox.dropped.append(k)
                 continue
-            result = read_fit_metrics(strategy.results[k])
             inbox.bytes_up += nbytes(expected)  # a masked vector the size of the update
-            if result is None:
-                inbox.rejected.append({"client": k, "reason": DIVERGED})
-                continue
-            inbox.results.append((k, result))
-            contributors.append(k)
+            if inbox.receive(k, stats_result(strategy.results[k]), None):
+                contributors.append(k)
         if strategy.mean is not None and strategy.weight > 0:
             change = from_parameters(strategy.mean, expected)
             inbox.secure = ({n: expected[n] + change[n] for n in expected}, contributors)
@@ -224,10 +218,7 @@ class FlowerRounds:
 
 
 def run_on_grid(grid: Grid, cfg: RunConfig, on_start=None, on_record=None) -> RunResult:
-    check_runnable(cfg)
-    return run(
-        cfg, on_start=on_start, on_record=on_record, rounds=FlowerRounds(grid, cfg), clients_here=False
-    )
+    return run(cfg, on_start=on_start, on_record=on_record, runtime=FlowerRounds(grid, cfg))
 
 
 def config_from_context(context: Context) -> RunConfig:

@@ -1,0 +1,114 @@
+"""The whole run's configuration: every section, and the checks that span sections."""
+
+from __future__ import annotations
+
+from pydantic import (
+    Field,
+    model_validator,
+)
+
+from ..methods import PRESETS
+from .federation import (
+    EvalConfig,
+    FaultConfig,
+    FederationConfig,
+    FlowerConfig,
+    ServerConfig,
+    SimulatorConfig,
+    TrainConfig,
+)
+from .model import DataConfig, LoraSettings, ModelConfig, PartitionConfig, _Section
+from .privacy import PrivacyConfig
+
+
+class RunConfig(_Section):
+    name: str | None = Field(None, description="Run name; the run directory is <output_dir>/<name>.")
+    output_dir: str = Field("runs", description="Parent directory of run directories.")
+    seed: int = Field(0, description="Seeds data split, initialisation, sampling and client RNGs.")
+    checkpoint_every: int = Field(
+        1, ge=1, description="Write a resumable checkpoint every k rounds (removed once the run finishes)."
+    )
+    save_adapters: bool = Field(
+        True,
+        description=(
+            "Save the final adapters in PEFT format (turn off for large sweeps that need only metrics)."
+        ),
+    )
+    method: str = Field("sfed-lora", description=f"One of {', '.join(PRESETS)}.")
+    model: ModelConfig = ModelConfig()
+    lora: LoraSettings = LoraSettings()
+    data: DataConfig = DataConfig()
+    partition: PartitionConfig = PartitionConfig()
+    federation: FederationConfig = FederationConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    server: ServerConfig = ServerConfig()
+    faults: FaultConfig = FaultConfig()
+    simulator: SimulatorConfig = SimulatorConfig()
+    flower: FlowerConfig = FlowerConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+
+    @model_validator(mode="after")
+    def _resolve_method(self) -> RunConfig:
+        if self.method not in PRESETS:
+            raise ValueError(f"method: unknown method {self.method!r}; choose one of {', '.join(PRESETS)}")
+        preset_rule = PRESETS[self.method][1]
+        if preset_rule is not None:
+            if self.lora.scaling not in (None, preset_rule):
+                raise ValueError(
+                    f"lora.scaling: method {self.method} uses scaling {preset_rule}, "
+                    f"not {self.lora.scaling}; "
+                    f"use method={PRESETS[self.method][0]} to choose the scaling freely"
+                )
+        resolved = self.lora.scaling or preset_rule or "lora"
+        if self.lora.scaling != resolved:
+            self.lora.scaling = resolved
+        return self
+
+    @model_validator(mode="after")
+    def _reachable_min_replies(self) -> RunConfig:
+        sampled = self.federation.sampled_per_round()
+        if self.server.min_replies > sampled:
+            raise ValueError(
+                f"server.min_replies ({self.server.min_replies}) exceeds the {sampled} clients "
+                "sampled per round: "
+                "no round could ever be averaged"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _eval_clients_exist(self) -> RunConfig:
+        if self.eval.clients is not None and self.eval.clients > self.federation.n_clients:
+            raise ValueError(
+                f"eval.clients ({self.eval.clients}) exceeds "
+                f"federation.n_clients ({self.federation.n_clients}): "
+                "lower it, or drop it to evaluate every client"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _privacy_fits(self) -> RunConfig:
+        if self.lora.client_ranks is not None and (self.privacy.dp != "none" or self.privacy.secagg):
+            # Clients train zero-padded to the full rank: DP noise would fill the padding (so a
+            # rank-2 client would train at full rank within a round), and dp=server / SecAgg+
+            # need every update in one shape.
+            what = f"privacy.dp={self.privacy.dp}" if self.privacy.dp != "none" else "privacy.secagg"
+            raise ValueError(f"{what} does not support lora.client_ranks (mixed ranks): drop one of them")
+        if self.privacy.dp == "client" and self.model.precision == "fp16":
+            # fp16 loss scaling multiplies the per-example gradients Opacus clips, so the
+            # clipping bound (and with it the privacy guarantee) would be off by the scale.
+            raise ValueError(
+                "privacy.dp=client does not support model.precision=fp16 (loss scaling distorts "
+                "per-example clipping): use bf16 or fp32"
+            )
+        if self.privacy.secagg and self.privacy.secagg_num_shares > self.federation.sampled_per_round():
+            raise ValueError(
+                f"privacy.secagg_num_shares ({self.privacy.secagg_num_shares}) exceeds the "
+                f"{self.federation.sampled_per_round()} clients sampled per round"
+            )
+        return self
+
+    @property
+    def scaling(self) -> str:
+        assert self.lora.scaling is not None  # set by _resolve_method
+        return self.lora.scaling

@@ -1,0 +1,94 @@
+"""What a kind of task is to the federation: its model, encoding, loss, metrics and baseline.
+
+A :class:`Task` is built from the loaded :class:`~sfedlora.data.TaskData` and owns every
+decision that depends on the kind of task, so the federation, the runtimes and the reports
+never ask which kind they run. Kinds register in :data:`TASKS` under ``TaskData.kind``.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from ..config import EvalConfig, RunConfig
+from ..data import TaskData
+from ..errors import SfedloraError
+from ..models import Compute
+
+
+class Task:
+    """One kind of task; subclasses say how each step is done for it."""
+
+    kind: ClassVar[str]
+    has_head: ClassVar[bool] = True  # a task head that trains with (or before) the adapter
+    has_labels: ClassVar[bool] = True  # labels a Dirichlet split can follow
+    has_classes: ClassVar[bool] = False  # classes: a majority baseline and label-mix scores
+
+    def __init__(self, data: TaskData):
+        self.name = data.name
+        self.metric = data.metric  # the headline metric
+        self.classes = data.classes
+
+    def check(self, cfg: RunConfig) -> None:
+        """Refuse settings this kind of task cannot run, with the setting to change."""
+        if cfg.partition.kind == "dirichlet" and not self.has_labels:
+            raise SfedloraError(
+                f"partition.kind=dirichlet splits by label, and {cfg.data.task} has no labels: "
+                "use partition.kind=iid, or size for clients of unequal size"
+            )
+        if cfg.federation.head_probe_rounds and not self.has_head:
+            raise SfedloraError(
+                "federation.head_probe_rounds trains a task head, and a causal LM has none: set it to 0"
+            )
+        if cfg.eval.judged_on == "local" and not (self.has_classes and cfg.eval.personalised):
+            raise SfedloraError(
+                "eval.judged_on=local needs a classification task and eval.personalised=true "
+                "(it scores each client's personalised model under its own label mix); use judged_on=dev"
+            )
+
+    def build_model(self, cfg: RunConfig, compute: Compute, n_sampled: int, data: TaskData):
+        """The base model with its LoRA adapter (γ checked per layer), and its tokenizer."""
+        raise NotImplementedError
+
+    def encode(self, examples, tokenizer, max_length: int, split: str):
+        """A split tokenised once: anything with ``len``, ``subset``, ``lengths`` and ``collate``."""
+        raise NotImplementedError
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], compute: Compute) -> torch.Tensor:
+        """The training loss of a batch: the mean over its examples (tokens, for a causal LM)."""
+        return compute.forward(model, batch).loss
+
+    def outputs(self, model: torch.nn.Module, data, tokenizer, cfg: EvalConfig, compute: Compute):
+        """What the model produces on the evaluation data, for :meth:`scores`."""
+        raise NotImplementedError
+
+    def scores(self, outputs, data) -> dict[str, float]:
+        """The task's metrics of one model's :meth:`outputs`."""
+        raise NotImplementedError
+
+    def client_scores(self, outputs, data, histogram: np.ndarray) -> dict[str, float]:
+        """One client's scores; ``histogram`` is its training data's label counts."""
+        return self.scores(outputs, data)
+
+    def histograms(self, labels: np.ndarray, parts: list[np.ndarray]) -> np.ndarray:
+        """Per client: label counts where there are classes, else the example count."""
+        return np.array([[len(p)] for p in parts])
+
+    def trivial_score(self, data, histograms: np.ndarray, judged_on: str) -> float | None:
+        """The score of the trivial predictor the collapse rule compares with (None: no such rule)."""
+        return None
+
+
+TASKS: dict[str, type[Task]] = {}
+
+
+def register(cls: type[Task]) -> type[Task]:
+    TASKS[cls.kind] = cls
+    return cls
+
+
+def get_task(data: TaskData) -> Task:
+    """The :class:`Task` that handles ``data`` (by its ``kind``)."""
+    return TASKS[data.kind](data)

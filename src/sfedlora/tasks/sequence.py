@@ -1,0 +1,123 @@
+"""Sequence classification and regression (GLUE and custom data): one classifier head on the base model."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..config import EvalConfig, RunConfig
+from ..data import TaskData
+from ..data.encoding import Encoded, collate, encode, length_batches
+from ..data.examples import CLASSIFICATION, REGRESSION
+from ..models import Compute, build_classifier
+from .base import Task, register
+
+
+@torch.no_grad()
+def predict(
+    model: torch.nn.Module, data: Encoded, tokenizer, batch_size: int, compute: Compute = Compute()
+) -> np.ndarray:
+    """Logits for every example of ``data``, in its order."""
+    model.eval()
+    out: np.ndarray | None = None
+    for idx in length_batches(data.lengths(), batch_size):
+        batch = collate(data, idx, tokenizer)
+        batch.pop("labels")
+        logits = compute.forward(model, batch).logits.float().cpu().numpy()
+        if out is None:
+            out = np.empty((len(data), logits.shape[-1]), dtype=np.float32)
+        out[idx] = logits
+    return out
+
+
+def label_mix_accuracy(logits: np.ndarray, labels: np.ndarray, mix: np.ndarray) -> float:
+    """Accuracy on a test set whose labels follow ``mix`` (a client's own label counts).
+
+    The per-class accuracies on the shared dev set, weighted by the mix: what a client's
+    model would score on held-out data drawn like its own, with no second pass.
+    """
+    pred = logits.argmax(-1)
+    weights = mix / mix.sum()
+    per_class = [(pred[labels == c] == c).mean() if np.any(labels == c) else 0.0 for c in range(len(mix))]
+    return float(np.dot(weights, per_class))
+
+
+class SequenceTask(Task):
+    """A classifier head on the base model's sequence representation."""
+
+    num_labels: int  # outputs of the head
+
+    def build_model(self, cfg: RunConfig, compute: Compute, n_sampled: int, data: TaskData):
+        m, lora = cfg.model, cfg.lora
+        return build_classifier(
+            m.name_or_path,
+            self.num_labels,
+            lora.rank,
+            lora.alpha,
+            cfg.scaling,
+            n_sampled,
+            dropout=lora.dropout,
+            target_modules=m.target_modules,
+            seed=cfg.seed,
+        )
+
+    def encode(self, examples, tokenizer, max_length: int, split: str) -> Encoded:
+        return encode(examples, tokenizer, max_length)
+
+    def outputs(self, model, data: Encoded, tokenizer, cfg: EvalConfig, compute: Compute) -> np.ndarray:
+        return predict(model, data, tokenizer, cfg.batch_size, compute)
+
+
+@register
+class Classification(SequenceTask):
+    kind = CLASSIFICATION
+    has_classes = True
+
+    @property
+    def num_labels(self) -> int:
+        return self.classes
+
+    def scores(self, outputs: np.ndarray, data: Encoded) -> dict[str, float]:
+        """Accuracy, MCC and, for two classes, F1."""
+        from sklearn.metrics import f1_score, matthews_corrcoef
+
+        pred, labels = outputs.argmax(-1), data.labels
+        out = {"accuracy": float((pred == labels).mean()), "mcc": float(matthews_corrcoef(labels, pred))}
+        if self.classes == 2:
+            out["f1"] = float(f1_score(labels, pred, zero_division=0.0))
+        return out
+
+    def client_scores(self, outputs: np.ndarray, data: Encoded, histogram: np.ndarray) -> dict[str, float]:
+        """The dev-set scores, and the accuracy under the client's own label mix."""
+        return {
+            **self.scores(outputs, data),
+            "local_accuracy": label_mix_accuracy(outputs, data.labels, histogram),
+        }
+
+    def histograms(self, labels: np.ndarray, parts: list[np.ndarray]) -> np.ndarray:
+        return np.stack([np.bincount(labels[p], minlength=self.classes) for p in parts])
+
+    def trivial_score(self, data: Encoded, histograms: np.ndarray, judged_on: str) -> float:
+        """Accuracy of always answering the most frequent label: of the dev set, or judged on
+        local label mixes, of each client's own labels (mean over ``histograms``' clients)."""
+        if judged_on == "local":
+            return float(np.mean(histograms.max(axis=1) / histograms.sum(axis=1)))
+        return float(np.bincount(data.labels, minlength=self.classes).max() / len(data))
+
+
+@register
+class Regression(SequenceTask):
+    kind = REGRESSION
+    num_labels = 1
+
+    def scores(self, outputs: np.ndarray, data: Encoded) -> dict[str, float]:
+        """Pearson and Spearman correlation of the predictions with the labels."""
+        from scipy.stats import pearsonr, spearmanr
+
+        pred = outputs.reshape(-1)
+        if np.std(pred) == 0:  # a constant prediction has no correlation; scipy would warn and give nan
+            return {"pearson": 0.0, "spearman": 0.0}
+        return {
+            "pearson": float(pearsonr(pred, data.labels)[0]),
+            "spearman": float(spearmanr(pred, data.labels)[0]),
+        }
