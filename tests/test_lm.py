@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import gsm8k_record, write_jsonl
 from typer.testing import CliRunner
 
 from sfedlora.cli import app
@@ -22,51 +23,6 @@ from sfedlora.tiny_llama import tiny_llama_dir
 GSM8K_TEST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k" / "test.jsonl"
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 runner = CliRunner()
-
-
-def gsm8k_record(i: int) -> dict:
-    a, b = 3 + i % 17, 5 + (7 * i) % 23
-    return {
-        "question": f"Tom has {a} apples and buys {b} more. How many apples does he have?",
-        "answer": f"He has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} apples.\n#### {a + b}",
-    }
-
-
-def write_jsonl(path: Path, records) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture
-def lm_overrides(tmp_path, cache, monkeypatch):
-    """A GSM8K-format task the test writes (40 + 8 records) on the tiny LLaMA: seconds."""
-    monkeypatch.setenv("SFEDLORA_CACHE", str(cache))
-    train = write_jsonl(tmp_path / "train.jsonl", [gsm8k_record(i) for i in range(40)])
-    test = write_jsonl(tmp_path / "test.jsonl", [gsm8k_record(100 + i) for i in range(8)])
-    return [
-        f"output_dir={tmp_path / 'runs'}",
-        "model.name_or_path=tiny-llama",
-        "model.max_length=96",
-        "data.task=gsm8k",
-        "data.source=files",
-        f"data.train_file={train}",
-        f"data.eval_file={test}",
-        "federation.n_clients=2",
-        "federation.rounds=2",
-        "federation.local_steps=2",
-        "partition.min_size=4",
-        "train.batch_size=4",
-        "train.lr=0.003",
-        "eval.every=1",
-        "eval.batch_size=8",
-        "eval.max_new_tokens=8",
-        "lora.rank=4",
-    ]
 
 
 @pytest.fixture

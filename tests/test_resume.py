@@ -56,6 +56,8 @@ def six_rounds(tmp_path):
         "method=sfed-lora",
         "train.schedule=cosine",
         "train.warmup_steps=2",
+        # Optimizer moments and the run-long schedule are checkpointed too: resume must restore them.
+        "train.optimizer_state=persistent",
     ]
 
 

@@ -31,8 +31,9 @@ from .shared import ClientSpec, Shared, client_steps, expected_steps
 class ClientState:
     tensors: dict[str, torch.Tensor]  # this client's copy of every adapter tensor
     rng: torch.Tensor  # torch.Generator state: batch order and dropout
-    optimizer: dict | None = None  # torch optimizer state_dict, kept across rounds
-    steps: int = 0  # local steps taken so far; drives the learning-rate schedule
+    # torch optimizer state_dict: kept across rounds with train.optimizer_state=persistent
+    optimizer: dict | None = None
+    steps: int = 0  # local steps taken so far; drives a persistent learning-rate schedule
 
 
 @dataclass
@@ -126,7 +127,10 @@ def train_client(
     """Train ``steps`` local steps from ``state``; update ``state`` in place.
 
     Only tensors of ``trained_kinds`` receive gradients; the others stay as they were.
-    ``total_steps`` is the client's step count over the whole run (for the LR schedule).
+    With ``train.optimizer_state=fresh`` (the reference's) the optimizer and the learning-rate
+    schedule start anew: no moments from earlier rounds, the schedule spans these ``steps``;
+    with ``persistent`` both carry on from ``state``, the schedule spanning ``total_steps``,
+    the client's step count over the whole run.
     With ``dp`` each step is a DP-SGD step: Poisson-sampled batches, per-example
     clipping and Gaussian noise instead of ``cfg.max_grad_norm``; the reported gradient
     norms are then those of the private gradients. ``loss_fn(model, batch)`` is the task's
@@ -137,8 +141,9 @@ def train_client(
     ordered = list(params.values())
     for n, p in params.items():
         p.requires_grad_(tensor_kind(n) in trained_kinds)
+    persistent = cfg.optimizer_state == "persistent"
     optimizer = make_optimizer(ordered, cfg)
-    if state.optimizer is not None:
+    if persistent and state.optimizer is not None:
         optimizer.load_state_dict(state.optimizer)
     g = torch.Generator().manual_seed(0)
     g.set_state(state.rng)
@@ -157,7 +162,7 @@ def train_client(
         batches = poisson_batches(len(data), dp.sample_rate, steps, g)
         noise_g = dp.noise_generator(g)
     with contextlib.nullcontext() if dp is None else per_example_gradients(model):
-        for idx in batches:
+        for i, idx in enumerate(batches):
             if len(idx):  # a Poisson batch may be empty: its DP gradient is noise alone
                 batch = data.collate(idx, tokenizer)
                 loss = loss_fn(model, batch)
@@ -170,14 +175,14 @@ def train_client(
             if dp is None and cfg.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_([p for p in ordered if p.grad is not None], cfg.max_grad_norm)
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(state.steps, total_steps, cfg)
+                group["lr"] = lr_at(state.steps, total_steps, cfg) if persistent else lr_at(i, steps, cfg)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             state.steps += 1
 
     state.tensors = read_tensors(params)
-    state.optimizer = optimizer.state_dict()
+    state.optimizer = optimizer.state_dict() if persistent else None
     state.rng = g.get_state()
     kinds = sorted({k for n in norms for k in n})
     return ClientResult(
@@ -229,7 +234,8 @@ def client_round(
         cfg.train,
         shared.compute,
         client.dp,
-        functools.partial(shared.task.loss, compute=shared.compute),
+        # Under DP-SGD each example's gradient must be its own, whatever else is in the batch.
+        functools.partial(shared.task.loss, compute=shared.compute, per_example=client.dp is not None),
     )
     if not np.isfinite(result.loss):
         return ClientOutcome(received, None, {})

@@ -17,7 +17,11 @@ class FederationConfig(_Section):
     n_clients: int = Field(10, ge=1, description="Clients in the federation.")
     clients_per_round: int | None = Field(None, ge=1, description="Clients sampled per round (default: all).")
     fraction: float | None = Field(
-        None, gt=0, le=1, description="Alternative to clients_per_round: fraction of clients sampled."
+        None,
+        gt=0,
+        le=1,
+        description="Alternative to clients_per_round: fraction of clients sampled, "
+        "int(fraction · n_clients) and at least 1, as Flower's strategies round it.",
     )
     rounds: int = Field(40, ge=1, description="Communication rounds.")
     local_steps: int | None = Field(10, ge=1, description="Optimizer steps per client per round.")
@@ -56,7 +60,9 @@ class FederationConfig(_Section):
         if self.clients_per_round is not None:
             return self.clients_per_round
         if self.fraction is not None:
-            return max(1, round(self.fraction * self.n_clients))
+            # Flower's strategies sample int(fraction · available), at least one: floor, not
+            # Python's round (which rounds 2.5 to 2 and 3.5 to 4).
+            return max(1, int(self.fraction * self.n_clients))
         return self.n_clients
 
 
@@ -65,10 +71,21 @@ class TrainConfig(_Section):
     lr: float = Field(5e-4, gt=0, description="Peak learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (AdamW) or L2 (SGD).")
     momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum.")
-    schedule: Literal["constant", "linear", "cosine"] = Field(
-        "constant", description="Learning-rate decay after warm-up, over each client's total steps."
+    optimizer_state: Literal["fresh", "persistent"] = Field(
+        "fresh",
+        description="fresh: a new optimizer and learning-rate schedule at the start of every round's "
+        "local training, as FedSA-LoRA's reference code (FederatedScope) does; persistent: each client's "
+        "optimizer state (AdamW moments, SGD momentum) and schedule carried from round to round. "
+        "See docs/method.md.",
     )
-    warmup_steps: int = Field(0, ge=0, description="Linear warm-up, counted in each client's own steps.")
+    schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant",
+        description="Learning-rate decay after warm-up: over each round's local steps "
+        "(optimizer_state=fresh), or over each client's steps in the whole run (persistent).",
+    )
+    warmup_steps: int = Field(
+        0, ge=0, description="Linear warm-up, counted in each client's own steps (per round when fresh)."
+    )
     max_grad_norm: float | None = Field(
         1.0, gt=0, description="Clip the global gradient norm; null disables."
     )

@@ -56,8 +56,16 @@ class Task:
         """A split tokenised once: anything with ``len``, ``subset``, ``lengths`` and ``collate``."""
         raise NotImplementedError
 
-    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], compute: Compute) -> torch.Tensor:
-        """The training loss of a batch: the mean over its examples (tokens, for a causal LM)."""
+    def loss(
+        self,
+        model: torch.nn.Module,
+        batch: dict[str, torch.Tensor],
+        compute: Compute,
+        per_example: bool = False,
+    ) -> torch.Tensor:
+        """The training loss of a batch: the mean over its examples. With ``per_example`` it
+        must be a mean of per-example losses that each depend on their own example only (what
+        DP-SGD's per-example clipping needs); one label per example already is."""
         return compute.forward(model, batch).loss
 
     def outputs(self, model: torch.nn.Module, data, tokenizer, cfg: EvalConfig, compute: Compute):

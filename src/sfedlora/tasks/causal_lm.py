@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import torch
+
 from ..config import EvalConfig, RunConfig
 from ..data import TaskData
 from ..data.examples import CAUSAL_LM
-from ..data.lm import LMEncoded, encode_lm
+from ..data.lm import IGNORE, LMEncoded, encode_lm
 from ..lm_eval import lm_scores
 from ..models import Compute, build_causal_lm
 from ..tiny_llama import TINY_LLAMA, tiny_llama_dir
@@ -35,6 +37,22 @@ class CausalLM(Task):
             dtype=compute.base_dtype,
             seed=cfg.seed,
         )
+
+    def loss(self, model, batch: dict[str, torch.Tensor], compute: Compute, per_example: bool = False):
+        """The mean over the batch's answer tokens (as the model computes it); with
+        ``per_example``, the mean over examples of each example's own token mean, so that an
+        example's gradient does not depend on how many tokens the others have."""
+        if not per_example:
+            return super().loss(model, batch, compute)
+        labels = batch["labels"].to(compute.device)
+        logits = compute.forward(model, {k: v for k, v in batch.items() if k != "labels"}).logits.float()
+        # Token t predicts token t+1: drop the last logit and the first label.
+        targets = labels[:, 1:]
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE, reduction="none"
+        )  # [batch, length - 1]
+        counted = (targets != IGNORE).sum(1).clamp(min=1)
+        return (nll.sum(1) / counted).mean()
 
     def encode(self, examples, tokenizer, max_length: int, split: str) -> LMEncoded:
         return encode_lm(examples, tokenizer, max_length, split)
