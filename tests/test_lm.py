@@ -228,8 +228,11 @@ def test_tiny_llama_federated_run_writes_a_run_directory_whose_adapters_reload(l
     assert (
         summary["metric"] == "personal_accuracy_mean"
         and summary["higher_is_better"]
-        and summary["majority_baseline"] is None
+        and summary["collapse_metric"] == "personal_perplexity_mean"
+        and summary["trivial_predictor"] == "the model before training"
     )
+    # The trivial score is the untrained model's perplexity, which the trained rounds beat.
+    assert all(r["personal_perplexity_mean"] < summary["trivial_score"] for r in lines)
     assert {"config.yaml", "metrics.jsonl", "partition.json", "summary.json", "adapters"} <= {
         p.name for p in d.iterdir()
     }

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from .federation import Federation
 
 # Metrics where lower is better; every other metric (accuracy, F1, MCC, correlations) is higher-better.
-LOWER_IS_BETTER = ("loss", "perplexity")
+LOWER_IS_BETTER = ("loss", "perplexity", "mse")
 
 
 def higher_is_better(key: str) -> bool:

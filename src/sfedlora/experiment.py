@@ -9,11 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
-from .collapse import detect
+from .collapse import COLLAPSED, OVERFIT, judge
 from .config import RunConfig, load_config, result_differences
 from .data import load_task
 from .errors import SfedloraError
-from .evaluation import best_of, higher_is_better
+from .evaluation import best_of, higher_is_better, outputs_of
 from .federation import Federation, build_federation
 from .rundir import (
     MetricsWriter,
@@ -37,23 +37,32 @@ class RunResult:
     summary: dict
 
 
+def _record_key(fed: Federation, metric: str) -> str:
+    """Where ``metric`` is in a round's record: the personalised models' mean, or the global model's."""
+    return f"personal_{metric}_mean" if fed.cfg.eval.personalised else f"global_{metric}"
+
+
 def headline(fed: Federation) -> str:
-    """The metrics-record key a run is judged by: mean personalised score of the task's metric."""
-    if fed.cfg.eval.judged_on == "local":
-        return "personal_local_accuracy_mean"
-    return f"personal_{fed.metric}_mean"
+    """The metrics-record key a run is judged by: the task's metric (personalised mean)."""
+    return _record_key(fed, "local_accuracy" if fed.cfg.eval.judged_on == "local" else fed.metric)
 
 
 def collapse_metric(fed: Federation) -> str:
-    """The accuracy that collapse rule 2 compares with the majority-class baseline."""
-    return "personal_local_accuracy_mean" if fed.cfg.eval.judged_on == "local" else "personal_accuracy_mean"
+    """The metrics-record key the collapse rule compares with the task's trivial predictor."""
+    return _record_key(fed, fed.task.judged_metric(fed.cfg.eval.judged_on))
 
 
 def trivial_score(fed: Federation) -> float | None:
-    """The score of the task's trivial predictor, which the collapse rule compares with: the
-    majority class of the dev set or, judged on local label mixes, of each evaluated client."""
+    """The score of the task's trivial predictor on the collapse metric: the majority class
+    (of the dev set, or of each evaluated client's own labels), the constant mean, or the
+    model before training (scored here once, only for the tasks that need it)."""
+
+    def initial() -> dict[str, float]:
+        return fed.task.scores(outputs_of(fed, fed.initial), fed.eval_data)
+
+    cfg = fed.cfg.eval
     return fed.task.trivial_score(
-        fed.eval_data, fed.histograms[fed.evaluated_clients], fed.cfg.eval.judged_on
+        fed.eval_data, fed.histograms[fed.evaluated_clients], cfg.judged_on, initial
     )
 
 
@@ -139,39 +148,42 @@ def run(
             records = []
         if on_start:
             on_start(fed, run_dir)
-        _play(fed, runtime, run_dir, records, on_record)
+        settings = _collapse_settings(fed)
+        _play(fed, runtime, run_dir, records, on_record, settings)
         if cfg.save_adapters:
             save_adapters(fed, run_dir, runtime.clients_here)
-        summary = run_summary(fed, records, time.perf_counter() - start)
+        summary = run_summary(fed, records, settings, time.perf_counter() - start)
         write_json(run_dir / "summary.json", summary)
         # Finished: nothing left to resume, and client states of a large model are big.
         (run_dir / CHECKPOINT).unlink(missing_ok=True)
     return RunResult(run_dir, records, summary)
 
 
-def _play(fed: Federation, runtime: Runtime, run_dir: Path, records: list[dict], on_record) -> None:
+def _play(
+    fed: Federation, runtime: Runtime, run_dir: Path, records: list[dict], on_record, settings: dict
+) -> None:
     """The rounds: each record flagged for collapse where it shows, logged, checkpointed."""
     cfg = fed.cfg
-    trivial, watched = trivial_score(fed), collapse_metric(fed)
-    flagged = any("collapse" in r for r in records)  # a resumed run flagged it already
+    flagged = any("collapse" in r or "overfit" in r for r in records)  # a resumed run flagged it already
     writer = MetricsWriter(run_dir / "metrics.jsonl")
     try:
         for record in play(fed, runtime):
             record = jsonable(record)
             records.append(record)
-            collapse = None if flagged else detect(records, watched, trivial, cfg.federation.rounds)
-            if collapse is not None:
+            verdict = None if flagged else judge(records, settings)
+            if verdict is not None:
                 flagged = True
-                record["collapse"] = collapse.reason
-                if collapse.final:
-                    log.warning("round %d: training collapsed: %s", collapse.round, collapse.reason)
-                else:
-                    log.warning(
-                        "round %d: training looks collapsed so far: %s (judged again over the whole run "
-                        "in summary.json)",
-                        collapse.round,
-                        collapse.reason,
-                    )
+                overfit = verdict.kind == OVERFIT
+                record["overfit" if overfit else "collapse"] = verdict.reason
+                what = "not generalising" if overfit else "training collapsed"
+                log.warning(
+                    "round %d: %s%s: %s%s",
+                    verdict.round,
+                    what,
+                    "" if verdict.final else " so far",
+                    verdict.reason,
+                    "" if verdict.final else " (judged again over the whole run in summary.json)",
+                )
             writer.write(record)
             last = fed.round == cfg.federation.rounds
             if runtime.clients_here and (fed.round % cfg.checkpoint_every == 0 or last):
@@ -182,12 +194,26 @@ def _play(fed: Federation, runtime: Runtime, run_dir: Path, records: list[dict],
         writer.close()
 
 
-def run_summary(fed: Federation, records: list[dict], seconds: float) -> dict:
+def _collapse_settings(fed: Federation) -> dict:
+    """What the collapse rule judges a run by, as summary.json records it (:func:`collapse.judge`)."""
+    trivial = trivial_score(fed)
+    return {
+        "collapse_metric": collapse_metric(fed),
+        "trivial_predictor": fed.task.trivial_name,
+        "trivial_score": trivial,
+        "collapse_margin": None if trivial is None else fed.task.collapse_margin(fed.eval_data, trivial),
+        "rounds": fed.cfg.federation.rounds,
+    }
+
+
+def run_summary(fed: Federation, records: list[dict], settings: dict, seconds: float) -> dict:
     """What ``summary.json`` says of a finished run."""
     cfg = fed.cfg
-    key, watched, trivial = headline(fed), collapse_metric(fed), trivial_score(fed)
+    key = headline(fed)
     scores = [r[key] for r in records if r.get(key) is not None]
-    collapse = detect(records, watched, trivial, cfg.federation.rounds)
+    verdict = judge(records, settings)
+    collapse = verdict if verdict is not None and verdict.kind == COLLAPSED else None
+    overfit = verdict if verdict is not None and verdict.kind == OVERFIT else None
     summary = {
         "method": cfg.method,
         "scaling": cfg.scaling,
@@ -197,12 +223,12 @@ def run_summary(fed: Federation, records: list[dict], seconds: float) -> dict:
         "final": scores[-1] if scores else None,
         "best": best_of(scores, key) if scores else None,
         "higher_is_better": higher_is_better(key),
-        "rounds": cfg.federation.rounds,
-        "majority_baseline": trivial,
-        "collapse_metric": watched,
+        **settings,
         "collapsed": collapse is not None,
         "collapse_round": collapse.round if collapse else None,
         "collapse_reason": collapse.reason if collapse else None,
+        "overfit": overfit is not None,
+        "overfit_reason": overfit.reason if overfit else None,
         "wall_seconds": seconds,
     }
     if fed.privacy is not None:

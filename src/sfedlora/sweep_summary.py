@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .collapse import detect
+from .collapse import COLLAPSED, OVERFIT, judge
 from .evaluation import higher_is_better
 from .grid import ALIASES, cell_name, grid_cells, hashable, value_text
 from .rundir import read_metrics
@@ -35,9 +35,7 @@ def cell_row(cell: dict, run_dir: Path, target: float | None = None) -> dict:
         ),
         None,
     )
-    collapse = detect(
-        records, summary["collapse_metric"], summary.get("majority_baseline"), summary["rounds"]
-    )
+    verdict = judge(records, summary)
     return {
         **cell,
         "metric": metric,
@@ -50,8 +48,9 @@ def cell_row(cell: dict, run_dir: Path, target: float | None = None) -> dict:
         "grad_norm_A": last_value(records, "grad_norm_A"),
         "grad_norm_B": last_value(records, "grad_norm_B"),
         "final_epsilon": last_value(records, "epsilon_max"),  # the worst client's ε spent, for DP runs
-        "collapsed": collapse is not None,
-        "collapse_reason": collapse.reason if collapse else "",
+        "collapsed": verdict is not None and verdict.kind == COLLAPSED,
+        "overfit": verdict is not None and verdict.kind == OVERFIT,
+        "collapse_reason": verdict.reason if verdict else "",
         "wall_seconds": summary["wall_seconds"],
     }
 
@@ -96,17 +95,20 @@ def write_summary(sweep_dir: Path, grid: dict, target: float | None = None) -> l
         "",
         f"{len(rows)} finished runs; mean ± std over seeds (n = runs per row).",
         "",
-        "| " + " | ".join(group_keys + ["n"] + stats + ["collapsed"]) + " |",
-        "|" + "---|" * (len(group_keys) + len(stats) + 2),
+        "| " + " | ".join(group_keys + ["n"] + stats + ["collapsed", "overfit"]) + " |",
+        "|" + "---|" * (len(group_keys) + len(stats) + 3),
     ]
     for key, members in groups.items():
         collapsed = sum(m["collapsed"] for m in members)
+        # Overfit: the adapter trained, held-out scores stayed trivial (sfedlora.collapse).
+        overfit = sum(m.get("overfit", False) for m in members)
         cells = (
             [value_text(list(v) if isinstance(v, tuple) else v) for v in key]
             + [str(len(members))]
             + [_mean_std([m[s] for m in members]) for s in stats]
         )
-        lines.append("| " + " | ".join(cells + [f"{collapsed}/{len(members)}"]) + " |")
+        tallies = [f"{collapsed}/{len(members)}", f"{overfit}/{len(members)}"]
+        lines.append("| " + " | ".join(cells + tallies) + " |")
     lines += _learning_rate_views(rows, grid)
     (sweep_dir / "summary.md").write_text("\n".join(lines) + "\n")
     return rows

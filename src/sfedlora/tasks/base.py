@@ -7,6 +7,7 @@ never ask which kind they run. Kinds register in :data:`TASKS` under ``TaskData.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar
 
 import numpy as np
@@ -84,9 +85,23 @@ class Task:
         """Per client: label counts where there are classes, else the example count."""
         return np.array([[len(p)] for p in parts])
 
-    def trivial_score(self, data, histograms: np.ndarray, judged_on: str) -> float | None:
-        """The score of the trivial predictor the collapse rule compares with (None: no such rule)."""
-        return None
+    # The trivial predictor a run must beat on :meth:`judged_metric` (sfedlora.collapse).
+    trivial_name: ClassVar[str] = "the model before training"
+
+    def judged_metric(self, judged_on: str) -> str:
+        """The metric (a key of :meth:`scores`) a collapse is judged on."""
+        return self.metric
+
+    def trivial_score(
+        self, data, histograms: np.ndarray, judged_on: str, initial: Callable[[], dict[str, float]]
+    ) -> float | None:
+        """The trivial predictor's score on :meth:`judged_metric`. ``initial()`` scores the
+        model before training (computed only where a task asks for it)."""
+        return initial()[self.judged_metric(judged_on)]
+
+    def collapse_margin(self, data, trivial: float) -> float:
+        """How much better than ``trivial`` a score must be to count as learning: 1% of it."""
+        return 0.01 * abs(trivial)
 
 
 TASKS: dict[str, type[Task]] = {}

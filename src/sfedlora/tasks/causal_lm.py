@@ -66,3 +66,8 @@ class CausalLM(Task):
 
     def scores(self, outputs: dict[str, float], data: LMEncoded) -> dict[str, float]:
         return dict(outputs)
+
+    def judged_metric(self, judged_on: str) -> str:
+        """Perplexity, whatever the headline: a causal LM that learns lowers it long before
+        exact match of generated answers moves, so it separates learning from not."""
+        return "perplexity"

@@ -77,15 +77,24 @@ class Classification(SequenceTask):
     def num_labels(self) -> int:
         return self.classes
 
+    trivial_name = "the majority class"
+
+    def collapse_margin(self, data: Encoded, trivial: float) -> float:
+        return 0.02  # accuracy points
+
     def scores(self, outputs: np.ndarray, data: Encoded) -> dict[str, float]:
-        """Accuracy, MCC and, for two classes, F1."""
+        """Accuracy, MCC and, for two classes, F1; whether every prediction is one class."""
         from sklearn.metrics import f1_score, matthews_corrcoef
 
         pred, labels = outputs.argmax(-1), data.labels
         out = {"accuracy": float((pred == labels).mean()), "mcc": float(matthews_corrcoef(labels, pred))}
         if self.classes == 2:
             out["f1"] = float(f1_score(labels, pred, zero_division=0.0))
+        out["constant_predictions"] = float(pred.min() == pred.max())
         return out
+
+    def judged_metric(self, judged_on: str) -> str:
+        return "local_accuracy" if judged_on == "local" else "accuracy"
 
     def client_scores(self, outputs: np.ndarray, data: Encoded, histogram: np.ndarray) -> dict[str, float]:
         """The dev-set scores, and the accuracy under the client's own label mix."""
@@ -97,7 +106,7 @@ class Classification(SequenceTask):
     def histograms(self, labels: np.ndarray, parts: list[np.ndarray]) -> np.ndarray:
         return np.stack([np.bincount(labels[p], minlength=self.classes) for p in parts])
 
-    def trivial_score(self, data: Encoded, histograms: np.ndarray, judged_on: str) -> float:
+    def trivial_score(self, data: Encoded, histograms: np.ndarray, judged_on: str, initial=None) -> float:
         """Accuracy of always answering the most frequent label: of the dev set, or judged on
         local label mixes, of each client's own labels (mean over ``histograms``' clients)."""
         if judged_on == "local":
@@ -110,14 +119,34 @@ class Regression(SequenceTask):
     kind = REGRESSION
     num_labels = 1
 
+    trivial_name = "the constant mean predictor"
+
+    def collapse_margin(self, data: Encoded, trivial: float) -> float:
+        """Two standard errors of the correlation of a predictor unrelated to the labels
+        (1/√n on n examples): what such a predictor scores by chance."""
+        return 2.0 / len(data) ** 0.5
+
     def scores(self, outputs: np.ndarray, data: Encoded) -> dict[str, float]:
-        """Pearson and Spearman correlation of the predictions with the labels."""
+        """Pearson and Spearman correlation of the predictions with the labels, their mean
+        squared error, and whether the predictions are (numerically) one value."""
         from scipy.stats import pearsonr, spearmanr
 
         pred = outputs.reshape(-1)
-        if np.std(pred) == 0:  # a constant prediction has no correlation; scipy would warn and give nan
-            return {"pearson": 0.0, "spearman": 0.0}
+        mse = float(np.mean((pred - data.labels) ** 2))
+        # Constant up to float noise: a head whose inputs no longer matter still wobbles in the
+        # last bits, and scipy's correlation of such values is noise too.
+        if np.std(pred) <= 1e-6 * max(1.0, float(np.abs(pred).mean())):
+            return {"pearson": 0.0, "spearman": 0.0, "mse": mse, "constant_predictions": 1.0}
         return {
             "pearson": float(pearsonr(pred, data.labels)[0]),
             "spearman": float(spearmanr(pred, data.labels)[0]),
+            "mse": mse,
+            "constant_predictions": 0.0,
         }
+
+    def judged_metric(self, judged_on: str) -> str:
+        return "pearson"
+
+    def trivial_score(self, data: Encoded, histograms: np.ndarray, judged_on: str, initial=None) -> float:
+        """Correlation of a constant prediction (the labels' mean, the least-squares constant): 0."""
+        return 0.0

@@ -1,0 +1,143 @@
+"""Every task knows its trivial predictor: collapse, divergence and overfitting told apart,
+for classification, regression and causal LMs alike."""
+
+import csv
+
+import numpy as np
+import pytest
+
+from sfedlora.collapse import OVERFIT, detect
+from sfedlora.config import build_config
+from sfedlora.data import bundled_sst2_dir
+from sfedlora.experiment import run
+
+ACC = "personal_accuracy_mean"
+
+
+def history(accs, losses=None, grads_a=None, grads_b=None, constant=None):
+    out = []
+    for i, acc in enumerate(accs):
+        r = {"round": i + 1, "clients": [0, 1], "dropped": [], "rejected": [], "train_loss": 0.6, ACC: acc}
+        if losses is not None:
+            r["train_loss"] = losses[i]
+        r["grad_norm_A"] = 1.0 if grads_a is None else grads_a[i]
+        if grads_b is not None:
+            r["grad_norm_B"] = grads_b[i]
+        if constant is not None:
+            r["personal_constant_predictions_mean"] = constant[i]
+        out.append(r)
+    return out
+
+
+def test_a_gradients_tiny_against_bs_from_the_start_are_a_collapse():
+    """α/r at a high rank: A's gradient is tiny from round 1 on, so its own first value is no yardstick."""
+    h = history([0.8] * 4, grads_a=[2e-5, 3e-5, 2e-5, 2e-5], grads_b=[0.1, 0.2, 0.2, 0.3])
+    c = detect(h, ACC, 0.5, 4)
+    assert c is not None and "of B's from the start" in c.reason
+    healthy = history([0.8] * 4, grads_a=[2e-5, 0.01, 0.05, 0.1], grads_b=[0.1, 0.2, 0.2, 0.3])
+    assert detect(healthy, ACC, 0.5, 4) is None  # B = 0 at first starves A only early
+
+
+def test_a_loss_that_rises_and_stays_up_is_divergence():
+    c = detect(history([0.8] * 6, losses=[0.7, 0.9, 1.2, 1.3, 1.5, 1.4]), ACC, 0.5, 6)
+    assert c is not None and c.reason.startswith("diverged") and c.kind != OVERFIT
+    assert detect(history([0.8] * 6, losses=[0.7, 1.2, 0.6, 0.5, 0.4, 0.4]), ACC, 0.5, 6) is None
+
+
+def test_constant_predictions_at_the_end_are_flagged_but_not_at_the_start():
+    c = detect(history([0.5] * 6, constant=[0, 0, 0, 0, 1, 1]), ACC, None, 6)
+    assert c is not None and c.round == 5 and c.reason.startswith("predictions became constant")
+    # A random head often answers one class at first: not a collapse once it stops.
+    assert detect(history([0.6, 0.7, 0.8, 0.8, 0.8, 0.8], constant=[1, 1, 0, 0, 0, 0]), ACC, 0.5, 6) is None
+
+
+def test_overfitting_is_reported_apart_from_collapse():
+    """Training loss 0.66 → 0.02 while held-out accuracy stays at the majority class."""
+    losses = [0.66, 0.4, 0.2, 0.08, 0.04, 0.02]
+    c = detect(history([0.5, 0.51, 0.5, 0.51, 0.52, 0.5], losses=losses), ACC, 0.5, 6)
+    assert c is not None and c.kind == OVERFIT and "overfitting" in c.reason
+    stuck = detect(history([0.5, 0.51, 0.5, 0.51, 0.52, 0.5]), ACC, 0.5, 6)
+    assert stuck is not None and stuck.kind != OVERFIT
+
+
+def test_lower_is_better_metrics_are_judged_against_their_trivial_value():
+    h = [
+        {"round": i + 1, "train_loss": 2.0, "personal_perplexity_mean": p}
+        for i, p in enumerate([30, 29.9, 30])
+    ]
+    assert (
+        "model before training"
+        in detect(
+            h, "personal_perplexity_mean", 30.0, 3, 0.3, trivial_name="the model before training"
+        ).reason
+    )
+    h[-1]["personal_perplexity_mean"] = 20.0
+    assert detect(h, "personal_perplexity_mean", 30.0, 3, 0.3) is None
+
+
+@pytest.fixture
+def regression_overrides(tmp_path):
+    """A regression task on SST-2 sentences (score 0.5 or 4.5, plus noise) in CSV files."""
+    rng = np.random.default_rng(0)
+    paths = []
+    for split, n in (("train", 400), ("dev", 200)):
+        rows = list(csv.DictReader(open(bundled_sst2_dir() / f"{split}.tsv"), delimiter="\t"))[:n]
+        path = tmp_path / f"{split}.csv"
+        with path.open("w", newline="") as f:
+            out = csv.writer(f)
+            out.writerow(["sentence", "score"])
+            out.writerows(
+                [r["sentence"], f"{4 * int(r['label']) + 0.5 + rng.normal(0, 0.3):.3f}"] for r in rows
+            )
+        paths.append(path)
+    return [
+        f"output_dir={tmp_path / 'runs'}",
+        "data.source=files",
+        "data.task=scores",
+        f"data.train_file={paths[0]}",
+        f"data.eval_file={paths[1]}",
+        "data.text_column=sentence",
+        "data.label_column=score",
+        "data.num_labels=1",
+        "model.max_length=32",
+        "model.precision=fp32",
+        "federation.n_clients=3",
+        "federation.rounds=6",
+        "federation.local_steps=3",
+        "partition.min_size=8",
+        "train.batch_size=8",
+        "eval.every=1",
+        "eval.batch_size=100",
+        "lora.rank=4",
+        "save_adapters=false",
+    ]
+
+
+def test_regression_driven_to_constant_predictions_is_flagged(regression_overrides):
+    """SGD at a learning rate far too high: the pooler saturates and every prediction is one value."""
+    summary = run(
+        build_config(overrides=[*regression_overrides, "train.optimizer=sgd", "train.lr=10"])
+    ).summary
+    assert summary["collapse_metric"] == "personal_pearson_mean"
+    assert summary["trivial_predictor"] == "the constant mean predictor" and summary["trivial_score"] == 0.0
+    assert summary["collapsed"] and summary["collapse_reason"].startswith("predictions became constant")
+
+
+def test_a_learning_regression_run_is_not_flagged(regression_overrides):
+    result = run(build_config(overrides=[*regression_overrides, "train.optimizer=adamw", "train.lr=0.003"]))
+    summary = result.summary
+    assert not summary["collapsed"] and not summary["overfit"], summary["collapse_reason"]
+    assert summary["collapse_margin"] == pytest.approx(2 / 200**0.5)
+    assert result.records[-1]["personal_pearson_mean"] > summary["collapse_margin"]
+
+
+def test_a_causal_lm_that_does_not_learn_is_flagged_and_one_that_learns_is_not(lm_overrides):
+    # FFA-LoRA trains B alone, so no A-gradient rule speaks first: only the held-out score can tell.
+    still = run(
+        build_config(overrides=[*lm_overrides, "name=still", "method=ffa-lora", "train.lr=1e-9"])
+    ).summary
+    assert still["collapse_metric"] == "personal_perplexity_mean"
+    assert still["collapsed"] and "no better than the model before training" in still["collapse_reason"]
+    learning = run(build_config(overrides=[*lm_overrides, "name=learning", "federation.rounds=3"]))
+    assert not learning.summary["collapsed"], learning.summary["collapse_reason"]
+    assert learning.records[-1]["personal_perplexity_mean"] < 0.99 * learning.summary["trivial_score"]
