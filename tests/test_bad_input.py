@@ -5,27 +5,43 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from sfedlora.cli import app
+from sfedlora.config import build_config
+from sfedlora.grid import cell_overrides, grid_cells
+from sfedlora.sweep import load_sweep
 
 runner = CliRunner()
 
 SST2_HEADER = "sentence\tlabel\n"
+TROUBLESHOOTING = Path(__file__).resolve().parents[1] / "docs" / "troubleshooting.md"
+# What a spreadsheet saved under a .csv name starts with (an .xlsx is a zip archive), and a gzipped file.
+XLSX = b"PK\x03\x04\x14\x00\x06\x00\x08\x00\x00\x00!\x00\xb5U"
+GZIP = b"\x1f\x8b\x08\x00"
+
+
+def write(path, content):
+    """Text as UTF-8; bytes as they are (files that are not UTF-8 text)."""
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content, encoding="utf-8")
 
 
 def tsv_dir(tmp_path, train, dev=SST2_HEADER + "fine\t1\n"):
     d = tmp_path / "sst2"
     d.mkdir()
-    (d / "train.tsv").write_text(train)
+    write(d / "train.tsv", train)
     if dev is not None:
-        (d / "dev.tsv").write_text(dev)
+        write(d / "dev.tsv", dev)
     return ["--set", "data.source=tsv", "--set", f"data.data_dir={d}"]
 
 
 def files(tmp_path, name, text, *extra):
     f = tmp_path / name
-    f.write_text(text)
+    write(f, text)
     return [
         "--set",
         "data.source=files",
@@ -54,9 +70,14 @@ def eval_label_out_of_range(tmp_path):
     ]
 
 
+def gsm8k_file(tmp_path, content):
+    # The data is read before any model is built: the default MiniLM never loads.
+    return [*files(tmp_path, "gsm8k.jsonl", content), "--set", "data.task=gsm8k"]
+
+
 def under_a_file(tmp_path):
     (tmp_path / "f").write_text("")
-    return ["--set", f"output_dir={tmp_path}/f/runs"]
+    return ["--set", f"output_dir={tmp_path}/f/runs", "--set", "name=mine"]  # a name without a timestamp
 
 
 def yaml_file(tmp_path, text):
@@ -108,6 +129,11 @@ CASES = {
         "train.tsv:3: label 'positive' is not one of 0, 1",
     ),
     "TSV missing column": (lambda t: tsv_dir(t, "text\tlabel\nok\t1\n"), "has no column 'sentence'"),
+    "TSV not UTF-8": (  # Latin-1 text: é is the byte 0xe9, right after "caf"
+        lambda t: tsv_dir(t, SST2_HEADER.encode() + "café\t1\n".encode("latin-1")),
+        "train.tsv is not UTF-8 text (byte 0xe9 at offset 18): save it as UTF-8",
+    ),
+    "TSV empty": (lambda t: tsv_dir(t, ""), "train.tsv is empty: write its examples into it"),
     "TSV short row": (
         lambda t: ["--set", "data.task=rte", *tsv_dir(t, "index\tsentence1\tsentence2\tlabel\n0\tonly\n")],
         "train.tsv:2: expected at least 4",
@@ -118,6 +144,21 @@ CASES = {
         lambda t: files(t, "d.csv", "text,label\na,0\n"),
         "training data has no column 'sentence'",
     ),
+    "file not UTF-8 (csv)": (
+        lambda t: files(t, "d.csv", XLSX),
+        "d.csv is not UTF-8 text (byte 0xb5 at offset 14): save it as UTF-8",
+    ),
+    "file not UTF-8 (jsonl)": (
+        lambda t: files(t, "d.jsonl", GZIP),
+        "d.jsonl is not UTF-8 text (byte 0x8b at offset 1): save it as UTF-8",
+    ),
+    "file empty (csv)": (lambda t: files(t, "d.csv", ""), "d.csv is empty: write its examples into it"),
+    "file empty (jsonl)": (lambda t: files(t, "d.jsonl", "\n \n"), "d.jsonl is empty: write its examples"),
+    "GSM8K JSONL not UTF-8": (
+        lambda t: gsm8k_file(t, b'{"question": "Caf\xe9"}\n'),
+        "gsm8k.jsonl is not UTF-8 text (byte 0xe9 at offset 17): save it as UTF-8",
+    ),
+    "GSM8K JSONL empty": (lambda t: gsm8k_file(t, ""), "gsm8k.jsonl is empty: write its examples into it"),
     "file label column": (
         lambda t: files(t, "d.csv", "sentence,y\na,0\n"),
         "training data has no column 'label'",
@@ -147,11 +188,19 @@ def test_bad_input(case, tmp_path):
     make_args, message = CASES[case]
     # Runs go to tmp_path/runs unless the case itself is about output_dir (the last --set wins).
     result = runner.invoke(app, ["run", "--set", f"output_dir={tmp_path}/runs", *make_args(tmp_path)])
-    out = result.output.strip()
-    assert result.exit_code == 2, out
+    out = result.stderr.strip()
+    assert result.exit_code == 2, result.output
     assert message in out
-    assert len(out.splitlines()) == 1 and out.startswith("error: ")
+    assert len(out.splitlines()) == 1 and out.startswith("error: ") and result.stdout == ""
     assert not (tmp_path / "runs").exists()  # nothing written
+    assert_documented(out, tmp_path)
+
+
+def assert_documented(message, tmp_path):
+    """docs/troubleshooting.md shows the message exactly, with the test's own paths as <tmp>."""
+    section = TROUBLESHOOTING.read_text().partition("## Every bad input and its message")[2]
+    shown = message.replace(str(tmp_path), "<tmp>").replace("|", "\\|")
+    assert f"`` {shown} ``" in section, f"docs/troubleshooting.md lacks: {shown}"
 
 
 def test_a_run_directory_in_use_is_refused_and_left_alone(tmp_path, interrupted_run):
@@ -163,8 +212,45 @@ def test_a_run_directory_in_use_is_refused_and_left_alone(tmp_path, interrupted_
         before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
         result = runner.invoke(app, ["run", "--resume", str(run_dir)])
         assert result.exit_code == 2
-        assert f"run directory {run_dir} is in use by process {owner.pid}" in result.output
+        assert f"run directory {run_dir} is in use by process {owner.pid}" in result.stderr
+        assert_documented(result.stderr.strip().replace(f"process {owner.pid}:", "process <pid>:"), tmp_path)
         assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
     finally:
         owner.kill()
         owner.wait()
+
+
+SWEEP = """\
+lora: {rank: 8}
+train: {lr: 0.01}
+grid:
+  method: [fedsa-rslora, sfed-lora]
+  rank: [4, 8]
+"""
+
+
+def test_config_of_a_sweep_file_prints_its_resolved_base_and_grid_which_run_as_the_same_sweep(tmp_path):
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(SWEEP)
+    result = runner.invoke(app, ["config", str(sweep), "--set", "train.lr=0.1"])
+    assert result.exit_code == 0, result.output
+    printed = yaml.safe_load(result.stdout)
+    assert printed["grid"] == {"method": ["fedsa-rslora", "sfed-lora"], "rank": [4, 8]}
+    assert printed["train"]["lr"] == 0.1 and printed["lora"]["rank"] == 8
+    assert printed["federation"]["n_clients"] == 10  # resolved: the defaults are filled in
+    # Each cell of the printed file is the cell the original runs: the base's own method
+    # (sfed-lora) must not pin its scaling rule on the fedsa-rslora cells.
+    again = tmp_path / "printed.yaml"
+    again.write_text(result.stdout)
+    base, grid = load_sweep(sweep, None, ["train.lr=0.1"])
+    base_again, grid_again = load_sweep(again, None)
+    assert grid_again == grid
+    for cell in grid_cells(grid):
+        assert build_config(base_again, cell_overrides(cell)) == build_config(base, cell_overrides(cell))
+    # A cell that cannot run is named, as `sfedlora sweep` names it.
+    result = runner.invoke(app, ["config", str(sweep), "--set", "lora.client_ranks=[2, 8]"])
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.startswith(
+        "error: grid cell method-fedsa-rslora_rank-4: config lora.client_ranks: rank 8 exceeds lora.rank=4"
+    )
+    assert len(result.stderr.strip().splitlines()) == 1

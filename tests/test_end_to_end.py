@@ -125,8 +125,11 @@ def test_saved_adapter_reloads_with_peft_and_gives_the_same_logits(tiny_config, 
         base = AutoModelForSequenceClassification.from_pretrained(resolve_model_path("minilm"), num_labels=2)
         reloaded = PeftModel.from_pretrained(base, paths[0] if expected == ["global"] else paths[1]).eval()
         theirs = reloaded(**batch).logits
+        write_tensors(fed.params, fed.initial)
+        untrained = fed.model(**batch).logits
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(ours[:, 0], ours[:, 1])  # a trained head, not a constant
+    # Only if training moved the logits does the match say the trained adapter was saved.
+    assert not torch.allclose(ours, untrained)
 
 
 def test_the_cli_runs_a_job_in_a_real_process(tiny_overrides, tmp_path):

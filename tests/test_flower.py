@@ -2,20 +2,17 @@
 
 import pytest
 import torch
+from flwr.app import Context, Message, MessageType, RecordDict
+from typer.testing import CliRunner
 
-pytest.importorskip("flwr")
-
-from flwr.app import Context, Message, MessageType, RecordDict  # noqa: E402
-from typer.testing import CliRunner  # noqa: E402
-
-from sfedlora.cli import app  # noqa: E402
-from sfedlora.client import client_round  # noqa: E402
-from sfedlora.data import load_task  # noqa: E402
-from sfedlora.errors import SfedloraError  # noqa: E402
-from sfedlora.experiment import run  # noqa: E402
-from sfedlora.federation import build_federation  # noqa: E402
-from sfedlora.flower import client_app  # noqa: E402
-from sfedlora.flower.engine import run_simulation  # noqa: E402
+from sfedlora.cli import app
+from sfedlora.client import client_round
+from sfedlora.data import load_task
+from sfedlora.errors import SfedloraError
+from sfedlora.experiment import run
+from sfedlora.federation import build_federation
+from sfedlora.flower import client_app
+from sfedlora.flower.engine import run_simulation
 from sfedlora.flower.records import (
     DOWNLOAD,
     STATE_META,
@@ -24,9 +21,9 @@ from sfedlora.flower.records import (
     config_text,
     read_train_reply,
     request,
-)  # noqa: E402
-from sfedlora.methods import tensor_kind  # noqa: E402
-from sfedlora.rundir import read_metrics  # noqa: E402
+)
+from sfedlora.methods import tensor_kind
+from sfedlora.rundir import read_metrics
 
 COMPARED = (
     "train_loss",

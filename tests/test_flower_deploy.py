@@ -7,16 +7,14 @@ import time
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
-pytest.importorskip("flwr")
-
-from typer.testing import CliRunner  # noqa: E402
-
-from sfedlora.cli import app  # noqa: E402
-from sfedlora.config import build_config  # noqa: E402
-from sfedlora.flower.credentials import make_node_key  # noqa: E402
-from sfedlora.flower.deploy import LocalDeployment, prepare  # noqa: E402
-from sfedlora.rundir import read_metrics  # noqa: E402
+from sfedlora.cli import app
+from sfedlora.config import build_config
+from sfedlora.experiment import run
+from sfedlora.flower.credentials import make_node_key
+from sfedlora.flower.deploy import LocalDeployment, prepare
+from sfedlora.rundir import read_metrics
 
 
 def processes_in(workdir: Path) -> list[str]:
@@ -31,16 +29,38 @@ def processes_in(workdir: Path) -> list[str]:
     return pids
 
 
-def test_flower_up_runs_a_job_over_tls_and_stops_everything(tiny_overrides, tmp_path):
+# The same rounds as the embedded simulator's. fp32, so that processes agree to the last
+# bits; a learning rate at which the models leave the majority class within the two rounds,
+# so that the scores tell the trained personalised models from any other.
+SAME_AS_EMBEDDED = ("model.precision=fp32", "train.lr=0.01")
+COMPARED = (
+    "train_loss",
+    "update_norm",
+    "personal_accuracy_mean",
+    "personal_accuracy_min",
+    "personal_local_accuracy_mean",
+)
+
+
+def test_flower_up_runs_a_job_over_tls_and_stops_everything(tiny_config, tiny_overrides, tmp_path):
     workdir = tmp_path / "work"
-    sets = [a for o in [*tiny_overrides, "name=deployed"] for a in ("--set", o)]
+    sets = [a for o in [*tiny_overrides, *SAME_AS_EMBEDDED, "name=deployed"] for a in ("--set", o)]
     result = CliRunner().invoke(app, ["flower", "up", "--clients", "3", "--workdir", str(workdir), *sets])
     assert result.exit_code == 0, result.output
     run_dir = tmp_path / "runs" / "deployed"
     records = read_metrics(run_dir)
     assert [r["round"] for r in records] == [1, 2]
     assert all(r["aggregated"] == 3 and r["dropped"] == [] and r["bytes_up"] > 0 for r in records)
-    assert records[-1]["personal_accuracy_mean"] is not None
+    embedded = run(tiny_config(*SAME_AS_EMBEDDED, "name=embedded")).records
+    for a, b in zip(embedded, records, strict=True):
+        assert (a["clients"], a["bytes_up"], a["bytes_down"]) == (
+            b["clients"],
+            b["bytes_up"],
+            b["bytes_down"],
+        )
+        for key in COMPARED:
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-5), (a["round"], key)
+    assert records[-1]["personal_accuracy_mean"] != records[0]["personal_accuracy_mean"]  # the scores moved
     assert json.loads((run_dir / "summary.json").read_text())["rounds"] == 2
     # The rounds show as they land, and the summary at the end, as `sfedlora run` shows them.
     assert "round    1  loss" in result.output and "round    2  loss" in result.output

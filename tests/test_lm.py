@@ -403,10 +403,10 @@ def test_partition_command_shows_a_size_split(lm_overrides):
 def test_flower_client_app_trains_and_scores_a_causal_lm_client(lm_overrides, monkeypatch):
     """The Flower ClientApp runs the same code for a causal LM: it sends only A, and its
     evaluation reply carries the LM scores of its personalised model."""
-    pytest.importorskip("flwr")
     from flwr.app import Context, Message, MessageType, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
+    from sfedlora.client import client_round
     from sfedlora.evaluation import client_scores, outputs_of
     from sfedlora.federation import build_federation
     from sfedlora.flower import client_app
@@ -426,6 +426,10 @@ def test_flower_client_app_trains_and_scores_a_causal_lm_client(lm_overrides, mo
     assert set(scores) == {"loss", "perplexity", "accuracy"}
     untrained = client_scores(fed, fed.histograms[1], outputs_of(fed, fed.personal_tensors(1)))
     assert scores["loss"] != pytest.approx(untrained["loss"])  # the node scored its trained adapter
+    # ... and scored it as the simulator does: its own client step, then the personalised model.
+    fed.clients[1] = client_round(fed, fed.client(1), fed.clients[1], download, 1).state
+    trained = client_scores(fed, fed.histograms[1], outputs_of(fed, fed.personal_tensors(1), 1))
+    assert scores == pytest.approx(trained, rel=1e-5)
 
 
 def test_hub_sources_use_the_test_split_or_hold_out(monkeypatch):

@@ -56,6 +56,11 @@ def test_regression_targets_are_split_by_score_range():
     scores = np.linspace(0, 5, 400).astype(np.float32)
     parts = partition(scores, 4, "dirichlet", 0.5, 10, seed=0)
     assert_exact_cover(parts, 400)
+    # Skewed over score quartiles as labels are over classes: a client's quartile mix is far
+    # from the global 1/4 each (about 0.4 here; a split blind to the scores, about 0.1).
+    quartile = np.digitize(scores, [1.25, 2.5, 3.75])
+    mix = np.stack([np.bincount(quartile[p], minlength=4) / len(p) for p in parts])
+    assert 0.5 * np.abs(mix - 0.25).sum(1).mean() > 0.25
 
 
 def test_impossible_minimum_is_a_clear_error():

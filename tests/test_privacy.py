@@ -222,19 +222,34 @@ def test_client_dp_leaves_frozen_tensors_alone_and_replays_exactly(tiny_config):
     assert a.records[0]["grad_norm_A"] is None
 
 
-def test_server_dp_run_uses_the_dp_mean(tiny_config):
+def test_server_dp_run_adds_noise_of_std_sigma_c_over_the_clients_averaged(tiny_config):
+    from sfedlora.server import expected_update
+
+    sigma, clip = 0.5, 0.01
+    held = {}
     result = run(
         tiny_config(
             "method=fedit",
             "privacy.dp=server",
-            "privacy.noise_multiplier=0.5",
-            "privacy.clip_norm=0.01",
+            f"privacy.noise_multiplier={sigma}",
+            f"privacy.clip_norm={clip}",
+            "federation.rounds=4",
+            "faults.dropout=0.4",  # rounds that average 3, 2 and 1 of the 3 clients
+            "eval.every=4",
             "name=server-dp",
-        )
+        ),
+        on_start=lambda fed, run_dir: held.update(fed=fed),
     )
     records = result.records
-    # Each of the 3 clipped changes has norm <= 0.01; the noise on the mean has std 0.5 * 0.01 / 3 per entry.
-    assert all(r["update_norm"] > 0.01 for r in records)
+    entries = sum(t.numel() for t in expected_update(held["fed"], 1).values())
+    averaged = [r for r in records if r["aggregated"]]
+    assert len({r["aggregated"] for r in averaged}) >= 2, [r["aggregated"] for r in records]
+    for r in averaged:
+        # The server's change is the mean of n clipped changes (norm <= C) plus N(0, (σC/n)²) on
+        # each of its ~185,000 entries: its norm is the noise's, to well under 1%, as C² is
+        # under 0.1% of its square.
+        measured_std = r["update_norm"] / entries**0.5
+        assert measured_std == pytest.approx(sigma * clip / r["aggregated"], rel=0.02), r["round"]
     assert (
         records[0]["epsilon_max"] == pytest.approx(records[0]["epsilon_mean"])
         and records[0]["epsilon_max"] > 0
@@ -313,7 +328,6 @@ def _flower_run(tiny_overrides, *overrides):
 def test_secagg_on_flower_gives_the_plain_weighted_mean(tiny_config, tiny_overrides):
     """SecAgg+ on Flower's simulation engine against the embedded simulator's plain average
     (which the Flower runtime matches without SecAgg, tests/test_flower.py)."""
-    pytest.importorskip("flwr")
     overrides = ("federation.rounds=2", "model.precision=fp32", "method=fedit")
     embedded = run(tiny_config("name=plain", *overrides))
     # Changes stay far below 0.05 here: quantisation steps of 0.1 / 2^22 leave float error only.

@@ -297,10 +297,37 @@ def flower_up(
     print_summary(json.loads((run_dir / "summary.json").read_text()), run_dir)
 
 
+def _sweep_text(config: Path, overrides: list[str]) -> str:
+    """A sweep file as it runs: its base config resolved, then its grid (every cell checked)."""
+    import yaml
+
+    from .sweep import load_sweep
+
+    base, grid = load_sweep(config, None, overrides)
+    resolved = build_config(base).model_dump(mode="json")
+    # A method axis brings each cell its preset's scaling rule unless the base fixes one;
+    # the base's own method would pin its rule on every cell of the printed sweep.
+    if "method" in grid and (base.get("lora") or {}).get("scaling") is None:
+        resolved["lora"]["scaling"] = None
+    return yaml.safe_dump(resolved, sort_keys=False) + yaml.safe_dump(
+        {"grid": grid}, sort_keys=False, default_flow_style=None
+    )
+
+
 @app.command("config")
 def show_config(config: Path | None = ConfigArg, overrides: list[str] = SetOpt) -> None:
-    """Print the fully resolved config (the defaults when no file is given)."""
-    sys.stdout.write(dump_config(_load(config, overrides)))
+    """Print the fully resolved config (the defaults when no file is given); for a sweep file
+    (one with a grid: section), its resolved base config and then its grid."""
+    from .config import read_yaml_mapping
+
+    try:
+        if config is not None and "grid" in read_yaml_mapping(config):
+            text = _sweep_text(config, overrides)
+        else:
+            text = dump_config(load_config(config, overrides))
+    except SfedloraError as err:
+        _fail(str(err))
+    sys.stdout.write(text)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-FAULT_KINDS: tuple[str, ...] = ("nan", "inf", "shape", "scale")
 SCALE = 1e6
 
 

@@ -7,6 +7,7 @@ and the padding's are -100, the index PyTorch's cross-entropy ignores.
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 from dataclasses import dataclass
@@ -79,6 +80,36 @@ class LMExamples:
         )
 
 
+def check_text(path: Path, elsewhere: str) -> None:
+    """Raise a one-line SfedloraError unless ``path`` is UTF-8 text with something in it.
+
+    Every reader of a local data file calls this first, so a binary or empty file gets the
+    same message whichever reader meets it; ``elsewhere`` is the fix through the config. It
+    reads in chunks: a data file handed on to ``datasets`` need not fit in memory twice.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, blank = 0, True
+    with path.open("rb") as f:
+        while True:
+            chunk = f.read(1 << 20)
+            held = len(decoder.getstate()[0])  # the previous chunk's unfinished character
+            try:
+                text = decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as err:
+                at = offset - held + err.start
+                raise SfedloraError(
+                    f"data file {path} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset "
+                    f"{at}): save it as UTF-8 (e.g. iconv -f latin1 -t utf-8), or {elsewhere}"
+                ) from None
+            # A byte-order mark alone is no content (U+FEFF is not str.isspace()).
+            blank = blank and all(c.isspace() or c == "\ufeff" for c in text)
+            if not chunk:
+                break
+            offset += len(chunk)
+    if blank:
+        raise SfedloraError(f"data file {path} is empty: write its examples into it, or {elsewhere}")
+
+
 def read_records(path: str | Path, task: str) -> list[tuple[str, dict]]:
     """(where, record) pairs of a JSONL file (one object per line) or a JSON file (an array of objects)."""
     p = Path(path)
@@ -87,7 +118,8 @@ def read_records(path: str | Path, task: str) -> list[tuple[str, dict]]:
             f"data file {p} not found: set data.train_file / data.eval_file to your {task} JSON or JSONL "
             "files, or use data.source=hub"
         )
-    text = p.read_text(encoding="utf-8")
+    check_text(p, f"point data.train_file / data.eval_file at your {task} data")
+    text = p.read_text(encoding="utf-8-sig")  # a BOM is no part of the first record
     if p.suffix.lower() == ".json" and text.lstrip().startswith("["):
         try:
             rows = json.loads(text)

@@ -13,7 +13,7 @@ from ..config import DataConfig
 from ..errors import SfedloraError
 from .examples import CLASSIFICATION, REGRESSION, Examples, TaskData
 from .glue import GLUE_TASKS, TaskSpec
-from .lm import LM_TASKS, load_lm_task
+from .lm import LM_TASKS, check_text, load_lm_task
 
 csv.field_size_limit(sys.maxsize)
 
@@ -47,10 +47,9 @@ def read_glue_tsv(path: str | Path, spec: TaskSpec) -> Examples:
             f"data file {path} not found: data.data_dir must hold the GLUE {spec.name} files (train.tsv, "
             f"{spec.dev_file})"
         )
+    check_text(path, f"point data.data_dir at the GLUE {spec.name} folder")
     with path.open(newline="", encoding="utf-8-sig") as f:  # some GLUE files start with a BOM
         rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-    if not rows:
-        raise SfedloraError(f"data file {path} is empty")
     columns = [spec.tsv_text, spec.tsv_pair, spec.tsv_label]
     if spec.tsv_header:
         header, body, first_line = rows[0], rows[1:], 2
@@ -148,6 +147,8 @@ def _load_table(path: str):
         kind, extra = "csv", {"delimiter": "\t" if suffix == ".tsv" else ","}
     else:
         raise SfedloraError(f"data file {p} has an unknown format: use .csv, .tsv, .json or .jsonl")
+    # datasets reports a binary or empty file as a generic generation error, or a traceback.
+    check_text(p, "point data.train_file / data.eval_file at your data")
     try:
         return datasets.load_dataset(kind, data_files=str(p), split="train", **extra)
     except Exception as err:  # datasets raises many types for malformed files
@@ -255,7 +256,10 @@ def load_task(cfg: DataConfig, seed: int = 0) -> TaskData:
                 "data.source=tsv needs data.data_dir: a directory with the GLUE train.tsv and dev.tsv"
             )
         if not Path(cfg.data_dir).is_dir():
-            raise SfedloraError(f"data.data_dir {cfg.data_dir} is not a directory")
+            raise SfedloraError(
+                f"data.data_dir {cfg.data_dir} is not a directory: point it at the folder of the GLUE "
+                f"{cfg.task} train.tsv and {GLUE_TASKS[cfg.task].dev_file}"
+            )
         data = _load_glue_dir(cfg.task, Path(cfg.data_dir))
     elif cfg.source == "hub":
         data = _load_hub(cfg)
