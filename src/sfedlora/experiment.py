@@ -150,8 +150,9 @@ def run(
             on_start(fed, run_dir)
         settings = _collapse_settings(fed)
         _play(fed, runtime, run_dir, records, on_record, settings)
+        clients_here = runtime.finish(fed)
         if cfg.save_adapters:
-            save_adapters(fed, run_dir, runtime.clients_here)
+            save_adapters(fed, run_dir, clients_here)
         summary = run_summary(fed, records, settings, time.perf_counter() - start)
         write_json(run_dir / "summary.json", summary)
         # Finished: nothing left to resume, and client states of a large model are big.

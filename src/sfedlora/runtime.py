@@ -19,7 +19,7 @@ from .federation import Federation
 
 class Runtime(Protocol):
     # Whether the clients' state lives in this process: then it is checkpointed (so a run
-    # can resume) and every personalised adapter is saved at the end.
+    # can resume).
     clients_here: bool
 
     def check(self, cfg: RunConfig) -> None:
@@ -36,6 +36,10 @@ class Runtime(Protocol):
 
     def close(self) -> None:
         """Release what :meth:`start` set up."""
+
+    def finish(self, fed: Federation) -> bool:
+        """End the run after its last round; whether every client's personalised tensors are
+        now in ``fed`` (to be saved as adapters)."""
 
 
 def play(fed: Federation, runtime: Runtime) -> Iterator[dict]:

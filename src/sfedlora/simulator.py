@@ -90,6 +90,9 @@ class Simulator:
     def evaluate(self, fed: Federation) -> dict:
         return evaluate(fed, executor=self.executor)
 
+    def finish(self, fed: Federation) -> bool:
+        return True  # every client's state is here
+
     def close(self) -> None:
         if self.executor is not None:
             self.executor.close()

@@ -200,6 +200,14 @@ class FlowerConfig(_Section):
             "Flower simulation: CPU cores reserved per ClientApp (clients train concurrently as cores allow)."
         ),
     )
+    collect_adapters: bool = Field(
+        False,
+        description=(
+            "At the end of the run each SuperNode sends its personalised adapter to the server, which "
+            "saves it under adapters/client_XX as the embedded simulator does; otherwise personalised "
+            "adapters stay on the nodes (saved there with the node config key state-dir)."
+        ),
+    )
     client_gpus: float = Field(
         0.0,
         ge=0,

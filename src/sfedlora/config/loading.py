@@ -104,6 +104,7 @@ NON_RESULT_KEYS = frozenset(
         "flower.connect_timeout",
         "flower.client_cpus",
         "flower.client_gpus",
+        "flower.collect_adapters",
         "simulator.workers",
     }
 )

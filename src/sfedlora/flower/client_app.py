@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from pathlib import Path
 
 import torch
 import yaml
@@ -23,7 +24,17 @@ from ..errors import SfedloraError
 from ..evaluation import client_scores, outputs_of
 from ..federation import Node, build_node
 from ..logs import quiet_libraries
-from .records import CONFIG, RESULT, load_state, read_request, save_state, train_reply
+from .records import (
+    CONFIG,
+    RESULT,
+    UPDATE,
+    is_finish,
+    load_state,
+    read_request,
+    save_state,
+    tensors_record,
+    train_reply,
+)
 from .secagg import FITINS_CONFIG, fit_result, from_parameters, secagg_mod
 
 log = logging.getLogger("sfedlora")
@@ -77,10 +88,21 @@ def _check_node(cfg, text: str, client: int, round_: int, download, context: Con
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Handshake: tell the server which client this node holds."""
-    cfg, _, _, _, _ = read_request(msg)
+    """Handshake: tell the server which client this node holds. At the end of the run: save
+    the personalised adapter under the node's ``state-dir`` and, if the run asks, send it."""
+    cfg, text, client, round_, download = read_request(msg)
     k = partition_id(context, cfg.federation.n_clients)
-    return Message(RecordDict({CONFIG: ConfigRecord({"client": k})}), reply_to=msg)
+    reply = RecordDict({CONFIG: ConfigRecord({"client": k})})
+    if is_finish(msg):
+        node, _, download, state = _check_node(cfg, text, client, round_, download, context)
+        personal = {**state.tensors, **download}
+        if "state-dir" in context.node_config:
+            path = Path(str(context.node_config["state-dir"])) / "adapters" / f"client_{k:02d}"
+            shared = node.shared
+            shared.ranks.save(shared.model, shared.params, personal, k, path)
+        if cfg.flower.collect_adapters:
+            reply[UPDATE] = tensors_record(personal)
+    return Message(reply, reply_to=msg)
 
 
 @app.train()

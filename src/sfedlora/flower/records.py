@@ -33,15 +33,18 @@ def record_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
     return dict(record.to_torch_state_dict())
 
 
-def request(cfg_text: str, client: int, round_: int, download: dict[str, torch.Tensor]) -> RecordDict:
+def request(
+    cfg_text: str, client: int, round_: int, download: dict[str, torch.Tensor], finish: bool = False
+) -> RecordDict:
     """A server → client message body: the config (so a fresh node needs nothing else), the
-    client index the server expects at that node, the round, and the download."""
-    return RecordDict(
-        {
-            CONFIG: ConfigRecord({"config": cfg_text, "client": client, "round": round_}),
-            DOWNLOAD: tensors_record(download),
-        }
-    )
+    client index the server expects at that node, the round, and the download. ``finish``
+    marks the query that ends the run (the node saves, and maybe sends, its adapter)."""
+    meta = {"config": cfg_text, "client": client, "round": round_, "finish": int(finish)}
+    return RecordDict({CONFIG: ConfigRecord(meta), DOWNLOAD: tensors_record(download)})
+
+
+def is_finish(msg: Message) -> bool:
+    return bool(msg.content.config_records[CONFIG].get("finish", 0))
 
 
 def config_text(cfg: RunConfig) -> str:

@@ -23,7 +23,16 @@ from ..experiment import RunResult, run
 from ..federation import Federation
 from ..logs import quiet_libraries, round_lines
 from ..server import Inbox, conclude_round, expected_update, nbytes, sample_clients
-from .records import CONFIG, RESULT, config_text, read_train_reply, request, stats_result
+from .records import (
+    CONFIG,
+    RESULT,
+    UPDATE,
+    config_text,
+    read_train_reply,
+    record_tensors,
+    request,
+    stats_result,
+)
 from .secagg import SecAggRound, from_parameters, to_parameters
 
 log = logging.getLogger("sfedlora")
@@ -59,6 +68,28 @@ class FlowerRounds:
 
     def evaluate(self, fed: Federation) -> dict:
         return evaluate(fed, personal=lambda: self.personal(fed))
+
+    def finish(self, fed: Federation) -> bool:
+        """End the run on every node (each saves its adapter where it keeps its state); with
+        ``flower.collect_adapters``, take every client's personalised adapter into ``fed``."""
+        collect = self.cfg.flower.collect_adapters
+        clients = list(range(len(fed.clients)))
+        replies = self.ask(
+            MessageType.QUERY,
+            clients,
+            lambda k: request(self.text, k, fed.round, fed.download(k), finish=True),
+            "finish",
+        )
+        missing = []
+        for k, reply in replies.items():
+            if isinstance(reply, str) or (collect and UPDATE not in reply.content.array_records):
+                missing.append(k)
+                log.warning("client %d (node %d) did not finish the run: %s", k, self.nodes[k], reply)
+            elif collect:
+                fed.clients[k].tensors = record_tensors(reply.content.array_records[UPDATE])
+        if collect and missing:
+            log.warning("personalised adapters not saved: clients %s did not send theirs", missing)
+        return collect and not missing
 
     def close(self) -> None:
         pass
