@@ -39,35 +39,22 @@ def tsv_dir(tmp_path, train, dev=SST2_HEADER + "fine\t1\n"):
     return ["--set", "data.source=tsv", "--set", f"data.data_dir={d}"]
 
 
+def source_files(train, evals, *extra):
+    """``--set`` arguments for data.source=files with these training and evaluation files."""
+    sets = ["data.source=files", "data.task=mine", f"data.train_file={train}", f"data.eval_file={evals}"]
+    return [arg for o in sets for arg in ("--set", o)] + list(extra)
+
+
 def files(tmp_path, name, text, *extra):
     f = tmp_path / name
     write(f, text)
-    return [
-        "--set",
-        "data.source=files",
-        "--set",
-        "data.task=mine",
-        "--set",
-        f"data.train_file={f}",
-        "--set",
-        f"data.eval_file={f}",
-        *extra,
-    ]
+    return source_files(f, f, *extra)
 
 
 def eval_label_out_of_range(tmp_path):
     (tmp_path / "train.csv").write_text("sentence,label\na,0\nb,1\n")
     (tmp_path / "dev.csv").write_text("sentence,label\nc,7\n")
-    return [
-        "--set",
-        "data.source=files",
-        "--set",
-        "data.task=mine",
-        "--set",
-        f"data.train_file={tmp_path}/train.csv",
-        "--set",
-        f"data.eval_file={tmp_path}/dev.csv",
-    ]
+    return source_files(tmp_path / "train.csv", tmp_path / "dev.csv")
 
 
 def gsm8k_file(tmp_path, content):

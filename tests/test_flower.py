@@ -3,6 +3,7 @@
 import pytest
 import torch
 from flwr.app import Context, Message, MessageType, RecordDict
+from test_flower_parity import adapters
 from typer.testing import CliRunner
 
 from sfedlora.cli import app
@@ -37,7 +38,7 @@ COMPARED = (
 # The mixed-rank case also evaluates a sample of 2 of the 3 clients: Flower must ask the same ones.
 @pytest.mark.parametrize(
     "ranks",
-    [(), ("lora.rank=8", "lora.client_ranks=[2, 4, 8]", "eval.clients=2")],
+    [(), ("lora.rank=8", "lora.client_ranks=[2, 4, 8]", "eval.clients=2", "flower.collect_adapters=true")],
     ids=["one-rank", "mixed-ranks"],
 )
 def test_flower_simulation_matches_the_embedded_simulator(tiny_config, tiny_overrides, ranks):
@@ -70,8 +71,16 @@ def test_flower_simulation_matches_the_embedded_simulator(tiny_config, tiny_over
     for name in ("config.yaml", "partition.json", "metrics.jsonl", "summary.json"):
         assert (run_dir / name).is_file()
     assert not (run_dir / "checkpoint.pt").exists()
-    # FedSA-LoRA's B stays on the clients: the server has no personalised adapters to save.
-    assert not (run_dir / "adapters").exists()
+    if not ranks:
+        # FedSA-LoRA's B stays on the clients: unasked, the server has no personalised adapters to save.
+        assert not (run_dir / "adapters").exists()
+        return
+    # Asked, every node sends its own, saved at its rank as the simulator saves it.
+    ours, theirs = adapters(embedded.run_dir), adapters(run_dir)
+    assert sorted(theirs) == ["client_00", "client_01", "client_02"] and ours.keys() == theirs.keys()
+    for name in ours:
+        for t in ours[name]:
+            assert (ours[name][t] - theirs[name][t]).abs().max() <= 1e-5, (name, t)
 
 
 def test_injected_faults_and_resume_are_refused_on_flower(tiny_config):
