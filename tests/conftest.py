@@ -95,3 +95,12 @@ def lm_overrides(tmp_path, cache, monkeypatch):
         "eval.max_new_tokens=8",
         "lora.rank=4",
     ]
+
+
+@pytest.fixture
+def server_identity(monkeypatch):
+    """What Flower sets in a ServerApp process, so that tests can create messages."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1)

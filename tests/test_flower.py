@@ -90,15 +90,6 @@ def test_injected_faults_and_resume_are_refused_on_flower(tiny_config):
     assert result.exit_code == 2 and "--resume works with the embedded simulator only" in result.output
 
 
-@pytest.fixture
-def server_identity(monkeypatch):
-    """What Flower sets in a ServerApp process, so that tests can create messages."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, attr, 1)
-
-
 def _message(cfg, k, round_, download):
     return Message(
         request(config_text(cfg), k, round_, download), dst_node_id=7, message_type=MessageType.TRAIN

@@ -342,15 +342,6 @@ def test_secagg_on_flower_gives_the_plain_weighted_mean(tiny_config, tiny_overri
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (a["round"], key)
 
 
-@pytest.fixture
-def server_identity(monkeypatch):
-    """What Flower sets in a ServerApp process, so that tests can create messages."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, attr, 1)
-
-
 def test_client_dp_on_flower_is_the_simulators_client_round(tiny_config, server_identity):
     """The ClientApp trains with the same DP-SGD code: the same noise, the same bits."""
     from flwr.app import Context, Message, MessageType, RecordDict

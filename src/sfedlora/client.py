@@ -42,21 +42,19 @@ class ClientResult:
     steps: int
     # kind → mean L2 norm of its gradient (pre-clipping)
     grad_norm: dict[str, float] = field(default_factory=dict)
+    examples: int = 0  # the client's training examples: its weight in the server's mean
 
     def stats(self) -> dict[str, float | int]:
         """As flat named numbers (a Flower MetricRecord); :meth:`from_stats` reads them back."""
-        return {
-            "loss": self.loss,
-            "steps": self.steps,
-            **{f"grad_norm.{k}": v for k, v in self.grad_norm.items()},
-        }
+        norms = {f"grad_norm.{k}": v for k, v in self.grad_norm.items()}
+        return {"loss": self.loss, "steps": self.steps, "examples": self.examples, **norms}
 
     @classmethod
     def from_stats(cls, stats) -> ClientResult:
         norms = {
             k.removeprefix("grad_norm."): float(v) for k, v in stats.items() if k.startswith("grad_norm.")
         }
-        return cls(loss=float(stats["loss"]), steps=int(stats["steps"]), grad_norm=norms)
+        return cls(float(stats["loss"]), int(stats["steps"]), norms, int(stats.get("examples", 0)))
 
 
 def new_client_state(tensors: Mapping[str, torch.Tensor], seed: int) -> ClientState:
@@ -237,6 +235,7 @@ def client_round(
         # Under DP-SGD each example's gradient must be its own, whatever else is in the batch.
         functools.partial(shared.task.loss, compute=shared.compute, per_example=client.dp is not None),
     )
+    result.examples = client.size
     if not np.isfinite(result.loss):
         return ClientOutcome(received, None, {})
     trained.tensors = shared.ranks.view(trained.tensors, k)

@@ -108,11 +108,12 @@ class Node:
     fresh: ClientState  # its state before its first round
 
 
-def build_node(cfg: RunConfig, data: TaskData, k: int) -> Node:
+def build_node(cfg: RunConfig, data: TaskData, k: int, local: bool = False) -> Node:
     """Client ``k`` of ``cfg``: only its own partition is encoded, only its state is built,
-    so a node's memory and start-up do not grow with the number of clients."""
+    so a node's memory and start-up do not grow with the number of clients. With ``local``,
+    ``data`` is the node's own (all of it is the client's), not the run's whole dataset."""
     shared = build_shared(cfg, data)
-    part = split_clients(cfg, data.train.labels)[k]
+    part = np.arange(len(data.train)) if local else split_clients(cfg, data.train.labels)[k]
     train = shared.task.encode(data.train.subset(part), shared.tokenizer, cfg.model.max_length, "training")
     sizes = np.array([len(part)])
     return Node(

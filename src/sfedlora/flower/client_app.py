@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from pathlib import Path
 
 import torch
 import yaml
@@ -24,6 +23,7 @@ from ..errors import SfedloraError
 from ..evaluation import client_scores, outputs_of
 from ..federation import Node, build_node
 from ..logs import quiet_libraries
+from .node_state import load_state_file, local_data, save_state_file, state_file
 from .records import (
     CONFIG,
     RESULT,
@@ -43,18 +43,21 @@ log = logging.getLogger("sfedlora")
 app = ClientApp(mods=[secagg_mod])
 
 # The one module-level cache: the Node this process serves (the shared base model, its own
-# client's data and initial state), keyed by (sha256 of the run's config text, partition id);
+# client's data and initial state), keyed by (sha256 of the run's config text, partition id,
+# node-local data settings);
 # built on the first message, reused for every later one, replaced when either changes. The
 # client's state between rounds is in Context.state.
-_node: dict[tuple[str, int], Node] = {}
+_node: dict[tuple[str, int, str], Node] = {}
 
 
-def node_for(cfg, text: str, k: int) -> Node:
-    key = (hashlib.sha256(text.encode()).hexdigest(), k)
+def node_for(cfg, text: str, k: int, node_config) -> Node:
+    local = local_data(cfg.data, node_config)
+    key = (hashlib.sha256(text.encode()).hexdigest(), k, str(local))
     if key not in _node:
         _node.clear()
         quiet_libraries()  # a Ray worker or SuperNode process starts with the libraries' chatty defaults
-        _node[key] = build_node(cfg, load_task(cfg.data, seed=cfg.seed), k)
+        data = load_task(local or cfg.data, seed=cfg.seed)
+        _node[key] = build_node(cfg, data, k, local=local is not None)
     return _node[key]
 
 
@@ -73,17 +76,30 @@ def partition_id(context: Context, n_clients: int) -> int:
     return k
 
 
-def _setup(msg: Message, context: Context):
+def _setup(msg: Message, context: Context, training: bool = False):
     cfg, text, client, round_, download = read_request(msg)
-    return _check_node(cfg, text, client, round_, download, context)
+    return _check_node(cfg, text, client, round_, download, context, training)
 
 
-def _check_node(cfg, text: str, client: int, round_: int, download, context: Context):
+def _check_node(cfg, text: str, client: int, round_: int, download, context: Context, training: bool = False):
     k = partition_id(context, cfg.federation.n_clients)
     if client != k:
         raise SfedloraError(f"server asked this node for client {client}, but it holds partition {k}")
-    node = node_for(cfg, text, k)
-    return node, round_, download, load_state(context.state, node.fresh)
+    node = node_for(cfg, text, k, context.node_config)
+    state = load_state(context.state, None)
+    path = state_file(context.node_config)
+    if state is None and path is not None:  # a node process started again mid-run
+        # Training builds on the rounds before this one; scoring and finishing on this one too.
+        state = load_state_file(path, context.run_id, k, round_ if training else round_ + 1)
+    return node, round_, download, state or node.fresh
+
+
+def _keep(context: Context, k: int, round_: int, state) -> None:
+    """The client's state after a round: in Context.state and, with state-dir, on the node's disk."""
+    save_state(context.state, state)
+    path = state_file(context.node_config)
+    if path is not None:
+        save_state_file(path, context.run_id, k, round_, state)
 
 
 @app.query()
@@ -96,10 +112,11 @@ def query(msg: Message, context: Context) -> Message:
     if is_finish(msg):
         node, _, download, state = _check_node(cfg, text, client, round_, download, context)
         personal = {**state.tensors, **download}
-        if "state-dir" in context.node_config:
-            path = Path(str(context.node_config["state-dir"])) / "adapters" / f"client_{k:02d}"
+        if (path := state_file(context.node_config)) is not None:
             shared = node.shared
-            shared.ranks.save(shared.model, shared.params, personal, k, path)
+            shared.ranks.save(
+                shared.model, shared.params, personal, k, path.parent / "adapters" / f"client_{k:02d}"
+            )
         if cfg.flower.collect_adapters:
             reply[UPDATE] = tensors_record(personal)
     return Message(reply, reply_to=msg)
@@ -109,9 +126,9 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     if FITINS_CONFIG in msg.content.config_records:
         return train_secure(msg, context)
-    node, round_, download, state = _setup(msg, context)
+    node, round_, download, state = _setup(msg, context, training=True)
     outcome = client_round(node.shared, node.client, state, download, round_)
-    save_state(context.state, outcome.state)
+    _keep(context, node.client.k, round_, outcome.state)
     return Message(train_reply(outcome.result, outcome.update), reply_to=msg)
 
 
@@ -123,13 +140,14 @@ def train_secure(msg: Message, context: Context) -> Message:
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     text = str(fitins.config["config"])
     cfg = build_config(yaml.safe_load(text))
-    shared = node_for(cfg, text, partition_id(context, cfg.federation.n_clients)).shared
+    k = partition_id(context, cfg.federation.n_clients)
+    shared = node_for(cfg, text, k, context.node_config).shared
     download = from_parameters(fitins.parameters, shared.method.download(shared.initial))
     node, round_, download, state = _check_node(
-        cfg, text, int(fitins.config["client"]), int(fitins.config["round"]), download, context
+        cfg, text, int(fitins.config["client"]), int(fitins.config["round"]), download, context, training=True
     )
     outcome = client_round(shared, node.client, state, download, round_)
-    save_state(context.state, outcome.state)
+    _keep(context, k, round_, outcome.state)
     reference = shared.method.upload(download, round_)
     change = {
         n: outcome.update[n] - reference[n] if outcome.result is not None else torch.zeros_like(reference[n])

@@ -95,7 +95,7 @@ def save_state(state: RecordDict, client: ClientState) -> None:
     )
 
 
-def load_state(state: RecordDict, fresh: ClientState) -> ClientState:
+def load_state(state: RecordDict, fresh: ClientState | None) -> ClientState | None:
     """The client state kept in ``Context.state``, or ``fresh`` before the client's first round."""
     if STATE_TENSORS not in state:
         return fresh

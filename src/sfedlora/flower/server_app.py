@@ -172,7 +172,11 @@ class FlowerRounds:
                 )
                 inbox.dropped.append(k)
                 continue
-            inbox.receive(k, *read_train_reply(reply))
+            result, update = read_train_reply(reply)
+            if result is not None and result.examples:
+                # A node with its own data (node config data-dir) says how much it has.
+                fed.client_sizes[k] = result.examples
+            inbox.receive(k, result, update)
         return conclude_round(fed, round_, inbox, start)
 
     def play_secure(self, fed: Federation) -> dict:
