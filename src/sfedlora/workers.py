@@ -25,8 +25,8 @@ import torch
 from .errors import SfedloraError
 from .wire import pack, unpack
 
-# The one module-level mutable state: the federation the forked workers inherit. Set by
-# ClientWorkers() and cleared by close(); one pool at a time per process.
+# Set in each worker process only (by _init): the federation it was forked with. The pool
+# hands it to _init through fork, not pickling, so the frozen base model's pages stay shared.
 _FED = None
 
 try:
@@ -58,7 +58,9 @@ if _LIBC is not None:
     _LIBC.mallinfo2.restype = _MallInfo2
 
 
-def _init() -> None:
+def _init(fed) -> None:
+    global _FED
+    _FED = fed
     # Ctrl-C reaches the whole process group: the parent handles it and ends the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # A progress bar may have swapped in proxies whose lock its thread (not forked) held.
@@ -102,14 +104,12 @@ class ClientWorkers:
     """``n`` forked workers holding ``fed``; :meth:`map` runs ``fn(fed, *args)`` in them."""
 
     def __init__(self, fed, n: int):
-        global _FED
-        # Kept until close(): a worker the pool forks to replace a dead one inherits it too.
-        _FED = fed
         # Fast tokenizers' thread pool does not survive a fork; the workers only pad.
         previous = os.environ.get("TOKENIZERS_PARALLELISM")
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
         try:
-            self._pool = multiprocessing.get_context("fork").Pool(n, initializer=_init)
+            # A worker the pool forks to replace a dead one gets the same initializer and fed.
+            self._pool = multiprocessing.get_context("fork").Pool(n, initializer=_init, initargs=(fed,))
         finally:
             if previous is None:
                 del os.environ["TOKENIZERS_PARALLELISM"]
@@ -150,7 +150,5 @@ class ClientWorkers:
         return [p.pid for p in self._processes]
 
     def close(self) -> None:
-        global _FED
         self._pool.terminate()
         self._pool.join()
-        _FED = None
