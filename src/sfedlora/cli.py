@@ -19,6 +19,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from .cli_results import register_result_commands
 from .config import RunConfig, build_config, dump_config, load_config
 from .errors import SfedloraError
 from .logs import quiet_libraries, round_lines, score_text
@@ -252,6 +253,8 @@ def report(path: Path = typer.Argument(..., help="A run directory or a sweep dir
         _fail(str(err))
     console.print(f"report: {out}")
 
+
+register_result_commands(app, _fail, console)
 
 flower_app = typer.Typer(help="Run on Flower's Deployment Engine (SuperLink and SuperNodes).")
 app.add_typer(flower_app, name="flower")

@@ -26,6 +26,7 @@ from .rundir import (
 )
 from .runtime import Runtime, play
 from .simulator import Simulator
+from .tracking import Trackers, check_installed, open_trackers
 
 log = logging.getLogger("sfedlora")
 
@@ -136,6 +137,7 @@ def run(
     else:
         run_dir = check_run_dir(cfg)
     runtime.check(cfg)
+    check_installed(cfg.report_to)
     fed = build_federation(cfg, load_task(cfg.data, seed=cfg.seed))
     if resume is None:
         create_run_dir(run_dir, cfg)
@@ -149,7 +151,8 @@ def run(
         if on_start:
             on_start(fed, run_dir)
         settings = _collapse_settings(fed)
-        _play(fed, runtime, run_dir, records, on_record, settings)
+        with open_trackers(cfg, run_dir, fed.round) as trackers:
+            _play(fed, runtime, run_dir, records, on_record, settings, trackers)
         clients_here = runtime.finish(fed)
         if cfg.save_adapters:
             save_adapters(fed, run_dir, clients_here)
@@ -161,9 +164,15 @@ def run(
 
 
 def _play(
-    fed: Federation, runtime: Runtime, run_dir: Path, records: list[dict], on_record, settings: dict
+    fed: Federation,
+    runtime: Runtime,
+    run_dir: Path,
+    records: list[dict],
+    on_record,
+    settings: dict,
+    trackers: Trackers,
 ) -> None:
-    """The rounds: each record flagged for collapse where it shows, logged, checkpointed."""
+    """The rounds: each record flagged for collapse where it shows, logged, tracked, checkpointed."""
     cfg = fed.cfg
     flagged = any("collapse" in r or "overfit" in r for r in records)  # a resumed run flagged it already
     writer = MetricsWriter(run_dir / "metrics.jsonl")
@@ -186,6 +195,7 @@ def _play(
                     "" if verdict.final else " (judged again over the whole run in summary.json)",
                 )
             writer.write(record)
+            trackers.log(record)
             last = fed.round == cfg.federation.rounds
             if runtime.clients_here and (fed.round % cfg.checkpoint_every == 0 or last):
                 save_checkpoint(fed, run_dir)

@@ -6,6 +6,7 @@
     <run>/summary.json         final and best metric, wall time
     <run>/adapters/global/     the global adapter (methods without client-local tensors)
     <run>/adapters/client_XX/  each client's personalised adapter (methods with local tensors)
+    <run>/tensorboard/, wandb/ the report_to backends' logs (sfedlora.tracking)
 
 Adapters are in PEFT format: ``PeftModel.from_pretrained(base, path)`` loads them.
 """

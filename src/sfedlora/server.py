@@ -8,6 +8,7 @@ the federation's global tensors and returns the round's metrics record.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -29,6 +30,23 @@ def nbytes(tensors: dict[str, torch.Tensor]) -> int:
 def _mean_of(results: list[ClientResult], kind: str) -> float | None:
     values = [r.grad_norm[kind] for r in results if kind in r.grad_norm]
     return float(np.mean(values)) if values else None
+
+
+def client_stats(results: list[tuple[int, ClientResult]]) -> list[dict]:
+    """Each trained client's loss and gradient norms, for per-client curves; JSON's null
+    where a value is not finite (a gradient that overflowed)."""
+
+    def finite(v: float) -> float | None:
+        return v if math.isfinite(v) else None
+
+    return [
+        {
+            "client": k,
+            "train_loss": finite(r.loss),
+            **{f"grad_norm_{kind}": finite(v) for kind, v in r.grad_norm.items()},
+        }
+        for k, r in results
+    ]
 
 
 DIVERGED = "non-finite training loss; client state restored"
@@ -138,6 +156,7 @@ def conclude_round(fed: Federation, round_: int, inbox: Inbox, start: float) -> 
         else float("nan"),
         "grad_norm_A": _mean_of(trained, "A"),
         "grad_norm_B": _mean_of(trained, "B"),
+        "client_stats": client_stats(inbox.results),
         "update_norm": update_norm,
         "gamma": fed.gamma,
         **fed.ranks.record(inbox.clients),

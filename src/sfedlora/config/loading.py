@@ -100,6 +100,7 @@ NON_RESULT_KEYS = frozenset(
         "output_dir",
         "checkpoint_every",
         "save_adapters",
+        "report_to",
         "flower.round_timeout",
         "flower.connect_timeout",
         "flower.client_cpus",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import (
     Field,
     model_validator,
@@ -32,6 +34,14 @@ class RunConfig(_Section):
         True,
         description=(
             "Save the final adapters in PEFT format (turn off for large sweeps that need only metrics)."
+        ),
+    )
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(
+        [],
+        description=(
+            "Backends that also get each round's metrics (server, evaluation, per client): tensorboard "
+            "(event files in <run>/tensorboard) and/or wandb (<run>/wandb, offline unless WANDB_MODE is "
+            'set); each needs the extra of its name: pip install "sfedlora[tensorboard]".'
         ),
     )
     method: str = Field("sfed-lora", description=f"One of {', '.join(PRESETS)}.")

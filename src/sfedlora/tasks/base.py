@@ -85,6 +85,11 @@ class Task:
         """Per client: label counts where there are classes, else the example count."""
         return np.array([[len(p)] for p in parts])
 
+    def hf_config(self) -> dict:
+        """Settings the model's Hugging Face config needs for transformers' pipelines to read
+        its outputs as this task does (an exported model)."""
+        return {}
+
     # The trivial predictor a run must beat on :meth:`judged_metric` (sfedlora.collapse).
     trivial_name: ClassVar[str] = "the model before training"
 

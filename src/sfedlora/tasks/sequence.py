@@ -79,6 +79,9 @@ class Classification(SequenceTask):
 
     trivial_name = "the majority class"
 
+    def hf_config(self) -> dict:
+        return {"problem_type": "single_label_classification"}
+
     def collapse_margin(self, data: Encoded, trivial: float) -> float:
         return 0.02  # accuracy points
 
@@ -120,6 +123,9 @@ class Regression(SequenceTask):
     num_labels = 1
 
     trivial_name = "the constant mean predictor"
+
+    def hf_config(self) -> dict:
+        return {"problem_type": "regression"}  # else a one-output pipeline applies a sigmoid
 
     def collapse_margin(self, data: Encoded, trivial: float) -> float:
         """Two standard errors of the correlation of a predictor unrelated to the labels
