@@ -67,9 +67,9 @@ def under_a_file(tmp_path):
     return ["--set", f"output_dir={tmp_path}/f/runs", "--set", "name=mine"]  # a name without a timestamp
 
 
-def yaml_file(tmp_path, text):
+def yaml_file(tmp_path, text: str | bytes):
     f = tmp_path / "c.yaml"
-    f.write_text(text)
+    f.write_bytes(text if isinstance(text, bytes) else text.encode())
     return [str(f)]
 
 
@@ -101,6 +101,10 @@ CASES = {
     "missing config file": (lambda t: [str(t / "missing.yaml")], "missing.yaml not found"),
     "broken YAML": (lambda t: yaml_file(t, "federation:\n  rounds: [1\n"), "is not valid YAML at line"),
     "YAML not a mapping": (lambda t: yaml_file(t, "- 1\n- 2\n"), "must hold a mapping of sections"),
+    "YAML not UTF-8": (  # Latin-1 "é" (0xe9) in a comment, at offset 2
+        lambda t: yaml_file(t, "# \xe9t\xe9\nfederation: {rounds: 2}\n".encode("latin-1")),
+        "c.yaml is not UTF-8 text (byte 0xe9 at offset 2): save it as UTF-8",
+    ),
     "unknown model path": (
         lambda t: ["--set", f"model.name_or_path={t}/nomodel"],
         "nomodel has no config.json",
@@ -129,7 +133,7 @@ CASES = {
     "file format": (lambda t: files(t, "d.parquet", "x"), "d.parquet has an unknown format"),
     "file column": (
         lambda t: files(t, "d.csv", "text,label\na,0\n"),
-        "training data has no column 'sentence'",
+        "training data <tmp>/d.csv has no column 'sentence'",
     ),
     "file not UTF-8 (csv)": (
         lambda t: files(t, "d.csv", XLSX),
@@ -150,7 +154,11 @@ CASES = {
         lambda t: files(t, "d.csv", "sentence,y\na,0\n"),
         "training data has no column 'label'",
     ),
-    "label out of range": (eval_label_out_of_range, "evaluation data: labels must lie in 0..1; found 7..7"),
+    "label out of range": (
+        eval_label_out_of_range,
+        "evaluation data <tmp>/dev.csv: labels must lie in 0..1 (the training data's classes); found 7..7: "
+        "relabel it, or set data.num_labels to the number of classes",
+    ),
     "split impossible": (
         lambda t: ["--set", "partition.min_size=5000"],
         "cannot give 10 clients at least 5000 examples",
@@ -177,7 +185,7 @@ def test_bad_input(case, tmp_path):
     result = runner.invoke(app, ["run", "--set", f"output_dir={tmp_path}/runs", *make_args(tmp_path)])
     out = result.stderr.strip()
     assert result.exit_code == 2, result.output
-    assert message in out
+    assert message.replace("<tmp>", str(tmp_path)) in out
     assert len(out.splitlines()) == 1 and out.startswith("error: ") and result.stdout == ""
     assert not (tmp_path / "runs").exists()  # nothing written
     assert_documented(out, tmp_path)

@@ -71,7 +71,12 @@ def read_yaml_mapping(path: str | Path) -> dict:
             f"config file {path} not found: pass the path of a YAML file, e.g. examples/sfed-lora.yaml"
         )
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise SfedloraError(
+            f"config file {path} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset "
+            f"{err.start}): save it as UTF-8"
+        ) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f" at line {mark.line + 1}" if mark else ""

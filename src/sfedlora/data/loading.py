@@ -128,7 +128,8 @@ def _columns_to_examples(
         and (labels.min() < 0 or labels.max() >= n_labels)
     ):
         raise SfedloraError(
-            f"{where}: labels must lie in 0..{n_labels - 1}; found {labels.min()}..{labels.max()}"
+            f"{where}: labels must lie in 0..{n_labels - 1} (the training data's classes); found "
+            f"{labels.min()}..{labels.max()}: relabel it, or set data.num_labels to the number of classes"
         )
     pairs = None if cfg.text_pair_column is None else [str(t) for t in table[cfg.text_pair_column]]
     return Examples([str(t) for t in table[cfg.text_column]], pairs, labels)
@@ -162,7 +163,10 @@ def _label_vocabulary(values, num_labels: int | None) -> tuple[dict | None, int]
     if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
         n = num_labels or int(max(values)) + 1
         if min(values) < 0 or max(values) >= n:
-            raise SfedloraError(f"labels must lie in 0..{n - 1}; found {min(values)}..{max(values)}")
+            raise SfedloraError(
+                f"training data: labels must lie in 0..{n - 1}; found {min(values)}..{max(values)}: relabel "
+                "it, or set data.num_labels to the number of classes"
+            )
         return None, n
     names = sorted({str(v) for v in values})
     return {name: i for i, name in enumerate(names)}, len(names)
@@ -177,10 +181,26 @@ def _load_custom(train, evals, cfg: DataConfig, name: str) -> TaskData:
     values = list(train[cfg.label_column])
     regression = cfg.num_labels == 1 or (cfg.num_labels is None and values and isinstance(values[0], float))
     label_ids, n = (None, 1) if regression else _label_vocabulary(values, cfg.num_labels)
+    # Name the files where there are files, so an error says which one to fix.
+    files = cfg.source == "files"
     return _task_data(
         name,
-        _columns_to_examples(train, cfg, "training data", label_ids, regression, n),
-        _columns_to_examples(evals, cfg, "evaluation data", label_ids, regression, n),
+        _columns_to_examples(
+            train,
+            cfg,
+            f"training data {cfg.train_file}" if files else "training data",
+            label_ids,
+            regression,
+            n,
+        ),
+        _columns_to_examples(
+            evals,
+            cfg,
+            f"evaluation data {cfg.eval_file}" if files else "evaluation data",
+            label_ids,
+            regression,
+            n,
+        ),
         regression,
         n,
         "pearson" if regression else "accuracy",
