@@ -15,9 +15,8 @@ from pathlib import Path
 from .config import RunConfig, load_config
 from .data import TaskData, load_task
 from .errors import SfedloraError
-from .methods import get_method
 from .models import Compute
-from .shared import split_clients
+from .shared import method_of, split_clients
 from .tasks import Task, get_task
 
 
@@ -36,8 +35,7 @@ class FinishedRun:
         return self.cfg.federation.n_clients
 
     def has_global_model(self) -> bool:
-        f = self.cfg.federation
-        return not get_method(self.cfg.method, f.local_head, f.head_probe_rounds).has_local_state()
+        return not method_of(self.cfg).has_local_state()
 
     def client_models_differ(self) -> bool:
         """Whether clients' models differ from each other (and from any global one): local

@@ -28,6 +28,7 @@ With one rank for all, n_k = N and γ_k is the uniform α·√(N/r).
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -175,15 +176,16 @@ class RankPlan:
             check_realised(rule, alpha, plan.ranks[k], plan.holders[k], plan.layer_gamma(k))
         return plan
 
-    @property
+    # Derived once: every round's record reads a γ per sampled client.
+    @functools.cached_property
     def top(self) -> int:
         """The client whose γ the global model runs with: one of the highest rank."""
         return max(range(len(self.ranks)), key=lambda k: self.ranks[k])
 
-    @property
+    @functools.cached_property
     def gammas(self) -> tuple[float, ...]:
         """γ_k of every client: the rule at the client's own rank and holder count n_k."""
-        return tuple(self.gamma_of(k) for k in range(len(self.ranks)))
+        return tuple(gamma(self.rule, self.alpha, r, n) for r, n in zip(self.ranks, self.holders))
 
     @property
     def global_gamma(self) -> float:
@@ -204,8 +206,7 @@ class RankPlan:
 
     def gamma_of(self, k: int | None) -> float:
         """The rule's γ for client ``k`` (None: the global model), as reported."""
-        k = self.top if k is None else k
-        return gamma(self.rule, self.alpha, self.ranks[k], self.holders[k])
+        return self.gammas[self.top if k is None else k]
 
     def layer_gamma(self, k: int | None) -> float:
         """The γ PEFT computes from :meth:`peft_kwargs`: what the layers run with and load with."""

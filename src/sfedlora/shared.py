@@ -92,11 +92,15 @@ def expected_steps(cfg: RunConfig, n_examples: int) -> int:
     return math.ceil(client_steps(cfg, n_examples) * fed.rounds * fed.sampled_per_round() / fed.n_clients)
 
 
+def method_of(cfg: RunConfig) -> Method:
+    """The federated method ``cfg`` names, with its head settings."""
+    f = cfg.federation
+    return get_method(cfg.method, local_head=f.local_head, head_probe_rounds=f.head_probe_rounds)
+
+
 def build_shared(cfg: RunConfig, data: TaskData) -> Shared:
     """The method, task and model of ``cfg``; checks first the settings they cannot run."""
-    method = get_method(
-        cfg.method, local_head=cfg.federation.local_head, head_probe_rounds=cfg.federation.head_probe_rounds
-    )
+    method = method_of(cfg)
     if method.has_local_state() and not cfg.eval.personalised:
         raise SfedloraError(
             f"eval.personalised=false leaves nothing to evaluate: {cfg.method} has no global model "

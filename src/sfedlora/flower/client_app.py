@@ -86,7 +86,7 @@ def _check_node(cfg, text: str, client: int, round_: int, download, context: Con
     if client != k:
         raise SfedloraError(f"server asked this node for client {client}, but it holds partition {k}")
     node = node_for(cfg, text, k, context.node_config)
-    state = load_state(context.state, None)
+    state = load_state(context.state)
     path = state_file(context.node_config)
     if state is None and path is not None:  # a node process started again mid-run
         # Training builds on the rounds before this one; scoring and finishing on this one too.

@@ -95,10 +95,10 @@ def save_state(state: RecordDict, client: ClientState) -> None:
     )
 
 
-def load_state(state: RecordDict, fresh: ClientState | None) -> ClientState | None:
-    """The client state kept in ``Context.state``, or ``fresh`` before the client's first round."""
+def load_state(state: RecordDict) -> ClientState | None:
+    """The client state kept in ``Context.state``; None before the process's first round."""
     if STATE_TENSORS not in state:
-        return fresh
+        return None
     meta = state.config_records[STATE_META]
     optimizer = unpack(meta["optimizer"])
     rng = torch.frombuffer(bytearray(meta["rng"]), dtype=torch.uint8).clone()
