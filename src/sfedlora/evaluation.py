@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .executors import Executor, InProcess
 from .shared import Shared
 
 if TYPE_CHECKING:
+    from .executors import Executor
     from .federation import Federation
 
 # Metrics where lower is better; every other metric (accuracy, F1, MCC, correlations) is higher-better.
@@ -82,8 +82,8 @@ def evaluate(
         elif personal is not None:
             per_client = personal()
         else:
-            executor = executor or InProcess(fed)
-            outputs = executor.map(outputs_of, ((fed.personal_tensors(k), k) for k in ks))
+            jobs = ((fed.personal_tensors(k), k) for k in ks)
+            outputs = executor.outputs(jobs) if executor else (outputs_of(fed, *job) for job in jobs)
             per_client = [client_scores(fed, fed.histograms[k], o) for k, o in zip(ks, outputs)]
         if per_client:
             out.update({f"personal_{k}": v for k, v in summarise(per_client).items()})

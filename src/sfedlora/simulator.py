@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-from .client import ClientOutcome, ClientState, client_round
 from .config import RunConfig
 from .errors import SfedloraError
 from .evaluation import evaluate
@@ -19,11 +18,6 @@ from .federation import Federation
 from .robust import corrupt
 from .runtime import play
 from .server import Inbox, conclude_round, expected_update, sample_clients
-
-
-def train(fed: Federation, k: int, state: ClientState, download: dict, round_: int) -> ClientOutcome:
-    """Client ``k``'s round, as an executor runs it (here or in a worker that inherited ``fed``)."""
-    return client_round(fed, fed.client(k), state, download, round_)
 
 
 def run_round(fed: Federation, executor: Executor | None = None) -> dict:
@@ -53,9 +47,10 @@ def run_round(fed: Federation, executor: Executor | None = None) -> dict:
             inbox.dropped.append(k)
         else:
             training.append((k, download, u_bad < faults.bad_update, kind))
-    # A generator: each client's old state is read only when its turn comes, and dropped once replaced.
+    # Lazily: a per-client executor reads each client's old state only when its turn comes,
+    # and it is dropped once replaced.
     executor = executor or InProcess(fed)
-    outcomes = executor.map(train, ((k, fed.clients[k], d, round_) for k, d, _, _ in training))
+    outcomes = executor.train(((k, fed.clients[k], d) for k, d, _, _ in training), round_)
     for (k, _, bad, kind), outcome in zip(training, outcomes):
         fed.clients[k] = outcome.state
         update = outcome.update

@@ -168,6 +168,25 @@ class SimulatorConfig(_Section):
         ),
     )
 
+    engine: Literal["auto", "per-client", "fused"] = Field(
+        "per-client",
+        description=(
+            "per-client: each sampled client's local steps alone (in this process, or in `workers`); "
+            "fused: the round's clients in lockstep, local step t of all of them one batched computation "
+            "(rows sorted by length across clients, each row through its own client's adapter); the same "
+            "results up to float rounding and dropout masks (docs/architecture.md). auto: the faster one "
+            "for the workload (benchmarks/README.md)."
+        ),
+    )
+    fused_tokens: int = Field(
+        2048,
+        ge=1,
+        description=(
+            "fused engine: padded tokens (rows x longest row) per micro-batch; bounds its activation memory. "
+            "Larger batches use the cores better but re-add padding."
+        ),
+    )
+
     @field_validator("workers")
     @classmethod
     def _positive(cls, v):

@@ -21,6 +21,11 @@ class Encoded:
     def subset(self, idx) -> Encoded:
         return Encoded([self.features[i] for i in idx], self.labels[np.asarray(idx, dtype=np.int64)])
 
+    @classmethod
+    def concat(cls, parts: list[Encoded]) -> Encoded:
+        """The examples of ``parts``, one after another (several clients' rows in one batch)."""
+        return cls([f for p in parts for f in p.features], np.concatenate([p.labels for p in parts]))
+
     def lengths(self) -> np.ndarray:
         return np.fromiter(
             (len(f["input_ids"]) for f in self.features), dtype=np.int64, count=len(self.features)

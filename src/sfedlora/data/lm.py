@@ -262,6 +262,13 @@ class LMEncoded:
     def __len__(self) -> int:
         return len(self.features)
 
+    @classmethod
+    def concat(cls, parts: list[LMEncoded]) -> LMEncoded:
+        """The examples of ``parts``, one after another (several clients' rows in one batch)."""
+        return cls(
+            *([x for p in parts for x in getattr(p, f)] for f in ("features", "prompt_lengths", "references"))
+        )
+
     def subset(self, idx) -> LMEncoded:
         return LMEncoded(
             [self.features[i] for i in idx],

@@ -57,9 +57,23 @@ def private_gradient(
     drawn one, keeps the batch size from depending on the data (Opacus does the same).
     """
     clipped = clip_per_example(grad_samples, clip_norm) if grad_samples else {}
+    sums = {name: c.sum(0).float() for name, c in clipped.items()}
+    return noisy_mean(sums, shapes, clip_norm, noise_multiplier, expected_batch_size, generator)
+
+
+def noisy_mean(
+    sums: Mapping[str, torch.Tensor],
+    shapes: Mapping[str, torch.Size],
+    clip_norm: float,
+    noise_multiplier: float,
+    expected_batch_size: float,
+    generator: torch.Generator,
+) -> dict[str, torch.Tensor]:
+    """The second half of :func:`private_gradient`, from the sums of clipped per-example
+    gradients (a missing sum is zero): noise drawn tensor by tensor in ``shapes``' order."""
     out = {}
     for name, shape in shapes.items():
-        total = clipped[name].sum(0).float() if name in clipped else torch.zeros(shape)
+        total = sums[name] if name in sums else torch.zeros(shape)
         out[name] = (
             total + gaussian_noise(total, noise_multiplier * clip_norm, generator)
         ) / expected_batch_size

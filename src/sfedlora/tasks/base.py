@@ -26,6 +26,8 @@ class Task:
     has_head: ClassVar[bool] = True  # a task head that trains with (or before) the adapter
     has_labels: ClassVar[bool] = True  # labels a Dirichlet split can follow
     has_classes: ClassVar[bool] = False  # classes: a majority baseline and label-mix scores
+    # outputs are the logits of every dev example, which the fused engine can batch across models
+    outputs_are_logits: ClassVar[bool] = False
 
     def __init__(self, data: TaskData):
         self.name = data.name
@@ -68,6 +70,18 @@ class Task:
         must be a mean of per-example losses that each depend on their own example only (what
         DP-SGD's per-example clipping needs); one label per example already is."""
         return compute.forward(model, batch).loss
+
+    def row_counts(self, labels: torch.Tensor, per_example: bool = False) -> torch.Tensor:
+        """What each row of a batch counts for in :meth:`loss`'s mean: one example, by default."""
+        return torch.ones(labels.shape[0], dtype=torch.float32, device=labels.device)
+
+    def row_losses(
+        self, logits: torch.Tensor, labels: torch.Tensor, per_example: bool = False
+    ) -> torch.Tensor:
+        """Each row's loss summed over its :meth:`row_counts`: the loss of any rows is
+        Σ sums / Σ counts, what :meth:`loss` gives on a batch of them alone (the fused engine
+        runs many clients' rows in one batch and weighs each client's rows by its own count)."""
+        raise NotImplementedError
 
     def outputs(self, model: torch.nn.Module, data, tokenizer, cfg: EvalConfig, compute: Compute):
         """What the model produces on the evaluation data, for :meth:`scores`."""

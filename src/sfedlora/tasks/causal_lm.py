@@ -45,14 +45,23 @@ class CausalLM(Task):
         if not per_example:
             return super().loss(model, batch, compute)
         labels = batch["labels"].to(compute.device)
-        logits = compute.forward(model, {k: v for k, v in batch.items() if k != "labels"}).logits.float()
+        logits = compute.forward(model, {k: v for k, v in batch.items() if k != "labels"}).logits
+        return self.row_losses(logits, labels, per_example=True).mean()
+
+    def row_counts(self, labels: torch.Tensor, per_example: bool = False) -> torch.Tensor:
+        if per_example:
+            return super().row_counts(labels)
+        return (labels[:, 1:] != IGNORE).sum(1).float()  # the answer tokens: token t predicts t + 1
+
+    def row_losses(self, logits: torch.Tensor, labels: torch.Tensor, per_example: bool = False):
+        """Token losses summed per row; with ``per_example``, each row's own token mean, so that
+        an example's gradient does not depend on how many tokens the others have."""
         # Token t predicts token t+1: drop the last logit and the first label.
         targets = labels[:, 1:]
         nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE, reduction="none"
-        )  # [batch, length - 1]
-        counted = (targets != IGNORE).sum(1).clamp(min=1)
-        return (nll.sum(1) / counted).mean()
+            logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE, reduction="none"
+        ).sum(1)
+        return nll / (targets != IGNORE).sum(1).clamp(min=1) if per_example else nll
 
     def encode(self, examples, tokenizer, max_length: int, split: str) -> LMEncoded:
         return encode_lm(examples, tokenizer, max_length, split)

@@ -46,6 +46,7 @@ class SequenceTask(Task):
     """A classifier head on the base model's sequence representation."""
 
     num_labels: int  # outputs of the head
+    outputs_are_logits = True
 
     def build_model(self, cfg: RunConfig, compute: Compute, n_sampled: int, data: TaskData):
         m, lora = cfg.model, cfg.lora
@@ -84,6 +85,9 @@ class Classification(SequenceTask):
 
     def collapse_margin(self, data: Encoded, trivial: float) -> float:
         return 0.02  # accuracy points
+
+    def row_losses(self, logits: torch.Tensor, labels: torch.Tensor, per_example: bool = False):
+        return torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")
 
     def scores(self, outputs: np.ndarray, data: Encoded) -> dict[str, float]:
         """Accuracy, MCC and, for two classes, F1; whether every prediction is one class."""
@@ -131,6 +135,9 @@ class Regression(SequenceTask):
         """Two standard errors of the correlation of a predictor unrelated to the labels
         (1/√n on n examples): what such a predictor scores by chance."""
         return 2.0 / len(data) ** 0.5
+
+    def row_losses(self, logits: torch.Tensor, labels: torch.Tensor, per_example: bool = False):
+        return (logits.float().reshape(-1) - labels.float()) ** 2  # the model's own loss: MSE
 
     def scores(self, outputs: np.ndarray, data: Encoded) -> dict[str, float]:
         """Pearson and Spearman correlation of the predictions with the labels, their mean

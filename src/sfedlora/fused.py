@@ -1,0 +1,288 @@
+"""The fused engine: the round's clients in lockstep, each local step one batched computation.
+
+Local step t of every sampled client is one pass over all their step-t rows, sorted by
+length across clients and cut into micro-batches of at most ``simulator.fused_tokens``
+padded tokens: a round holds sentences of every length, so sorting across clients nearly
+removes padding, and the frozen base layers see a few large batches instead of N small
+ones. Each row goes through its own client's adapter (:mod:`sfedlora.rowwise`); each
+client's loss is the mean over its own rows (or tokens), as its own step would take it;
+each client's gradient is measured, clipped and applied by its own optimizer
+(:mod:`sfedlora.stacked`). Clients with fewer local steps leave the lockstep when done.
+
+What differs from the per-client engine is float summation order, and dropout: the masks
+come from a stream seeded by the round's clients, reproducible but not the per-client
+engine's (a mask depends on the batch it is drawn for).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .client import ClientOutcome, ClientResult, ClientState, _batch_indices, lr_at
+from .errors import SfedloraError
+from .methods import tensor_kind
+from .privacy.mechanisms import clip_per_example, noisy_mean, poisson_batches
+from .ranks import pad
+from .rowwise import PER_CLIENT, Rows, rowwise
+from .shared import ClientSpec, Shared, client_steps, expected_steps
+from .stacked import StackedOptimizer
+
+
+def micro_batches(lengths: np.ndarray, budget: int) -> list[np.ndarray]:
+    """Indices of ``lengths`` sorted by length, cut so that each micro-batch's padded tokens
+    (rows × its longest row) stay within ``budget``; a longer row goes alone."""
+    order = np.argsort(lengths, kind="stable")
+    out, start = [], 0
+    for i in range(1, len(order) + 1):
+        if i == len(order) or (i + 1 - start) * lengths[order[i]] > budget:
+            out.append(order[start:i])
+            start = i
+    return out
+
+
+def check_fused(shared: Shared) -> None:
+    """Refuse what the fused engine cannot run yet, naming the engine that can."""
+    if shared.compute.precision == "fp16":
+        raise SfedloraError(
+            f"the fused engine has no fp16 loss scaling: use model.precision=bf16, or {PER_CLIENT}"
+        )
+
+
+@dataclass
+class _Client:
+    """One sampled client inside the engine's round."""
+
+    spec: ClientSpec
+    received: ClientState  # its state with the download: what it keeps if its loss is not finite
+    trained: ClientState  # the copy that trains
+    generator: torch.Generator
+    seed: int  # drawn from its stream where its own training seeds dropout
+    batches: list[np.ndarray]
+    total: int  # steps its persistent schedule spans
+    noise: torch.Generator | None  # DP-SGD's noise stream
+    losses: list[float] = field(default_factory=list)
+    norms: list[dict[str, float]] = field(default_factory=list)
+
+
+def _start(shared: Shared, spec: ClientSpec, state: ClientState, download: dict) -> _Client:
+    # As client_round and train_client begin: the download on top, the stream drawn in the same order.
+    received = ClientState(
+        {**state.tensors, **{n: t.clone() for n, t in download.items()}},
+        state.rng,
+        state.optimizer,
+        state.steps,
+    )
+    trained = copy.deepcopy(received)
+    g = torch.Generator().manual_seed(0)
+    g.set_state(received.rng)
+    seed = int(torch.randint(2**62, (1,), generator=g))
+    cfg = shared.cfg
+    steps = client_steps(cfg, spec.size)
+    if spec.dp is None:
+        batches = _batch_indices(
+            spec.data.lengths(), cfg.train.batch_size, steps, g, cfg.train.group_by_length
+        )
+    else:
+        batches = poisson_batches(spec.size, spec.dp.sample_rate, steps, g)
+    noise = None if spec.dp is None else spec.dp.noise_generator(g)
+    return _Client(spec, received, trained, g, seed, batches, expected_steps(cfg, spec.size), noise)
+
+
+def _kind_norms(grads: dict[str, torch.Tensor], slots: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per kind, each of ``slots``' gradient norm (what train_client reports, before clipping)."""
+    sq: dict[str, torch.Tensor] = {}
+    for n, g in grads.items():
+        k = tensor_kind(n)
+        sq[k] = sq.get(k, 0) + g[slots].float().pow(2).flatten(1).sum(1)
+    return {k: v.sqrt() for k, v in sq.items()}
+
+
+def stack(shared: Shared, models: Sequence[tuple[dict, int]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The (tensors, client) ``models`` as stacked tensors at full rank, a slot each, and their γ."""
+    full = [pad(tensors, shared.params) for tensors, _ in models]
+    device = shared.compute.device
+    stacks = {n: torch.stack([f[n] for f in full]).to(device) for n in shared.params}
+    gammas = [shared.ranks.layer_gamma(k) for _, k in models]
+    return stacks, torch.tensor(gammas, dtype=torch.float32, device=device)
+
+
+class FusedRound:
+    """One round of the fused engine over ``clients`` (spec, state, download) of ``shared``."""
+
+    def __init__(self, shared: Shared, jobs: Sequence[tuple[ClientSpec, ClientState, dict]], round_: int):
+        self.shared, self.round = shared, round_
+        self.clients = [_start(shared, *job) for job in jobs]
+        self.device = shared.compute.device
+        trained_kinds = shared.method.trained(round_)
+        self.names = list(shared.params)
+        self.trained = [n for n in self.names if tensor_kind(n) in trained_kinds]
+        self.stacks, self.gammas = stack(shared, [(c.trained.tensors, c.spec.k) for c in self.clients])
+        for n in self.trained:
+            self.stacks[n].requires_grad_(True)
+        self.optimizer = StackedOptimizer(shared.cfg.train, self.stacks, self.names)
+        if shared.cfg.train.optimizer_state == "persistent":
+            for slot, c in enumerate(self.clients):
+                self.optimizer.load(slot, c.trained.optimizer)
+        self.pool = type(self.clients[0].spec.data).concat([c.spec.data for c in self.clients])
+        sizes = [c.spec.size for c in self.clients]
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        self.lengths = self.pool.lengths()
+        # DP-SGD: the clients' sums of clipped per-example gradients, noised at the step's end
+        self.private = self.clients[0].spec.dp is not None
+        self.clipped = {n: torch.zeros_like(self.stacks[n]) for n in self.trained} if self.private else {}
+        self.rows = Rows(samples={} if self.private else None)
+
+    def run(self, budget: int) -> list[ClientOutcome]:
+        model = self.shared.model
+        # Dropout draws from the global stream: seed it from the round's clients, as each
+        # client's own training seeds it from its stream.
+        torch.manual_seed(int(np.random.SeedSequence([c.seed for c in self.clients]).generate_state(1)[0]))
+        model.train()
+        with rowwise(model, self.stacks, self.rows):
+            for t in range(max(len(c.batches) for c in self.clients)):
+                self._step(t, budget)
+        return [self._outcome(slot, c) for slot, c in enumerate(self.clients)]
+
+    def _step(self, t: int, budget: int) -> None:
+        shared, task, compute, private = self.shared, self.shared.task, self.shared.compute, self.private
+        active = [s for s, c in enumerate(self.clients) if t < len(c.batches)]
+        slot_of = np.concatenate([np.full(len(self.clients[s].batches[t]), s) for s in active]).astype(
+            np.int64
+        )
+        index = np.concatenate([self.offsets[s] + self.clients[s].batches[t] for s in active]).astype(
+            np.int64
+        )
+        cuts = micro_batches(self.lengths[index], budget)
+        owners = [torch.from_numpy(slot_of[mb]).to(self.device) for mb in cuts]
+        batches = [self.pool.collate(index[mb], shared.tokenizer) for mb in cuts]
+        # Each client's loss is its own rows' mean: weigh each row by its client's total count.
+        totals = torch.zeros(len(self.clients), device=self.device)
+        for owner, batch in zip(owners, batches):
+            totals.index_add_(0, owner, task.row_counts(batch["labels"].to(self.device), private))
+        loss_of = torch.zeros(len(self.clients), device=self.device)
+        for owner, batch in zip(owners, batches):
+            self.rows.set(owner, self.gammas[owner])
+            labels = batch.pop("labels").to(self.device)
+            logits = compute.forward(shared.model, batch).logits
+            losses = task.row_losses(logits, labels, private)
+            # DP-SGD wants each row's own gradient unweighted, as it clips it before any mean.
+            (losses if private else losses / totals[owner]).sum().backward()
+            loss_of.index_add_(0, owner, (losses.detach() / totals[owner]).float())
+            if private:
+                self._clip(owner)
+        self._apply(t, torch.tensor(active, device=self.device), loss_of, set(slot_of.tolist()))
+
+    def _clip(self, owner: torch.Tensor) -> None:
+        """Clip this micro-batch's per-example gradients, and add them to their clients' sums."""
+        clip = self.clients[0].spec.dp.clip_norm
+        samples = {n: g.float() for n, g in self.rows.samples.items()}
+        for n, g in clip_per_example(samples, clip).items():
+            self.clipped[n].index_add_(0, owner, g)
+        self.rows.samples.clear()
+
+    def _noise(self, active: torch.Tensor) -> None:
+        """Each active client's DP-SGD gradient from its clipped sum and its own noise stream."""
+        shapes = {n: self.stacks[n].shape[1:] for n in self.trained}
+        for s in active.tolist():
+            c = self.clients[s]
+            sums = {n: self.clipped[n][s].cpu() for n in self.trained}
+            dp = c.spec.dp
+            private = noisy_mean(
+                sums, shapes, dp.clip_norm, dp.noise_multiplier, dp.sample_rate * c.spec.size, c.noise
+            )
+            for n in self.trained:
+                if self.stacks[n].grad is None:
+                    self.stacks[n].grad = torch.zeros_like(self.stacks[n])
+                self.stacks[n].grad[s] = private[n].to(self.device)
+                self.clipped[n][s] = 0
+
+    def _apply(self, t: int, active: torch.Tensor, loss_of: torch.Tensor, had_rows: set[int]) -> None:
+        cfg = self.shared.cfg.train
+        if self.private:
+            self._noise(active)
+        grads = {n: self.stacks[n].grad for n in self.trained}
+        norms = _kind_norms(grads, active)
+        if cfg.max_grad_norm is not None and grads and not self.private:
+            # torch's clip_grad_norm_, each client over its own gradient
+            total = torch.stack([v for v in norms.values()]).pow(2).sum(0).sqrt()
+            coef = (cfg.max_grad_norm / (total + 1e-6)).clamp(max=1.0)
+            for g in grads.values():
+                g[active] *= coef.reshape(-1, *([1] * (g.dim() - 1))).to(g.dtype)
+        persistent = cfg.optimizer_state == "persistent"
+        lrs = []
+        for i, s in enumerate(active.tolist()):
+            c = self.clients[s]
+            if s in had_rows:  # a Poisson batch may be empty: no loss, but the noise still steps
+                c.losses.append(float(loss_of[s]))
+            c.norms.append({k: float(v[i]) for k, v in norms.items()})
+            steps = len(c.batches)
+            lrs.append(lr_at(c.trained.steps, c.total, cfg) if persistent else lr_at(t, steps, cfg))
+            c.trained.steps += 1
+        self.optimizer.step(self.trained, active, torch.tensor(lrs, dtype=torch.float64, device=self.device))
+        for g in grads.values():
+            g.zero_()
+
+    def _outcome(self, slot: int, c: _Client) -> ClientOutcome:
+        shared = self.shared
+        kinds = sorted({k for n in c.norms for k in n})
+        result = ClientResult(
+            loss=float(np.mean(c.losses)) if c.losses else 0.0,
+            steps=len(c.batches),
+            grad_norm={k: float(np.mean([n[k] for n in c.norms])) for k in kinds},
+            examples=c.spec.size,
+        )
+        if not np.isfinite(result.loss):
+            return ClientOutcome(c.received, None, {})
+        state = c.trained
+        state.tensors = shared.ranks.view(
+            {n: s[slot].detach().clone() for n, s in self.stacks.items()}, c.spec.k
+        )
+        persistent = shared.cfg.train.optimizer_state == "persistent"
+        state.optimizer = self.optimizer.state_dict(slot) if persistent else None
+        state.rng = c.generator.get_state()
+        return ClientOutcome(state, result, shared.method.upload(state.tensors, self.round))
+
+
+def fused_round(
+    shared: Shared, jobs: Sequence[tuple[ClientSpec, ClientState, dict]], round_: int
+) -> list[ClientOutcome]:
+    """The client side of a round for all of ``jobs`` at once: what :func:`sfedlora.client.client_round`
+    gives for each, up to float summation order (and dropout masks)."""
+    if not jobs:
+        return []
+    return FusedRound(shared, jobs, round_).run(shared.cfg.simulator.fused_tokens)
+
+
+@torch.no_grad()
+def fused_outputs(shared: Shared, models: Sequence[tuple[dict, int]], group: int = 64) -> list[np.ndarray]:
+    """The dev-set logits of each (tensors, client) model, as the task's ``outputs`` gives them
+    one model at a time: every model's rows sorted by length together and batched by the
+    token budget; ``group`` models' tensors stacked at once, so memory does not grow with N."""
+    data, compute, rows = shared.eval_data, shared.compute, Rows()
+    budget = shared.cfg.simulator.fused_tokens
+    out: list[np.ndarray] = []
+    shared.model.eval()
+    for first in range(0, len(models), group):
+        chunk = models[first : first + group]
+        stacks, gammas = stack(shared, chunk)
+        n = len(data)
+        slot_of = np.repeat(np.arange(len(chunk)), n)
+        example = np.tile(np.arange(n), len(chunk))
+        logits: np.ndarray | None = None
+        with rowwise(shared.model, stacks, rows):
+            for mb in micro_batches(np.tile(data.lengths(), len(chunk)), budget):
+                batch = data.collate(example[mb], shared.tokenizer)
+                batch.pop("labels")
+                owner = torch.from_numpy(slot_of[mb]).to(compute.device)
+                rows.set(owner, gammas[owner])
+                values = compute.forward(shared.model, batch).logits.float().cpu().numpy()
+                if logits is None:
+                    logits = np.empty((len(chunk), n, values.shape[-1]), dtype=np.float32)
+                logits[slot_of[mb], example[mb]] = values
+        out.extend(logits)
+    return out

@@ -1,0 +1,211 @@
+"""The fused engine against the per-client one: same adapters, same metrics (fp32, dropout off)."""
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from sfedlora.config import TrainConfig, build_config
+from sfedlora.data import load_task
+from sfedlora.errors import SfedloraError
+from sfedlora.evaluation import evaluate
+from sfedlora.executors import Fused, InProcess, make_executor
+from sfedlora.federation import build_federation
+from sfedlora.fused import micro_batches
+from sfedlora.simulator import run_round
+from sfedlora.stacked import StackedOptimizer
+
+SGD = ("model.precision=fp32", "train.optimizer=sgd", "train.lr=0.05", "simulator.fused_tokens=96")
+
+
+def federation(cfg):
+    fed = build_federation(cfg, load_task(cfg.data, seed=cfg.seed))
+    # Dropout masks depend on the batch they are drawn for, so the engines draw different ones.
+    for m in fed.model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    return fed
+
+
+def both(cfg, rounds=2):
+    """The same run on each engine: (per-client federation, fused federation, their records)."""
+    feds, records = [], []
+    for engine in (InProcess, Fused):
+        fed = federation(cfg)
+        executor = engine(fed)
+        records.append([run_round(fed, executor) for _ in range(rounds)])
+        records[-1].append(evaluate(fed, executor=executor))
+        feds.append(fed)
+    return (*feds, *records)
+
+
+def assert_same(a, b, ra, rb, atol=1e-5):
+    for k in range(len(a.clients)):
+        assert a.clients[k].tensors.keys() == b.clients[k].tensors.keys()
+        for n, t in a.clients[k].tensors.items():
+            torch.testing.assert_close(b.clients[k].tensors[n], t, atol=atol, rtol=0, msg=f"client {k} {n}")
+        assert a.clients[k].steps == b.clients[k].steps
+    for n, t in a.server.items():
+        torch.testing.assert_close(b.server[n], t, atol=atol, rtol=0, msg=n)
+    for x, y in zip(ra, rb):
+        for key, value in x.items():
+            if isinstance(value, float) and key != "seconds":
+                assert y[key] == pytest.approx(value, abs=1e-5), key
+
+
+@pytest.mark.parametrize("method", ["fedit", "ffa-lora", "fedsa-lora", "rolora", "fedsa-rslora", "sfed-lora"])
+def test_every_method_trains_the_same_adapters_fused(tiny_config, method):
+    a, b, ra, rb = both(tiny_config(*SGD, f"method={method}"))
+    assert_same(a, b, ra, rb)
+    assert ra[-1]["personal_accuracy_mean"] == pytest.approx(rb[-1]["personal_accuracy_mean"], abs=1e-9)
+
+
+def test_unequal_clients_mixed_ranks_and_local_epochs_fused(tiny_config):
+    """Clients of unequal size take unequal local steps (local_epochs) at their own rank and γ:
+    those done leave the lockstep; SGD momentum and weight decay; a local head."""
+    cfg = tiny_config(
+        *SGD,
+        "partition.kind=size",
+        "partition.beta=1.0",
+        "federation.local_steps=null",
+        "federation.local_epochs=0.3",
+        "lora.rank=8",
+        "lora.client_ranks=[2, 4, 8]",
+        "train.momentum=0.9",
+        "train.weight_decay=0.01",
+        "federation.local_head=true",
+    )
+    a, b, ra, rb = both(cfg)
+    steps = [a.clients[k].steps for k in range(3)]
+    assert len(set(steps)) > 1  # the lockstep really had clients leave early
+    assert_same(a, b, ra, rb)
+
+
+def test_persistent_adamw_with_clipping_fused(tiny_config):
+    """AdamW's moments carried across rounds in torch's own state_dict format, a per-client
+    schedule, and clipping by each client's own norm (max_grad_norm small enough to bite).
+
+    AdamW divides by √v: where a gradient element is near zero, float-order noise becomes an
+    update of up to lr, so the engines agree to a fraction of lr rather than to 1e-5."""
+    cfg = tiny_config(
+        "model.precision=fp32",
+        "train.optimizer_state=persistent",
+        "train.schedule=cosine",
+        "train.warmup_steps=1",
+        "train.max_grad_norm=0.05",
+        "train.lr=0.0005",
+        "simulator.fused_tokens=96",
+    )
+    a, b, ra, rb = both(cfg, rounds=3)
+    assert_same(a, b, ra, rb, atol=0.1 * cfg.train.lr)
+    assert b.clients[0].optimizer["state"] and "exp_avg" in next(iter(b.clients[0].optimizer["state"].values()))
+    for x, y in zip(a.clients[0].optimizer["state"].values(), b.clients[0].optimizer["state"].values()):
+        assert float(x["step"]) == float(y["step"]) == 6
+
+
+def test_causal_lm_fused(lm_overrides):
+    cfg = build_config(overrides=[*lm_overrides, *SGD, "method=sfed-lora", "lora.scaling=sfed"])
+    a, b, ra, rb = both(cfg)
+    assert_same(a, b, ra, rb)
+    assert ra[-1]["personal_perplexity_mean"] == pytest.approx(rb[-1]["personal_perplexity_mean"], rel=1e-5)
+
+
+def test_micro_batches_sort_by_length_and_keep_within_the_token_budget():
+    lengths = np.array([5, 30, 7, 7, 12, 90, 3, 12])
+    cuts = micro_batches(lengths, 32)
+    assert sorted(np.concatenate(cuts).tolist()) == list(range(len(lengths)))
+    flat = np.concatenate(cuts)
+    assert (np.diff(lengths[flat]) >= 0).all()
+    for mb in cuts:
+        assert len(mb) * lengths[mb].max() <= 32 or len(mb) == 1  # a longer row goes alone
+    assert [lengths[mb].tolist() for mb in cuts] == [[3, 5, 7, 7], [12, 12], [30], [90]]
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"optimizer": "sgd", "momentum": 0.9, "weight_decay": 0.1},
+        {"optimizer": "sgd"},
+        {"optimizer": "adamw", "weight_decay": 0.1},
+    ],
+)
+def test_stacked_optimizer_is_each_clients_torch_optimizer(settings):
+    """Slot by slot the torch update, with each slot's own lr; a slot not stepped is untouched;
+    a slot's state_dict loads into a torch optimizer that carries on identically."""
+    cfg = TrainConfig(lr=0.1, **settings)
+    g = torch.Generator().manual_seed(0)
+    shapes = {"a": (3, 4), "b": (5,)}
+    stacks = {n: torch.randn(3, *s, generator=g).requires_grad_(True) for n, s in shapes.items()}
+    mine = [{n: torch.nn.Parameter(stacks[n][i].detach().clone()) for n in shapes} for i in range(3)]
+    from sfedlora.client import make_optimizer
+
+    theirs = [make_optimizer(list(p.values()), cfg) for p in mine]
+    stacked = StackedOptimizer(cfg, stacks, list(shapes))
+    lrs = [0.1, 0.03, 0.2]
+    for step in range(3):
+        active = [0, 2] if step == 1 else [0, 1, 2]
+        for n in shapes:
+            stacks[n].grad = torch.randn(stacks[n].shape, generator=g)
+        for i in active:
+            for n, p in mine[i].items():
+                p.grad = stacks[n].grad[i].clone()
+            for group in theirs[i].param_groups:
+                group["lr"] = lrs[i]
+            theirs[i].step()
+        stacked.step(list(shapes), torch.tensor(active), torch.tensor([lrs[i] for i in active]))
+        for i in range(3):
+            for n in shapes:
+                torch.testing.assert_close(stacks[n][i].detach(), mine[i][n].detach(), atol=1e-7, rtol=1e-6)
+    for i in range(3):
+        reloaded = make_optimizer(list(mine[i].values()), cfg)
+        reloaded.load_state_dict(stacked.state_dict(i))
+        assert str(reloaded.state_dict()["state"]) == str(theirs[i].state_dict()["state"])
+
+
+def test_fused_outputs_are_each_models_own(tiny_config):
+    fed = federation(tiny_config(*SGD, "method=sfed-lora"))
+    run_round(fed)
+    jobs = [(fed.personal_tensors(k), k) for k in range(3)]
+    alone = list(InProcess(fed).outputs(jobs))
+    together = list(Fused(fed).outputs(jobs))
+    assert not np.allclose(alone[0], alone[1])  # the clients' own B differ
+    for x, y in zip(alone, together):
+        np.testing.assert_allclose(y, x, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (("simulator.workers=2",), "set simulator.workers=auto (or 1), or simulator.engine=per-client"),
+    ],
+)
+def test_what_the_fused_engine_cannot_run_is_refused(tiny_config, extra, message):
+    cfg = tiny_config("simulator.engine=fused", *extra)
+    fed = build_federation(cfg, load_task(cfg.data, seed=cfg.seed))
+    with pytest.raises(SfedloraError, match=re.escape(message)):
+        make_executor(fed)
+
+
+def test_client_dp_sgd_fused(tiny_config):
+    """Poisson batches, per-example clipping (the clip bites), and each client's own noise
+    stream: the per-client engine's DP-SGD step, client by client."""
+    cfg = tiny_config(
+        *SGD, "method=sfed-lora", "privacy.dp=client", "privacy.noise_multiplier=0.5", "privacy.clip_norm=0.05"
+    )
+    a, b, ra, rb = both(cfg)
+    assert_same(a, b, ra, rb)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
+def test_fused_on_cuda_matches_the_per_client_engine(tiny_config):
+    a, b, ra, rb = both(tiny_config(*SGD, "method=sfed-lora", "model.device=cuda"))
+    assert_same(a, b, ra, rb)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
+def test_fp16_is_refused_by_the_fused_engine(tiny_config):
+    cfg = tiny_config("simulator.engine=fused", "model.device=cuda", "model.precision=fp16")
+    fed = build_federation(cfg, load_task(cfg.data, seed=cfg.seed))
+    with pytest.raises(SfedloraError, match="no fp16 loss scaling: use model.precision=bf16"):
+        make_executor(fed)
