@@ -318,6 +318,27 @@ def _sweep_text(config: Path, overrides: list[str]) -> str:
 
 
 @app.command("config")
+@app.command("plan")
+def show_plan(config: Path | None = ConfigArg, overrides: list[str] = SetOpt) -> None:
+    """Print the parameter counts and the memory a run needs (base, clients' states, activations),
+    and whether it fits the device found, from the model's config.json alone (nothing is loaded)."""
+    from .config import read_yaml_mapping
+    from .plan import plan
+
+    quiet_libraries()
+    try:
+        if config is not None and "grid" in read_yaml_mapping(config):  # a sweep: its base config
+            from .sweep import load_sweep
+
+            cfg = build_config(load_sweep(config, None, overrides)[0])
+        else:
+            cfg = load_config(config, overrides)
+        lines = plan(cfg).lines
+    except SfedloraError as err:
+        _fail(str(err))
+    console.print("\n".join(lines), highlight=False)
+
+
 def show_config(config: Path | None = ConfigArg, overrides: list[str] = SetOpt) -> None:
     """Print the fully resolved config (the defaults when no file is given); for a sweep file
     (one with a grid: section), its resolved base config and then its grid."""

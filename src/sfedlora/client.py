@@ -62,6 +62,13 @@ def new_client_state(tensors: Mapping[str, torch.Tensor], seed: int) -> ClientSt
     return ClientState({n: t.clone() for n, t in tensors.items()}, g.get_state())
 
 
+def offload_state(state: ClientState, compute: Compute) -> ClientState:
+    """``state`` with its adapter tensors and optimizer state in host memory on a GPU run
+    (:meth:`Compute.offload`): a client's state between its turns."""
+    state.tensors, state.optimizer = compute.offload((state.tensors, state.optimizer))
+    return state
+
+
 def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
     """Learning rate of local step ``step`` (0-based): linear warm-up, then the schedule."""
     if step < cfg.warmup_steps:
@@ -237,6 +244,7 @@ def client_round(
     )
     result.examples = client.size
     if not np.isfinite(result.loss):
-        return ClientOutcome(received, None, {})
+        return ClientOutcome(offload_state(received, shared.compute), None, {})
     trained.tensors = shared.ranks.view(trained.tensors, k)
+    trained = offload_state(trained, shared.compute)
     return ClientOutcome(trained, result, shared.method.upload(trained.tensors, round_))

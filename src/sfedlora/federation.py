@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .client import ClientState, new_client_state
+from .client import ClientState, new_client_state, offload_state
 from .config import RunConfig
 from .data import TaskData
 from .methods import select
@@ -82,9 +82,12 @@ def build_federation(cfg: RunConfig, data: TaskData) -> Federation:
     dp_rng = np.random.default_rng(None if cfg.privacy.secure_noise else [cfg.seed, 3])
     return Federation(
         **vars(shared),
-        server=select(shared.initial, shared.method.global_kinds),
+        # On a GPU run the server's tensors live with the clients' updates, in host memory.
+        server=shared.compute.offload(select(shared.initial, shared.method.global_kinds)),
         clients=[
-            new_client_state(shared.ranks.view(shared.initial, k), client_seed(cfg, k))
+            offload_state(
+                new_client_state(shared.ranks.view(shared.initial, k), client_seed(cfg, k)), shared.compute
+            )
             for k in range(cfg.federation.n_clients)
         ],
         client_data=[train.subset(p) for p in parts],

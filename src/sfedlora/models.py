@@ -197,13 +197,15 @@ def build_causal_lm(
     lora_mlp: bool = False,
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
+    load_kwargs: dict | None = None,
 ):
     """Causal LM with a LoRA adapter whose scaling is ``gamma(rule, alpha, rank, n_clients)``.
 
     Returns (peft_model, tokenizer). There is no task head: only LoRA parameters train.
     ``dtype`` is the storage dtype of the frozen base weights; the adapter stays fp32.
+    ``load_kwargs`` go to ``from_pretrained`` (a quantized base: ``quantization_config``, ``device_map``).
     """
-    from peft import TaskType
+    from peft import TaskType, prepare_model_for_kbit_training
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = resolve_model_path(name_or_path)
@@ -211,7 +213,7 @@ def build_causal_lm(
     torch.manual_seed(seed)
     try:
         model_type = AutoConfig.from_pretrained(path).model_type
-        base = AutoModelForCausalLM.from_pretrained(path, **_dtype_kwarg(dtype))
+        base = AutoModelForCausalLM.from_pretrained(path, **_dtype_kwarg(dtype), **(load_kwargs or {}))
     except (OSError, ValueError) as err:
         raise SfedloraError(
             f"could not load causal LM {name_or_path!r} ({str(err).splitlines()[0]}): check "
@@ -219,6 +221,10 @@ def build_causal_lm(
         ) from None
     if base.config.pad_token_id is None:
         base.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(base, "is_quantized", False):
+        # Norms, embeddings and the output layer in fp32, as QLoRA trains them. Checkpointing is
+        # left to model.gradient_checkpointing (enable_gradient_checkpointing), not switched on here.
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     targets = lm_target_modules(model_type, target_modules, lora_mlp)
     model = _with_lora(
         base, name_or_path, TaskType.CAUSAL_LM, rank, alpha, rule, n_clients, dropout, targets, None
@@ -288,6 +294,16 @@ def _fast_bf16(device: str) -> bool:
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def _to_host(tree, pin: bool):
+    if isinstance(tree, torch.Tensor):
+        return torch.empty_like(tree, device="cpu", pin_memory=pin).copy_(tree)
+    if isinstance(tree, dict):
+        return {k: _to_host(v, pin) for k, v in tree.items()}
+    if isinstance(tree, list | tuple):
+        return type(tree)(_to_host(v, pin) for v in tree)
+    return tree
+
+
 @dataclass(frozen=True)
 class Compute:
     """Where and in what precision forward passes run; adapter and optimizer stay fp32."""
@@ -323,6 +339,15 @@ class Compute:
         the memory of a large model (LLaMA-2-7B: 13.5 GB instead of 27); fp32 on the CPU, where
         stored half weights save little time and would change the small models' numerics."""
         return self.dtype if self.device.startswith("cuda") else torch.float32
+
+    def offload(self, tree):
+        """``tree``'s tensors (nested in dicts, lists and tuples, as in an optimizer's state_dict) moved
+        to pinned host memory when computing on a GPU: each client's personal state lives there and
+        visits the GPU only for its turn, so the number of clients is bounded by host memory, not the
+        GPU's. Pinned, the next copy to the GPU is a direct DMA. Unchanged on the CPU."""
+        if not self.device.startswith("cuda"):
+            return tree
+        return _to_host(tree, pin=True)
 
     def autocast(self):
         return torch.autocast(

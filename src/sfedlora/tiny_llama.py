@@ -74,30 +74,37 @@ def _key(texts: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def tiny_llama_dir(texts: list[str], cache: Path | None = None) -> Path:
-    """The model directory of the tiny LLaMA for ``texts``, built on first use."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_llama_config(vocab_size: int = VOCAB_SIZE, bos: int = 1, eos: int = 2):
+    """The tiny LLaMA's ``LlamaConfig``; the defaults are the tokenizer's at full size (SPECIALS' ids)."""
+    from transformers import LlamaConfig
 
-    target = (cache or cache_root()) / f"tiny-llama-{_key(texts)}"
-    if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tokenizer = train_tokenizer(texts)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
+    return LlamaConfig(
+        vocab_size=vocab_size,
         hidden_size=HIDDEN,
         intermediate_size=MLP,
         num_hidden_layers=LAYERS,
         num_attention_heads=HEADS,
         num_key_value_heads=HEADS,
         max_position_embeddings=MAX_POSITIONS,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.eos_token_id,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=eos,
         tie_word_embeddings=False,
         initializer_range=INIT_STD,
     )
+
+
+def tiny_llama_dir(texts: list[str], cache: Path | None = None) -> Path:
+    """The model directory of the tiny LLaMA for ``texts``, built on first use."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    target = (cache or cache_root()) / f"tiny-llama-{_key(texts)}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_tokenizer(texts)
+    config = tiny_llama_config(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     # Build beside the target and rename: a process that finds config.json finds a whole model,

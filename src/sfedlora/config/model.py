@@ -59,6 +59,15 @@ class ModelConfig(_Section):
             "state stay fp32; a causal LM's frozen base weights are stored in bf16/fp16 on a GPU."
         ),
     )
+    quantization: Literal["none", "8bit", "4bit"] = Field(
+        "none",
+        description=(
+            "Causal LMs: store the frozen base model's linear layers quantized with bitsandbytes (pip "
+            "install 'sfedlora[quantization]'): 4bit = NF4 with double quantization (QLoRA), 8bit = LLM.int8; "
+            "bf16 compute (fp16 with precision=fp16). Adapters and optimizer state stay fp32. See "
+            "docs/one-gpu.md."
+        ),
+    )
 
 
 class LoraSettings(_Section):

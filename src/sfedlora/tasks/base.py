@@ -28,6 +28,7 @@ class Task:
     has_classes: ClassVar[bool] = False  # classes: a majority baseline and label-mix scores
     # outputs are the logits of every dev example, which the fused engine can batch across models
     outputs_are_logits: ClassVar[bool] = False
+    quantizes: ClassVar[bool] = False  # model.quantization can store its base in 4 or 8 bits
 
     def __init__(self, data: TaskData):
         self.name = data.name
@@ -40,6 +41,11 @@ class Task:
             raise SfedloraError(
                 f"partition.kind=dirichlet splits by label, and {cfg.data.task} has no labels: "
                 "use partition.kind=iid, or size for clients of unequal size"
+            )
+        if cfg.model.quantization != "none" and not self.quantizes:
+            raise SfedloraError(
+                f"model.quantization={cfg.model.quantization} is for causal LMs (gsm8k, alpaca), and "
+                f"{cfg.data.task} is not one: set model.quantization=none"
             )
         if cfg.federation.head_probe_rounds and not self.has_head:
             raise SfedloraError(

@@ -8,10 +8,32 @@ from ..config import EvalConfig, RunConfig
 from ..data import TaskData
 from ..data.examples import CAUSAL_LM
 from ..data.lm import IGNORE, LMEncoded, encode_lm
+from ..errors import SfedloraError
 from ..lm_eval import lm_scores
 from ..models import Compute, build_causal_lm
 from ..tiny_llama import TINY_LLAMA, tiny_llama_dir
 from .base import Task, register
+
+
+def quantization_kwargs(quantization: str, compute: Compute) -> dict:
+    """``from_pretrained``'s arguments for a base stored in 4 bits (NF4, double quantization: QLoRA's
+    choice) or 8 (LLM.int8), computing in bf16 (fp16 where the run is fp16), loaded onto the run's
+    device at once; {} for ``none``."""
+    if quantization == "none":
+        return {}
+    from transformers import BitsAndBytesConfig
+
+    half = torch.float16 if compute.precision == "fp16" else torch.bfloat16
+    if quantization == "8bit":
+        bnb = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        bnb = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=half,
+        )
+    return {"quantization_config": bnb, "device_map": {"": compute.device}}
 
 
 @register
@@ -19,13 +41,27 @@ class CausalLM(Task):
     kind = CAUSAL_LM
     has_head = False
     has_labels = False
+    quantizes = True
+
+    def check(self, cfg: RunConfig) -> None:
+        super().check(cfg)
+        q = cfg.model.quantization
+        if q == "none":
+            return
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise SfedloraError(
+                f"model.quantization={q} needs bitsandbytes: pip install 'sfedlora[quantization]' "
+                "(or set model.quantization=none)"
+            ) from None
 
     def build_model(self, cfg: RunConfig, compute: Compute, n_sampled: int, data: TaskData):
         m, lora = cfg.model, cfg.lora
         name = m.name_or_path
         if name == TINY_LLAMA:  # the CPU demo's model, with a tokenizer trained on the run's own text
             name = str(tiny_llama_dir(data.train.prompts + data.train.targets))
-        return build_causal_lm(
+        model, tokenizer = build_causal_lm(
             name,
             lora.rank,
             lora.alpha,
@@ -36,7 +72,17 @@ class CausalLM(Task):
             lora_mlp=m.lora_mlp,
             dtype=compute.base_dtype,
             seed=cfg.seed,
+            load_kwargs=quantization_kwargs(m.quantization, compute),
         )
+        for module in model.modules():
+            # bitsandbytes (0.50) repacks a 4-bit layer for its AVX512-BF16 CPU kernel in blocks of 32
+            # output rows and whole quantization blocks per row, and fails on other shapes (the tiny
+            # LLaMA's MLP, 172 wide): those layers take its generic path.
+            if getattr(module, "support_avx512bf16_for_cpu", False) and (
+                module.out_features % 32 or module.in_features % module.weight.quant_state.blocksize
+            ):
+                module.support_avx512bf16_for_cpu = False
+        return model, tokenizer
 
     def loss(self, model, batch: dict[str, torch.Tensor], compute: Compute, per_example: bool = False):
         """The mean over the batch's answer tokens (as the model computes it); with
