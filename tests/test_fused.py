@@ -209,3 +209,27 @@ def test_fp16_is_refused_by_the_fused_engine(tiny_config):
     fed = build_federation(cfg, load_task(cfg.data, seed=cfg.seed))
     with pytest.raises(SfedloraError, match="no fp16 loss scaling: use model.precision=bf16"):
         make_executor(fed)
+
+
+def test_each_client_is_scored_on_its_own_held_out_share(tiny_config):
+    """eval.client_test_fraction: a share of each partition is held out (not trained on) and each
+    personalised model is scored on its own client's share, on either engine alike."""
+    from sfedlora.evaluation import outputs_of
+    from sfedlora.shared import client_parts
+
+    cfg = tiny_config(*SGD, "method=sfed-lora", "eval.client_test_fraction=0.25", "partition.kind=dirichlet")
+    a, b, ra, rb = both(cfg, rounds=1)
+    data = load_task(cfg.data, seed=cfg.seed)
+    for k, (train, test) in enumerate(client_parts(cfg, data.train.labels)):
+        assert len(test) == round(0.25 * (len(train) + len(test))) and not set(train) & set(test)
+        assert a.client_sizes[k] == len(train) and len(a.client_tests[k]) == len(test)
+    own = [
+        a.task.scores(outputs_of(a, a.personal_tensors(k), k, a.client_tests[k]), a.client_tests[k])["accuracy"]
+        for k in range(3)
+    ]
+    assert ra[-1]["client_test_accuracy_mean"] == pytest.approx(np.mean(own))
+    assert ra[-1]["client_test_accuracy_min"] == pytest.approx(min(own))
+    sizes = [len(t) for t in a.client_tests]
+    assert ra[-1]["client_test_accuracy_weighted"] == pytest.approx(np.average(own, weights=sizes))
+    assert rb[-1]["client_test_accuracy_mean"] == pytest.approx(ra[-1]["client_test_accuracy_mean"])
+    assert "personal_accuracy_mean" in ra[-1]  # the dev-set scores stay beside them

@@ -43,13 +43,12 @@ def summarise(per_client: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-def outputs_of(shared: Shared, tensors: dict[str, torch.Tensor], k: int | None = None):
+def outputs_of(shared: Shared, tensors: dict[str, torch.Tensor], k: int | None = None, data=None):
     """What the shared model under client ``k``'s ``tensors`` (None: the global model's)
-    produces on the dev set, for the task's scores."""
+    produces on ``data`` (by default the dev set), for the task's scores."""
     shared.ranks.load(shared.model, shared.params, tensors, k)
-    return shared.task.outputs(
-        shared.model, shared.eval_data, shared.tokenizer, shared.cfg.eval, shared.compute
-    )
+    data = shared.eval_data if data is None else data
+    return shared.task.outputs(shared.model, data, shared.tokenizer, shared.cfg.eval, shared.compute)
 
 
 def client_scores(shared: Shared, histogram: np.ndarray, outputs) -> dict[str, float]:
@@ -87,6 +86,23 @@ def evaluate(
             per_client = [client_scores(fed, fed.histograms[k], o) for k, o in zip(ks, outputs)]
         if per_client:
             out.update({f"personal_{k}": v for k, v in summarise(per_client).items()})
+        if fed.client_tests is not None:
+            out.update(own_test_scores(fed, ks, executor))
         if len(ks) < len(fed.clients):
             out["evaluated_clients"] = ks
+    return out
+
+
+def own_test_scores(fed: Federation, ks: list[int], executor: Executor | None) -> dict[str, float]:
+    """FedSA-LoRA's protocol: each client's personalised model scored on its own held-out
+    share (``client_test_*``: mean and min over clients, and the headline metric weighted by
+    the shares' sizes). One pass over all the shares together, not one dev set per client."""
+    jobs = [(fed.personal_tensors(k), k, fed.client_tests[k]) for k in ks]
+    outputs = executor.outputs(jobs) if executor else (outputs_of(fed, *job) for job in jobs)
+    scores = [fed.task.scores(o, fed.client_tests[k]) for k, o in zip(ks, outputs)]
+    sizes = [len(fed.client_tests[k]) for k in ks]
+    out = {f"client_test_{k}": v for k, v in summarise(scores).items()}
+    out[f"client_test_{fed.metric}_weighted"] = float(
+        np.average([s[fed.metric] for s in scores], weights=sizes)
+    )
     return out

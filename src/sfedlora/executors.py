@@ -29,8 +29,9 @@ class Executor(Protocol):
         """Each job's client round, yielded in order."""
         ...
 
-    def outputs(self, jobs: Sequence[tuple[dict, int]]) -> Iterator:
-        """The dev-set outputs of each (tensors, client) model, yielded in order."""
+    def outputs(self, jobs: Sequence[tuple]) -> Iterator:
+        """The outputs of each (tensors, client[, data]) model on its data (by default the dev
+        set), yielded in order."""
         ...
 
     def close(self) -> None: ...
@@ -49,7 +50,7 @@ class PerClient:
         # A generator: each client's old state is read only when its turn comes.
         return self.map(train, ((k, state, download, round_) for k, state, download in jobs))
 
-    def outputs(self, jobs: Iterable[tuple[dict, int]]) -> Iterator:
+    def outputs(self, jobs: Iterable[tuple]) -> Iterator:
         return self.map(outputs_of, jobs)
 
 
@@ -91,7 +92,7 @@ class Fused:
         jobs = [(self.fed.client(k), state, download) for k, state, download in jobs]
         return iter(fused_round(self.fed, jobs, round_))
 
-    def outputs(self, jobs: Iterable[tuple[dict, int]]) -> Iterator:
+    def outputs(self, jobs: Iterable[tuple]) -> Iterator:
         jobs = list(jobs)
         if not self.fed.task.outputs_are_logits:  # generation and perplexity: one model at a time
             return InProcess(self.fed).outputs(jobs)

@@ -16,7 +16,16 @@ from .config import RunConfig
 from .data import TaskData
 from .methods import select
 from .privacy import PrivacyPlan
-from .shared import ClientSpec, Shared, build_shared, client_dp, privacy_plan, split_clients
+from .shared import (
+    ClientSpec,
+    Shared,
+    build_shared,
+    client_dp,
+    client_parts,
+    privacy_plan,
+    split_clients,
+    split_test,
+)
 
 
 def client_seed(cfg: RunConfig, k: int) -> int:
@@ -41,6 +50,7 @@ class Federation(Shared):
         None  # DP steps (dp=client) or releases (dp=server) each client is charged for
     )
     dp_rng: np.random.Generator | None = None  # the server's DP noise (dp=server)
+    client_tests: list | None = None  # each client's own test share (eval.client_test_fraction), encoded
 
     def client(self, k: int) -> ClientSpec:
         return ClientSpec(
@@ -75,7 +85,7 @@ class Federation(Shared):
 def build_federation(cfg: RunConfig, data: TaskData) -> Federation:
     """The federation of ``cfg`` on ``data``: one shared model, every client's data and state."""
     shared = build_shared(cfg, data)
-    parts = split_clients(cfg, data.train.labels)
+    parts, tests = zip(*client_parts(cfg, data.train.labels))
     train = shared.task.encode(data.train, shared.tokenizer, cfg.model.max_length, "training")
     sizes = np.array([len(p) for p in parts])
     # With secure_noise the server's noise is seeded by the OS, so the config cannot replay it.
@@ -91,6 +101,7 @@ def build_federation(cfg: RunConfig, data: TaskData) -> Federation:
             for k in range(cfg.federation.n_clients)
         ],
         client_data=[train.subset(p) for p in parts],
+        client_tests=[train.subset(t) for t in tests] if cfg.eval.client_test_fraction else None,
         client_sizes=sizes,
         histograms=shared.task.histograms(data.train.labels, parts),
         sampler=np.random.default_rng([cfg.seed, 1]),
@@ -116,7 +127,11 @@ def build_node(cfg: RunConfig, data: TaskData, k: int, local: bool = False) -> N
     so a node's memory and start-up do not grow with the number of clients. With ``local``,
     ``data`` is the node's own (all of it is the client's), not the run's whole dataset."""
     shared = build_shared(cfg, data)
-    part = np.arange(len(data.train)) if local else split_clients(cfg, data.train.labels)[k]
+    part = (
+        split_test(cfg, np.arange(len(data.train)), k)[0]
+        if local
+        else split_clients(cfg, data.train.labels)[k]
+    )
     train = shared.task.encode(data.train.subset(part), shared.tokenizer, cfg.model.max_length, "training")
     sizes = np.array([len(part)])
     return Node(

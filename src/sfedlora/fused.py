@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .client import ClientOutcome, ClientResult, ClientState, _batch_indices, lr_at
+from .client import ClientOutcome, ClientResult, ClientState, _batch_indices, lr_at, offload_state
 from .errors import SfedloraError
 from .methods import tensor_kind
 from .privacy.mechanisms import clip_per_example, noisy_mean, poisson_batches
@@ -237,7 +237,7 @@ class FusedRound:
             examples=c.spec.size,
         )
         if not np.isfinite(result.loss):
-            return ClientOutcome(c.received, None, {})
+            return ClientOutcome(offload_state(c.received, shared.compute), None, {})
         state = c.trained
         state.tensors = shared.ranks.view(
             {n: s[slot].detach().clone() for n, s in self.stacks.items()}, c.spec.k
@@ -245,6 +245,7 @@ class FusedRound:
         persistent = shared.cfg.train.optimizer_state == "persistent"
         state.optimizer = self.optimizer.state_dict(slot) if persistent else None
         state.rng = c.generator.get_state()
+        state = offload_state(state, shared.compute)
         return ClientOutcome(state, result, shared.method.upload(state.tensors, self.round))
 
 
@@ -259,30 +260,32 @@ def fused_round(
 
 
 @torch.no_grad()
-def fused_outputs(shared: Shared, models: Sequence[tuple[dict, int]], group: int = 64) -> list[np.ndarray]:
-    """The dev-set logits of each (tensors, client) model, as the task's ``outputs`` gives them
-    one model at a time: every model's rows sorted by length together and batched by the
-    token budget; ``group`` models' tensors stacked at once, so memory does not grow with N."""
-    data, compute, rows = shared.eval_data, shared.compute, Rows()
-    budget = shared.cfg.simulator.fused_tokens
+def fused_outputs(shared: Shared, models: Sequence[tuple], group: int = 64) -> list[np.ndarray]:
+    """The logits of each (tensors, client[, data]) model on its data (by default the dev
+    set), as the task's ``outputs`` gives them one model at a time: all models' rows sorted by
+    length together and batched by the token budget; ``group`` models' tensors stacked at a
+    time, so memory does not grow with N."""
+    compute, rows, budget = shared.compute, Rows(), shared.cfg.simulator.fused_tokens
     out: list[np.ndarray] = []
     shared.model.eval()
     for first in range(0, len(models), group):
         chunk = models[first : first + group]
-        stacks, gammas = stack(shared, chunk)
-        n = len(data)
-        slot_of = np.repeat(np.arange(len(chunk)), n)
-        example = np.tile(np.arange(n), len(chunk))
+        datas = [shared.eval_data if len(m) < 3 or m[2] is None else m[2] for m in chunk]
+        stacks, gammas = stack(shared, [m[:2] for m in chunk])
+        pool = type(datas[0]).concat(datas)
+        sizes = [len(d) for d in datas]
+        slot_of = np.repeat(np.arange(len(chunk)), sizes)
+        starts = np.concatenate([[0], np.cumsum(sizes)])
         logits: np.ndarray | None = None
         with rowwise(shared.model, stacks, rows):
-            for mb in micro_batches(np.tile(data.lengths(), len(chunk)), budget):
-                batch = data.collate(example[mb], shared.tokenizer)
+            for mb in micro_batches(pool.lengths(), budget):
+                batch = pool.collate(mb, shared.tokenizer)
                 batch.pop("labels")
                 owner = torch.from_numpy(slot_of[mb]).to(compute.device)
                 rows.set(owner, gammas[owner])
                 values = compute.forward(shared.model, batch).logits.float().cpu().numpy()
                 if logits is None:
-                    logits = np.empty((len(chunk), n, values.shape[-1]), dtype=np.float32)
-                logits[slot_of[mb], example[mb]] = values
-        out.extend(logits)
+                    logits = np.empty((len(pool), values.shape[-1]), dtype=np.float32)
+                logits[mb] = values
+        out.extend(logits[starts[i] : starts[i + 1]] for i in range(len(chunk)))
     return out

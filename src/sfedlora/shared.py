@@ -65,10 +65,26 @@ class ClientSpec:
     dp: DPSGD | None  # its DP-SGD settings, or None unless privacy.dp=client
 
 
-def split_clients(cfg: RunConfig, labels: np.ndarray) -> list[np.ndarray]:
-    """Each client's training-example indices, as the config's partition asks."""
+def client_parts(cfg: RunConfig, labels: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each client's (training, own test) example indices: its share of the partition the
+    config asks for, less ``eval.client_test_fraction`` of it held out (none by default)."""
     p = cfg.partition
-    return partition(labels, cfg.federation.n_clients, p.kind, p.beta, p.min_size, cfg.seed)
+    parts = partition(labels, cfg.federation.n_clients, p.kind, p.beta, p.min_size, cfg.seed)
+    return [split_test(cfg, part, k) for k, part in enumerate(parts)]
+
+
+def split_clients(cfg: RunConfig, labels: np.ndarray) -> list[np.ndarray]:
+    """Each client's training-example indices."""
+    return [train for train, _ in client_parts(cfg, labels)]
+
+
+def split_test(cfg: RunConfig, part: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Client ``k``'s partition ``part`` as (training, own test) indices: ``eval.client_test_fraction``
+    of it, at least one example where it has two, drawn from the seed (its own stream)."""
+    fraction = cfg.eval.client_test_fraction
+    n_test = min(len(part) - 1, max(1, round(fraction * len(part)))) if fraction and len(part) > 1 else 0
+    order = np.random.default_rng([cfg.seed, 5, k]).permutation(len(part))
+    return np.sort(part[order[n_test:]]), np.sort(part[order[:n_test]])
 
 
 def steps_per_round(

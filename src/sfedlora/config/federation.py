@@ -110,6 +110,16 @@ class EvalConfig(_Section):
             "Personalised evaluation costs a dev-set pass per client, which dominates large-N runs."
         ),
     )
+    client_test_fraction: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description=(
+            "Hold out this share of each client's partition as its own test data, and score each "
+            "personalised model on its own client's share (FedSA-LoRA's protocol: client_test_* metrics, "
+            "beside the dev-set scores); the client trains on the rest. 0: off. Embedded simulator only."
+        ),
+    )
     max_new_tokens: int = Field(
         256, ge=1, description="gsm8k: tokens generated (greedily) per evaluation answer."
     )
