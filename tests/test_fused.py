@@ -99,7 +99,9 @@ def test_persistent_adamw_with_clipping_fused(tiny_config):
     )
     a, b, ra, rb = both(cfg, rounds=3)
     assert_same(a, b, ra, rb, atol=0.1 * cfg.train.lr)
-    assert b.clients[0].optimizer["state"] and "exp_avg" in next(iter(b.clients[0].optimizer["state"].values()))
+    assert b.clients[0].optimizer["state"] and "exp_avg" in next(
+        iter(b.clients[0].optimizer["state"].values())
+    )
     for x, y in zip(a.clients[0].optimizer["state"].values(), b.clients[0].optimizer["state"].values()):
         assert float(x["step"]) == float(y["step"]) == 6
 
@@ -191,7 +193,11 @@ def test_client_dp_sgd_fused(tiny_config):
     """Poisson batches, per-example clipping (the clip bites), and each client's own noise
     stream: the per-client engine's DP-SGD step, client by client."""
     cfg = tiny_config(
-        *SGD, "method=sfed-lora", "privacy.dp=client", "privacy.noise_multiplier=0.5", "privacy.clip_norm=0.05"
+        *SGD,
+        "method=sfed-lora",
+        "privacy.dp=client",
+        "privacy.noise_multiplier=0.5",
+        "privacy.clip_norm=0.05",
     )
     a, b, ra, rb = both(cfg)
     assert_same(a, b, ra, rb)
@@ -224,7 +230,9 @@ def test_each_client_is_scored_on_its_own_held_out_share(tiny_config):
         assert len(test) == round(0.25 * (len(train) + len(test))) and not set(train) & set(test)
         assert a.client_sizes[k] == len(train) and len(a.client_tests[k]) == len(test)
     own = [
-        a.task.scores(outputs_of(a, a.personal_tensors(k), k, a.client_tests[k]), a.client_tests[k])["accuracy"]
+        a.task.scores(outputs_of(a, a.personal_tensors(k), k, a.client_tests[k]), a.client_tests[k])[
+            "accuracy"
+        ]
         for k in range(3)
     ]
     assert ra[-1]["client_test_accuracy_mean"] == pytest.approx(np.mean(own))

@@ -19,6 +19,7 @@ from sfedlora.federation import build_federation
 from sfedlora.methods import aggregate, tensor_kind
 from sfedlora.models import lora_scalings, resolve_model_path
 from sfedlora.ranks import RankPlan, aggregate_rows, client_gammas, holders, pad, truncate
+from sfedlora.scaling import power_rule
 from sfedlora.simulator import run_round
 
 A = "base_model.model.layer.0.query.lora_A.default.weight"  # (r × d_in)
@@ -80,6 +81,8 @@ def test_truncate_and_pad_cut_rows_of_a_and_columns_of_b():
         ("rslora", [16 / math.sqrt(2), 16 / 2, 16 / math.sqrt(8)]),
         # n_k: clients with rank ≥ r_k: 3, 2, 1.
         ("sfed", [16 * math.sqrt(3 / 2), 16 * math.sqrt(2 / 4), 16 * math.sqrt(1 / 8)]),
+        (power_rule(1, 0), [16 * 3, 16 * 2, 16 * 1]),  # α·n_k
+        (power_rule(0.5, 1), [16 * math.sqrt(3) / 2, 16 * math.sqrt(2) / 4, 16 / 8]),
     ],
 )
 def test_gamma_per_client_against_hand_computed(rule, expected):
@@ -106,6 +109,16 @@ def test_unset_client_ranks_keep_the_uniform_plan():
     assert plan.ranks == (2, 4, 2)  # cycled
     assert plan.gammas == pytest.approx([16 * math.sqrt(3 / 2), 16 * math.sqrt(1 / 4), 16 * math.sqrt(3 / 2)])
     assert plan.global_rank == 4 and plan.global_gamma == plan.gammas[1]
+
+
+def test_a_power_rule_plan_realises_each_clients_gamma():
+    # b = ¼ has no divisor in PEFT: each client's lora_alpha is γ_k·r_k, checked at build.
+    plan = RankPlan.build(power_rule(0.75, 0.25), 16.0, 8, [2, 4, 8], n_clients=3, n_sampled=3)
+    expected = [16 * 3**0.75 / 2**0.25, 16 * 2**0.75 / 4**0.25, 16 / 8**0.25]
+    assert plan.gammas == pytest.approx(expected, rel=1e-12)
+    for k, r in enumerate([2, 4, 8]):
+        assert plan.peft_kwargs(k) == {"lora_alpha": pytest.approx(expected[k] * r), "use_rslora": False}
+        assert plan.layer_gamma(k) == pytest.approx(plan.gammas[k], rel=1e-15)
 
 
 @pytest.mark.parametrize(
@@ -180,13 +193,22 @@ def test_a_round_aggregates_rows_over_their_holders(tiny_config):
     assert record["bytes_down"] == sum(sum(t.numel() * 4 for t in fed.download(k).values()) for k in range(3))
 
 
-def test_a_mixed_rank_run_writes_a_peft_adapter_per_client_at_its_rank(tiny_config):
+# sfed, and a rule PEFT has no divisor for (b = ¼): lora_alpha = γ_k·r_k in each saved adapter.
+@pytest.mark.parametrize(
+    "rule",
+    [
+        ("method=sfed-lora",),
+        ("method=fedsa-lora", "lora.scaling=power", "lora.n_exponent=0.75", "lora.rank_exponent=0.25"),
+    ],
+    ids=["sfed", "power"],
+)
+def test_a_mixed_rank_run_writes_a_peft_adapter_per_client_at_its_rank(tiny_config, rule):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
     held = {}
     result = run(
-        tiny_config(*MIXED, "name=mixed", "method=sfed-lora", "train.lr=0.01", "model.precision=fp32"),
+        tiny_config(*MIXED, *rule, "name=mixed", "train.lr=0.01", "model.precision=fp32"),
         on_start=lambda fed, run_dir: held.update(fed=fed),
     )
     fed, d = held["fed"], result.run_dir

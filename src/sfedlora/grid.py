@@ -15,6 +15,8 @@ ALIASES = {
     "r": "lora.rank",
     "alpha": "lora.alpha",
     "scaling": "lora.scaling",
+    "a": "lora.n_exponent",  # γ = α·N^a/r^b under scaling=power
+    "b": "lora.rank_exponent",
     "client_ranks": "lora.client_ranks",
     "clients": "federation.n_clients",
     "n": "federation.n_clients",

@@ -13,7 +13,8 @@ that hold it (r_k > j), and a row no replying client holds keeps its value. That
 zero-padding each update to r_max and dividing every row by the weight of its holders,
 not by all clients' weight (which would shrink the rows few clients hold towards zero).
 
-Scaling per client: ``lora`` α/r_k, ``rslora`` α/√r_k, ``sfed`` α·√(n_k/r_k), where n_k is
+Scaling per client: the rule at the client's own rank and holder count, α·n_k^a/r_k^b
+(``lora`` α/r_k, ``rslora`` α/√r_k, ``sfed`` α·√(n_k/r_k)), where n_k is
 the number of sampled clients holding all of client k's rows (those with r_j ≥ r_k). The
 paper's argument for √N is that the mean of n independent copies of an update is √n
 smaller than one copy; client k's rows are averaged over at least n_k copies (its last

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import (
@@ -63,9 +64,9 @@ class ModelConfig(_Section):
         "none",
         description=(
             "Causal LMs: store the frozen base model's linear layers quantized with bitsandbytes (pip "
-            "install 'sfedlora[quantization]'): 4bit = NF4 with double quantization (QLoRA), 8bit = LLM.int8; "
-            "bf16 compute (fp16 with precision=fp16). Adapters and optimizer state stay fp32. See "
-            "docs/one-gpu.md."
+            "install 'sfedlora[quantization]'): 4bit = NF4 with double quantization (QLoRA), "
+            "8bit = LLM.int8; bf16 compute (fp16 with precision=fp16). Adapters and optimizer state "
+            "stay fp32. See docs/one-gpu.md."
         ),
     )
 
@@ -74,7 +75,22 @@ class LoraSettings(_Section):
     rank: int = Field(8, ge=1, description="LoRA rank r.")
     alpha: float = Field(16.0, gt=0, description="α in the scaling rule.")
     scaling: ScalingRule | None = Field(
-        None, description="lora (α/r), rslora (α/√r) or sfed (α·√(N/r)); default set by the method preset."
+        None,
+        description=(
+            "lora (α/r), rslora (α/√r), sfed (α·√(N/r)) or power (α·N^a/r^b, with lora.n_exponent = a and "
+            "lora.rank_exponent = b); default set by the method preset. See docs/method.md."
+        ),
+    )
+    n_exponent: float | None = Field(
+        None,
+        description=(
+            "With scaling=power: a, the power of N (clients averaged per round) in γ = α·N^a/r^b; "
+            "null: 0.5, sfed's."
+        ),
+    )
+    rank_exponent: float | None = Field(
+        None,
+        description="With scaling=power: b, the power of the rank r in γ = α·N^a/r^b; null: 0.5, sfed's.",
     )
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA path.")
     client_ranks: list[int] | None = Field(
@@ -85,6 +101,19 @@ class LoraSettings(_Section):
             "docs/mixed-ranks.md."
         ),
     )
+
+    @field_validator("n_exponent", "rank_exponent", mode="before")
+    @classmethod
+    def _exponent_is_a_number(cls, value, info: ValidationInfo):
+        # Before pydantic's coercion, which would take true for 1.0 and "0.5" for 0.5.
+        if value is None or (
+            isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < math.inf
+        ):
+            return value
+        symbol = "a" if info.field_name == "n_exponent" else "b"
+        raise ValueError(
+            f"must be a number >= 0 ({symbol} in γ = α·N^a/r^b): set e.g. lora.{info.field_name}=0.5"
+        )
 
     @field_validator("client_ranks")
     @classmethod

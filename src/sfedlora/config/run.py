@@ -10,6 +10,7 @@ from pydantic import (
 )
 
 from ..methods import PRESETS
+from ..scaling import power_rule
 from .federation import (
     EvalConfig,
     FaultConfig,
@@ -73,6 +74,17 @@ class RunConfig(_Section):
         resolved = self.lora.scaling or preset_rule or "lora"
         if self.lora.scaling != resolved:
             self.lora.scaling = resolved
+        given = [k for k in ("n_exponent", "rank_exponent") if getattr(self.lora, k) is not None]
+        if resolved == "power":
+            # An unset exponent takes sfed's point, ½, so that a sweep's base may leave both to its grid.
+            for key in {"n_exponent", "rank_exponent"} - set(given):
+                setattr(self.lora, key, 0.5)
+        elif given:
+            raise ValueError(
+                f"lora.{given[0]}: only the power rule has exponents, and this run's rule is {resolved}: "
+                f"set lora.scaling=power (with a method without a preset rule, e.g. fedsa-lora) or drop "
+                f"lora.{given[0]}"
+            )
         return self
 
     @model_validator(mode="after")
@@ -120,5 +132,8 @@ class RunConfig(_Section):
 
     @property
     def scaling(self) -> str:
+        """The resolved rule as :func:`scaling.gamma` takes it: a name, or ``power(a=…, b=…)``."""
         assert self.lora.scaling is not None  # set by _resolve_method
+        if self.lora.scaling == "power":
+            return power_rule(self.lora.n_exponent, self.lora.rank_exponent)
         return self.lora.scaling
