@@ -5,7 +5,10 @@ large tensor is its own mapping and the resident set (RSS) follows the live tens
 federation is built first (model, data, clients); then the peak RSS is reset
 (/proc/self/clear_refs) and one client trains its local steps. Measured: that peak minus the
 RSS before it. Planned: the plan's activations at the configured micro-batch plus its training
-state (adapter, gradients, moments). Examples are long enough to fill model.max_length.
+state (adapter, gradients, moments). Examples are long enough to fill model.max_length. The
+fused case runs one round of all 10 clients in the fused engine instead; planned: its
+activations per micro-batch of simulator.fused_tokens, the stacked adapters with their
+gradients and moments, the weights each row gathers, and the copies of the clients' states.
 
     python benchmarks/bench_memory_plan.py          # prints a markdown table, writes memory_plan.json
 """
@@ -20,15 +23,22 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-CASES = {
-    "tiny-llama 8x512": [
-        "model.name_or_path=tiny-llama",
-        "data.task=gsm8k",
-        "train.batch_size=8",
-        "model.max_length=512",
-    ],
-    "MiniLM 32x128": ["data.task=long", "train.batch_size=32", "model.max_length=128"],
-}
+TINY_LLAMA = [
+    "model.name_or_path=tiny-llama",
+    "data.task=gsm8k",
+    "train.batch_size=8",
+    "model.max_length=512",
+]
+MINILM = ["data.task=long", "train.batch_size=32", "model.max_length=128"]
+FUSED = ["simulator.engine=fused", "federation.n_clients=10", "federation.local_steps=1"]
+# (case, overrides, gradient checkpointing)
+CASES = [
+    ("tiny-llama 8x512", TINY_LLAMA, False),
+    ("tiny-llama 8x512", TINY_LLAMA, True),
+    ("MiniLM 32x128", MINILM, False),
+    ("MiniLM 32x128", MINILM, True),
+    ("MiniLM fused, 10 clients x 1 step", [*MINILM, *FUSED], False),
+]
 
 
 def _data(tmp: Path) -> list[str]:
@@ -68,6 +78,7 @@ def measure(overrides: list[str]) -> dict:
     from sfedlora.config import build_config
     from sfedlora.data import load_task
     from sfedlora.federation import build_federation
+    from sfedlora.fused import fused_round
     from sfedlora.plan import counts, decoder_activation_bytes, encoder_activation_bytes, plan
 
     cfg = build_config(overrides=overrides)
@@ -77,7 +88,13 @@ def measure(overrides: list[str]) -> dict:
     fed = build_federation(cfg, load_task(cfg.data, seed=cfg.seed))
     built = _rss()[0]
     Path("/proc/self/clear_refs").write_text("5")
-    client_round(fed, fed.client(0), fed.clients[0], fed.download(0), 1)
+    fused = cfg.simulator.engine == "fused"
+    if fused:
+        fused_round(
+            fed, [(fed.client(k), fed.clients[k], fed.download(k)) for k in range(len(fed.clients))], 1
+        )
+    else:
+        client_round(fed, fed.client(0), fed.clients[0], fed.download(0), 1)
     peak = _rss()[1]
     adapter = sum(t.numel() for t in fed.params.values())
     # The plan assumes the tiny LLaMA's full 2,048-token vocabulary; this text trains a smaller one.
@@ -90,8 +107,9 @@ def measure(overrides: list[str]) -> dict:
         act = decoder_activation_bytes(c["dims"], tokens, length, 4, lora, gc)
     else:
         act = encoder_activation_bytes(c["dims"], tokens, length, 4, lora, gc, fused=False)
+    planned = sum(p.parts.values()) if fused else act + 4 * adapter * 4
     return {
-        "planned": act + 4 * adapter * 4,
+        "planned": planned,
         "measured": peak - built,
         "build": built - before_build,
         "plan_lines": p.lines,
@@ -106,23 +124,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base = _data(Path(tmp))
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "SFEDLORA_CACHE": f"{tmp}/cache"}
-        for name, case in CASES.items():
-            for gc in (False, True):
-                args = [
-                    *base,
-                    *case,
-                    *_files(case, Path(tmp)),
-                    f"model.gradient_checkpointing={str(gc).lower()}",
-                ]
-                out = subprocess.run(
-                    [sys.executable, __file__, json.dumps(args)],
-                    env=env,
-                    capture_output=True,
-                    text=True,
-                    check=True,
-                ).stdout.splitlines()[-1]
-                r = json.loads(out)
-                rows.append({"case": name, "checkpointing": gc, **r})
+        for name, case, gc in CASES:
+            args = [*base, *case, *_files(case, Path(tmp)), f"model.gradient_checkpointing={str(gc).lower()}"]
+            out = subprocess.run(
+                [sys.executable, __file__, json.dumps(args)],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.splitlines()[-1]
+            rows.append({"case": name, "checkpointing": gc, **json.loads(out)})
     (HERE / "memory_plan.json").write_text(json.dumps(rows, indent=1) + "\n")
     print("| case | checkpointing | planned (MB) | measured peak (MB) | planned / measured |")
     print("|---|---|---|---|---|")

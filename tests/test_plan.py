@@ -10,8 +10,12 @@ from sfedlora.plan import (
     base_bytes,
     counts,
     decoder_activation_bytes,
+    encoder_activation_bytes,
+    fused_bytes,
+    kind_params,
     lora_params,
     optimizer_moments,
+    plan,
 )
 
 runner = CliRunner()
@@ -49,6 +53,46 @@ def test_decoder_activations_by_hand():
     assert decoder_activation_bytes(dims, 32, 16, 4, lora, True) == checkpointed
 
 
+def test_encoder_activations_by_hand():
+    dims = {"hidden": 8, "mlp": 32, "heads": 2, "layers": 3}
+    lora = {"rank_sum": 4, "dropout_in": 0}
+    # per layer and token besides its input: 7 * 8 + 32 + 4 + 3 attention rows of 2 heads x 5 at 4 bytes,
+    # and 16 bytes of LayerNorm statistics; live at a layer's end: 32 + 3 * 8 at 4 bytes.
+    saved, live = 4 * (56 + 32 + 4 + 30) + 16, 4 * (32 + 24)
+    assert encoder_activation_bytes(dims, 10, 5, 4, lora, False, False) == (3 * (4 * 8 + saved) + live) * 10
+    # checkpointed: 3 layer inputs, the embeddings' 3 fp32 tensors, the incoming gradient, one layer
+    checkpointed = (3 * 4 * 8 + 3 * 4 * 8 + 4 * 8 + saved + live) * 10
+    assert encoder_activation_bytes(dims, 10, 5, 4, lora, True, False) == checkpointed
+    # a fused attention kernel keeps no probabilities
+    assert (
+        encoder_activation_bytes(dims, 10, 5, 4, lora, False, True)
+        == (3 * (4 * 8 + saved - 4 * 30) + live) * 10
+    )
+
+
+def test_fused_engine_bytes_by_hand():
+    # 4 adapted (64, 64) layers in 2 blocks, a 64 -> 2 head (130 parameters, 128 weights).
+    c = {"per_rank": 512, "in_per_rank": 256, "head": 130, "head_weights": 128, "dims": {"layers": 2}}
+    assert kind_params(c, 4) == {"A": 1024, "B": 1024, "head": 130}
+    trained = 1024 + 130  # B and head (FFA-LoRA)
+    stacks, gathered = fused_bytes(c, 4, 3, trained, 2, 16, 4, False)
+    # 3 slots of 2048 + 130 fp32 parameters, and a gradient and 2 AdamW moments of the trained ones
+    assert stacks == 4 * 3 * (2048 + 130 + 3 * 1154)
+    # 16 rows, each with its own A and B of every layer and head weight, at 4 bytes
+    assert gathered == 4 * 16 * (2048 + 128)
+    # with checkpointing, one block's LoRA (2 of 4 layers) at a time; bf16 keeps 2-byte copies
+    assert fused_bytes(c, 4, 3, trained, 2, 16, 2, True)[1] == 2 * 16 * (1024 + 128)
+
+
+def test_plan_counts_the_fused_engine():
+    base = ["model.device=cpu", "model.precision=fp32", "federation.n_clients=10", "model.max_length=128"]
+    per_client = plan(build_config(overrides=[*base, "train.batch_size=16", "simulator.engine=per-client"]))
+    fused = plan(build_config(overrides=[*base, "simulator.engine=fused", "simulator.fused_tokens=2048"]))
+    # the same micro-batch (16 x 128 tokens): the stacks, gathers and copies are what is added
+    assert "16 x 128 tokens" in fused.lines[-3] and "fused engine" in "\n".join(fused.lines)
+    assert fused.device_bytes > per_client.device_bytes
+
+
 def test_tiny_llama_counts_by_hand():
     c = counts(build_config(overrides=["model.name_or_path=tiny-llama", "data.task=gsm8k", "lora.rank=4"]))
     # embeddings and output layer 2 * 2048 * 64; per layer q, k, v, o 4 * 64 * 64, the MLP 3 * 64 * 172
@@ -68,6 +112,11 @@ def test_minilm_counts_match_the_built_model():
     )
     assert c["total"] == base
     assert c["per_rank"] * 8 + c["head"] == trainable
+    params = dict(model.named_parameters())
+    assert c["in_per_rank"] * 8 == sum(p.numel() for n, p in params.items() if ".lora_A." in n)
+    # the pooler's and the classifier's weight matrices, which the fused engine gathers per row
+    head = [p for n, p in params.items() if p.requires_grad and ".lora_" not in n and p.dim() == 2]
+    assert c["head_weights"] == sum(p.numel() for p in head) == 384 * 384 + 2 * 384
 
 
 def test_plan_command_prints_the_plan():

@@ -6,9 +6,12 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
+from torch.utils._pytree import tree_leaves
 from typer.testing import CliRunner
 
 from sfedlora.cli import app
@@ -133,6 +136,32 @@ def test_resume_refuses_a_config_that_changes_results(interrupted_run):
     assert "resumed after round 1" in result.output
     result = runner.invoke(app, ["run", "--resume", run_dir])
     assert result.exit_code == 2 and "already finished" in result.output
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_resumed_gpu_run_keeps_client_states_in_pinned_host_memory(tiny_config):
+    from sfedlora.checkpoint import load_checkpoint
+    from sfedlora.data import load_task
+    from sfedlora.federation import build_federation
+
+    cfg = tiny_config(
+        "name=gpu", "model.device=cuda", "train.optimizer=adamw", "train.optimizer_state=persistent"
+    )
+
+    class Stop(Exception):
+        pass
+
+    def stop(record):
+        raise Stop
+
+    with pytest.raises(Stop):
+        run(cfg, on_record=stop)
+    fed = build_federation(cfg, load_task(cfg.data, seed=cfg.seed))
+    load_checkpoint(fed, Path(cfg.output_dir) / "gpu")
+    leaves = tree_leaves([[c.tensors, c.optimizer] for c in fed.clients] + [fed.server])
+    tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
+    assert any(c.optimizer for c in fed.clients)
+    assert tensors and all(t.device.type == "cpu" and t.is_pinned() for t in tensors)
 
 
 def test_resume_of_a_directory_that_is_not_a_run(tmp_path):

@@ -68,16 +68,41 @@ def decoder_activation_bytes(dims: dict, tokens: int, length: int, a: int, lora:
 def encoder_activation_bytes(
     dims: dict, tokens: int, length: int, a: int, lora: dict, checkpointing: bool, fused: bool
 ):
-    """As :func:`decoder_activation_bytes` for a BERT-like encoder: per layer and token 8 hidden-
-    size tensors (attention inputs, LayerNorm inputs, dropout), the GELU input, LoRA's intermediates
-    and dropout; and unless the attention kernel is fused (CUDA), 3 attention-probability rows per
-    head (scores, softmax, dropout) of ``length``."""
+    """As :func:`decoder_activation_bytes` for a BERT-like encoder. Per layer and token it saves
+    its input, q, k and v, two dropout masks and two LayerNorm inputs (8 hidden-size tensors), the
+    GELU input, LoRA's intermediates and dropout; and unless the attention kernel is fused (CUDA), 3
+    attention-probability rows per head (softmax, its dropout mask and output) of ``length``.
+
+    The peak comes at the end of a layer's forward (or its recomputation), where its FFN
+    activation, attention output, FFN output and layer output are live besides what it saves.
+    With checkpointing, transformers makes the embedding output require grad, so the embeddings
+    keep three fp32 hidden-size tensors (their output, LayerNorm input, dropout mask), and the
+    gradient of the recomputed layer's output waits while it is recomputed. Measured with the
+    allocator's events under ``torch.profiler`` on MiniLM (benchmarks/README.md)."""
     h, i, heads, layers = dims["hidden"], dims["mlp"], dims["heads"], dims["layers"]
-    per_token = a * (8 * h + i + lora["rank_sum"] + lora["dropout_in"] + (0 if fused else 3 * heads * length))
-    layer = per_token + 16
+    attention = 0 if fused else 3 * heads * length
+    # What a layer saves besides its input; 16: its two LayerNorms' fp32 means and inverse deviations.
+    saved = a * (7 * h + i + lora["rank_sum"] + lora["dropout_in"] + attention) + 16
+    live = a * (i + 3 * h)
     if checkpointing:
-        return (layers * a * h + layer) * tokens
-    return layers * layer * tokens
+        return (layers * a * h + 3 * 4 * h + a * h + saved + live) * tokens
+    return (layers * (a * h + saved) + live) * tokens
+
+
+def kind_params(c: dict, rank: int) -> dict[str, int]:
+    """A client's adapter parameters at ``rank`` by kind: LoRA A (r·d_in), B (r·d_out), head."""
+    return {"A": rank * c["in_per_rank"], "B": rank * (c["per_rank"] - c["in_per_rank"]), "head": c["head"]}
+
+
+def fused_bytes(c: dict, rank: int, slots: int, trained: int, moments: int, rows: int, a: int, gc: bool):
+    """The fused engine's device memory besides activations (fused.py, rowwise.py): the
+    ``slots`` sampled clients' adapters stacked at full ``rank`` in fp32, with a gradient and the
+    optimizer's moments for the ``trained`` parameters of each; and, per row of a micro-batch, its
+    client's LoRA A and B and head Linear weights gathered and kept for backward at the compute
+    precision (with checkpointing ``gc``, one layer's LoRA at a time). Returns (stacks, gathered)."""
+    stacks = 4 * slots * (c["per_rank"] * rank + c["head"] + trained * (1 + moments))
+    lora = c["per_rank"] * rank / (c["dims"]["layers"] if gc else 1)
+    return stacks, a * rows * (lora + c["head_weights"])
 
 
 @dataclass
@@ -85,6 +110,7 @@ class Plan:
     lines: list[str]
     device_bytes: float  # what the compute device must hold
     host_bytes: float  # what host memory must hold besides it (a GPU run); 0 on the CPU
+    parts: dict[str, float]  # activations, and the fused engine's stacks, gathers and state copies
 
 
 def _hf_config(cfg: RunConfig):
@@ -174,6 +200,7 @@ def counts(cfg: RunConfig) -> dict:
         raise SfedloraError(f"no layer of {cfg.model.name_or_path!r} matches LoRA targets {targets}")
     heads = [n for n, _ in model.named_modules() if n.split(".")[-1] in ("classifier", "score", "pooler")]
     head = 0 if causal else sum(p.numel() for n, p in model.named_parameters() if n.startswith(tuple(heads)))
+    head_weights = 0 if causal else sum(i * o for n, (i, o) in linears.items() if n.startswith(tuple(heads)))
     output = model.get_output_embeddings()
     out_name = next((n for n, m in model.named_modules() if m is output), None)
     quantizable = [s for n, s in linears.items() if n != out_name]
@@ -186,7 +213,9 @@ def counts(cfg: RunConfig) -> dict:
         "adapted": adapted,
         "targets": targets,
         "head": head,
+        "head_weights": head_weights,
         "per_rank": lora_params(adapted, 1),
+        "in_per_rank": sum(i for i, _ in adapted),
         "dims": {
             "hidden": hf.hidden_size,
             "mlp": getattr(hf, "intermediate_size", None) or 4 * hf.hidden_size,
@@ -200,6 +229,7 @@ def counts(cfg: RunConfig) -> dict:
 def plan(cfg: RunConfig) -> Plan:
     """What ``cfg`` needs on its compute device and in host memory, as printable lines."""
     from .models import _fast_bf16
+    from .shared import method_of
 
     c = counts(cfg)
     m, lora, train, fed = cfg.model, cfg.lora, cfg.train, cfg.federation
@@ -221,8 +251,13 @@ def plan(cfg: RunConfig) -> Plan:
     states = sum(4 * (1 + kept) * (c["per_rank"] * r + c["head"]) for r in ranks)
     # Trained in place: the adapter, its gradients and moments; plus the run's initial adapter.
     training = 4 * adapter * (3 + moments)
-
-    tokens, length = train.batch_size * m.max_length, m.max_length
+    sim, length = cfg.simulator, m.max_length
+    # As make_executor and check_fused choose.
+    fused = sim.engine == "fused" or (
+        sim.engine == "auto" and sim.workers in ("auto", 1) and precision != "fp16"
+    )
+    rows = max(sim.fused_tokens, length) // length if fused else train.batch_size
+    tokens = rows * length
     lora_act = {
         "rank_sum": lora.rank * len(c["adapted"]) / c["dims"]["layers"],
         "dropout_in": 1.4 * sum(i for i, _ in c["adapted"]) / c["dims"]["layers"] if lora.dropout else 0,
@@ -235,6 +270,19 @@ def plan(cfg: RunConfig) -> Plan:
             for g in (False, True)
         }
     activations = act[m.gradient_checkpointing]
+    parts = {"activations": activations, "stacks": 0, "gathered": 0, "copies": 0}
+    if fused:
+        method, slots, gc = method_of(cfg), fed.sampled_per_round(), m.gradient_checkpointing
+        size = {r: kind_params(c, r) for r in {*ranks, lora.rank}}
+        trained = max(sum(size[lora.rank][k] for k in method.trained(t)) for t in range(1, fed.rounds + 1))
+        stacks, gathered = fused_bytes(c, lora.rank, slots, trained, moments, rows, a, gc)
+        # A sampled client's state is copied twice more: the download cloned into what it received,
+        # and the copy that trains (with its optimizer state). The largest, as the sample is drawn later.
+        kinds = method.global_kinds
+        copy = [4 * ((1 + kept) * sum(size[r].values()) + sum(size[r][k] for k in kinds)) for r in ranks]
+        parts.update(stacks=stacks, gathered=gathered, copies=sum(sorted(copy)[-slots:]))
+        states += parts["copies"]
+        training = 4 * adapter * 2 + stacks + gathered  # plus the shared model's adapter and the initial one
     device_bytes = base + training + activations + (0 if gpu else states)
     host_bytes = states if gpu else 0
 
@@ -252,12 +300,17 @@ def plan(cfg: RunConfig) -> Plan:
         f"{_count(adapter)} parameters" + (f" (head {_count(c['head'])})" if c["head"] else ""),
         f"base         {_fmt(base)} ({'fp32' if storage == 4 else precision} storage{quant})",
         f"training     {_fmt(training)}: adapter, gradients and initial copy in fp32"
-        + (f", {moments} {train.optimizer} moment(s)" if moments else f", {train.optimizer} keeps no state"),
+        + (f", {moments} {train.optimizer} moment(s)" if moments else f", {train.optimizer} keeps no state")
+        if not fused
+        else f"training     {_fmt(training)}: fused engine, {_fmt(stacks)} for {slots} clients' adapters "
+        f"stacked (+ gradients, {moments} {train.optimizer} moment(s)), {_fmt(gathered)} of their weights "
+        "gathered per micro-batch, adapter and initial copy",
         f"one client   {_fmt(4 * (1 + kept) * adapter)} between rounds"
         + (f" (with its {train.optimizer} state)" if kept else " (its optimizer starts fresh each round)"),
         f"all clients  {_fmt(states)} for {fed.n_clients} clients"
+        + (f" and 2 copies of each of the {slots} sampled in a round" if fused else "")
         + (" (pinned host memory on a GPU run)" if gpu else " (host memory)"),
-        f"activations  {_fmt(act[False])} per micro-batch of {train.batch_size} x {length} tokens at "
+        f"activations  {_fmt(act[False])} per micro-batch of {rows} x {length} tokens at "
         f"{precision}; {_fmt(act[True])} with gradient checkpointing"
         + (" (on)" if m.gradient_checkpointing else " (off)"),
     ]
@@ -277,4 +330,4 @@ def plan(cfg: RunConfig) -> Plan:
     else:
         fits = "fits" if need <= memory else f"does NOT fit (short by {_fmt(need - memory)})"
         lines.append(f"device       {name}: {_fmt(memory)}: {fits}")
-    return Plan(lines, device_bytes, host_bytes)
+    return Plan(lines, device_bytes, host_bytes, parts)
