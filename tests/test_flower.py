@@ -83,16 +83,21 @@ def test_flower_simulation_matches_the_embedded_simulator(tiny_config, tiny_over
             assert (ours[name][t] - theirs[name][t]).abs().max() <= 1e-5, (name, t)
 
 
-def test_injected_faults_and_resume_are_refused_on_flower(tiny_config):
+def test_injected_faults_and_a_simulator_checkpoint_are_refused_on_flower(tiny_config, interrupted_run):
     with pytest.raises(SfedloraError, match="faults.dropout and faults.bad_update inject faults"):
         run_simulation(tiny_config("faults.dropout=0.5"))
-    result = CliRunner().invoke(app, ["run", "--runtime", "flower", "--resume", "somewhere"])
-    assert result.exit_code == 2 and "--resume works with the embedded simulator only" in result.output
+    # The embedded simulator's checkpoint holds client states that no SuperNode has.
+    run_dir = interrupted_run("embedded")
+    result = CliRunner().invoke(app, ["run", "--runtime", "flower", "--resume", run_dir])
+    assert (
+        result.exit_code == 2
+        and "written by the embedded simulator: resume it without --runtime flower" in (result.output)
+    )
 
 
 def _message(cfg, k, round_, download):
     return Message(
-        request(config_text(cfg), k, round_, download), dst_node_id=7, message_type=MessageType.TRAIN
+        request(config_text(cfg), "run-a", k, round_, download), dst_node_id=7, message_type=MessageType.TRAIN
     )
 
 

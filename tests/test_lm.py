@@ -419,7 +419,9 @@ def test_flower_client_app_trains_and_scores_a_causal_lm_client(lm_overrides, mo
     fed = build_federation(cfg, load_task(cfg.data, seed=cfg.seed))
     context = Context(run_id=1, node_id=7, node_config={"partition-id": 1}, state=RecordDict(), run_config={})
     download = fed.method.download(fed.server)
-    ask = lambda kind: Message(request(config_text(cfg), 1, 1, download), dst_node_id=7, message_type=kind)  # noqa: E731
+    ask = lambda kind: Message(  # noqa: E731
+        request(config_text(cfg), "run-a", 1, 1, download), dst_node_id=7, message_type=kind
+    )
     sent = client_app.train(ask(MessageType.TRAIN), context).content.array_records[UPDATE]
     assert {tensor_kind(n) for n in sent} == {"A"}  # no head on a causal LM, and B stays home
     scores = dict(client_app.evaluate(ask(MessageType.EVALUATE), context).content.metric_records[RESULT])

@@ -15,18 +15,19 @@ from sfedlora.flower.node_state import STATE_FILE
 from sfedlora.flower.records import config_text, read_train_reply, request
 
 
-def train(cfg, fed, context, round_):
-    """One training request to client 1's ClientApp, as the ServerApp sends it."""
+def train(cfg, fed, context, round_, run="run-a"):
+    """One training request to client 1's ClientApp, as the ServerApp of run ``run`` sends it."""
     download = {n: t + 0.01 * round_ for n, t in fed.method.download(fed.server).items()}
     msg = Message(
-        request(config_text(cfg), 1, round_, download), dst_node_id=7, message_type=MessageType.TRAIN
+        request(config_text(cfg), run, 1, round_, download), dst_node_id=7, message_type=MessageType.TRAIN
     )
     return read_train_reply(client_app.train(msg, context))
 
 
-def node(run_id=1, **config):
+def node(**config):
+    """A fresh ClientApp process (or a new Flower run): its Context.state is empty."""
     return Context(
-        run_id=run_id, node_id=7, node_config={"partition-id": 1, **config}, state=RecordDict(), run_config={}
+        run_id=1, node_id=7, node_config={"partition-id": 1, **config}, state=RecordDict(), run_config={}
     )
 
 
@@ -56,14 +57,32 @@ def test_a_restarted_node_continues_with_its_own_state(tiny_config, server_ident
 def test_a_node_never_mixes_runs(tiny_config, server_identity, tmp_path):
     cfg = tiny_config("method=sfed-lora")
     fed = build_federation(cfg, load_task(cfg.data, seed=cfg.seed))
-    train(cfg, fed, node(run_id=1, **{"state-dir": str(tmp_path)}), 1)
+    disk = {"state-dir": str(tmp_path)}
+    train(cfg, fed, node(**disk), 1, run="run-a")
     # Another run on the same node starts its client afresh: as a node with nothing saved does.
-    _, other = train(cfg, fed, node(run_id=2, **{"state-dir": str(tmp_path)}), 2)
-    _, fresh = train(cfg, fed, node(run_id=3), 2)
+    _, other = train(cfg, fed, node(**disk), 2, run="run-b")
+    _, fresh = train(cfg, fed, node(), 2, run="run-c")
     assert same(other, fresh)
-    # The same run asking for a round the node has already trained is refused, not mixed.
+    # The same run asking for a round before one the node has trained is refused, not mixed.
     with pytest.raises(SfedloraError, match="give each node its own state-dir"):
-        train(cfg, fed, node(run_id=2, **{"state-dir": str(tmp_path)}), 2)
+        train(cfg, fed, node(**disk), 1, run="run-b")
+
+
+def test_a_resumed_server_replays_the_round_it_stopped_in(tiny_config, server_identity, tmp_path):
+    """The ServerApp checkpoints after a round concludes; one stopped mid-round asks for that
+    round again, which the node may have trained already: it trains it again from the state
+    before it, and goes on as if the round had happened once."""
+    cfg = tiny_config("method=sfed-lora", "train.optimizer_state=persistent")
+    fed = build_federation(cfg, load_task(cfg.data, seed=cfg.seed))
+    steady = node()
+    for round_ in (1, 2, 3):
+        _, expected = train(cfg, fed, steady, round_)
+    disk = {"state-dir": str(tmp_path)}
+    train(cfg, fed, node(**disk), 1)
+    train(cfg, fed, node(**disk), 2)  # the server stopped before round 2's checkpoint
+    train(cfg, fed, node(**disk), 2)  # and, resumed, asks for round 2 again
+    _, update = train(cfg, fed, node(**disk), 3)
+    assert same(update, expected)
 
 
 def test_a_node_trains_on_the_data_on_its_own_disk(tiny_overrides, server_identity, tmp_path):

@@ -356,7 +356,9 @@ def test_client_dp_on_flower_is_the_simulators_client_round(tiny_config, server_
     fed = build_federation(cfg, load_task(cfg.data, seed=cfg.seed))
     context = Context(run_id=1, node_id=7, node_config={"partition-id": 1}, state=RecordDict(), run_config={})
     download = fed.method.download(fed.server)
-    msg = Message(request(config_text(cfg), 1, 1, download), dst_node_id=7, message_type=MessageType.TRAIN)
+    msg = Message(
+        request(config_text(cfg), "run-a", 1, 1, download), dst_node_id=7, message_type=MessageType.TRAIN
+    )
     result, update = read_train_reply(client_app.train(msg, context))
     expected = client_round(fed, fed.client(1), fed.clients[1], download, 1)
     assert result.grad_norm == expected.result.grad_norm  # the private gradients' norms: noise included

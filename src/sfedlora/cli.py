@@ -76,11 +76,6 @@ def run(
     from .experiment import headline
     from .experiment import run as run_experiment
 
-    if runtime is Runtime.flower and resume is not None:
-        _fail(
-            "--resume works with the embedded simulator only: Flower clients keep their state on their nodes"
-        )
-
     # On resume the run's own config.yaml rules; --set applies on top of it, and the result
     # (or a config file given instead) may differ from it only in keys that change no result.
     if resume is not None and config is None:
@@ -131,7 +126,7 @@ def run(
         if runtime is Runtime.flower:
             from .flower.engine import run_simulation
 
-            result = run_simulation(cfg, on_start=on_start, on_record=on_record)
+            result = run_simulation(cfg, on_start=on_start, on_record=on_record, resume=resume)
         else:
             result = run_experiment(cfg, on_start=on_start, on_record=on_record, resume=resume)
     except SfedloraError as err:
@@ -139,11 +134,12 @@ def run(
         _fail(str(err))
     except KeyboardInterrupt:
         progress.stop()
-        if "run_dir" not in state or runtime is Runtime.flower:  # Flower runs cannot be resumed
+        if "run_dir" not in state:
             raise
+        flower = " --runtime flower" if runtime is Runtime.flower else ""
         err_console.print(
             "interrupted: the last checkpoint is kept; continue with: "
-            f"sfedlora run --resume {state['run_dir']}",
+            f"sfedlora run{flower} --resume {state['run_dir']}",
             highlight=False,
             soft_wrap=True,
         )
@@ -273,6 +269,9 @@ def flower_up(
     timeout: float = typer.Option(
         3600.0, "--timeout", help="Seconds the run may take before everything is stopped."
     ),
+    resume: Path | None = typer.Option(
+        None, "--resume", help="Continue this run directory (with the --workdir it started in)."
+    ),
 ) -> None:
     """Start a SuperLink and one SuperNode per client on 127.0.0.1 (TLS, SuperNode
     authentication), run the job, and stop everything."""
@@ -280,6 +279,8 @@ def flower_up(
 
     from .flower.deploy import up
 
+    if resume is not None and config is None:  # the run's own config, as `sfedlora run --resume`
+        config = resume / "config.yaml"
     cfg = _load(config, [*overrides, *([f"federation.n_clients={clients}"] if clients else [])])
     workdir = workdir or Path(tempfile.mkdtemp(prefix="sfedlora-flower-"))
     console.print(
@@ -294,7 +295,7 @@ def flower_up(
             console.print(line)
 
     try:
-        run_dir = up(cfg, workdir, timeout=timeout, on_record=on_record)
+        run_dir = up(cfg, workdir, timeout=timeout, on_record=on_record, resume=resume)
     except SfedloraError as err:
         _fail(str(err))
     print_summary(json.loads((run_dir / "summary.json").read_text()), run_dir)
@@ -317,7 +318,6 @@ def _sweep_text(config: Path, overrides: list[str]) -> str:
     )
 
 
-@app.command("config")
 @app.command("plan")
 def show_plan(config: Path | None = ConfigArg, overrides: list[str] = SetOpt) -> None:
     """Print the parameter counts and the memory a run needs (base, clients' states, activations),
@@ -339,6 +339,7 @@ def show_plan(config: Path | None = ConfigArg, overrides: list[str] = SetOpt) ->
     console.print("\n".join(lines), highlight=False)
 
 
+@app.command("config")
 def show_config(config: Path | None = ConfigArg, overrides: list[str] = SetOpt) -> None:
     """Print the fully resolved config (the defaults when no file is given); for a sweep file
     (one with a grid: section), its resolved base config and then its grid."""

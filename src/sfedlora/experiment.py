@@ -96,7 +96,8 @@ def partition_report(fed: Federation) -> dict:
     }
 
 
-def _resume_config(run_dir: Path, cfg: RunConfig | None) -> RunConfig:
+def resume_config(run_dir: Path, cfg: RunConfig | None) -> RunConfig:
+    """The config a resumed run goes on with: its own, or ``cfg`` where that changes no result."""
     saved_path = run_dir / "config.yaml"
     if not saved_path.is_file():
         raise SfedloraError(
@@ -133,7 +134,7 @@ def run(
     runtime = runtime or Simulator()
     if resume is not None:
         run_dir = Path(resume)
-        cfg = _resume_config(run_dir, cfg)
+        cfg = resume_config(run_dir, cfg)
     else:
         run_dir = check_run_dir(cfg)
     runtime.check(cfg)
@@ -143,7 +144,7 @@ def run(
         create_run_dir(run_dir, cfg)
     with RunLock(run_dir):
         if resume is not None:
-            load_checkpoint(fed, run_dir)
+            load_checkpoint(fed, run_dir, runtime.clients_here)
             records = truncate_metrics(run_dir, fed.round)
         else:
             write_json(run_dir / "partition.json", partition_report(fed))
@@ -197,8 +198,10 @@ def _play(
             writer.write(record)
             trackers.log(record)
             last = fed.round == cfg.federation.rounds
-            if runtime.clients_here and (fed.round % cfg.checkpoint_every == 0 or last):
-                save_checkpoint(fed, run_dir)
+            # Without the clients here, every round: a SuperNode keeps only the states that a
+            # replay of the one round after the checkpoint needs.
+            if fed.round % cfg.checkpoint_every == 0 or last or not runtime.clients_here:
+                save_checkpoint(fed, run_dir, runtime.clients_here)
             if on_record:
                 on_record(record)
     finally:

@@ -7,6 +7,7 @@
     <run>/adapters/global/     the global adapter (methods without client-local tensors)
     <run>/adapters/client_XX/  each client's personalised adapter (methods with local tensors)
     <run>/tensorboard/, wandb/ the report_to backends' logs (sfedlora.tracking)
+    <run>/run_key              a Flower run's identity, which its SuperNodes key their saved state by
 
 Adapters are in PEFT format: ``PeftModel.from_pretrained(base, path)`` loads them.
 """
@@ -19,6 +20,7 @@ import math
 import os
 import signal
 import threading
+import uuid
 from datetime import datetime
 from pathlib import Path
 
@@ -104,6 +106,15 @@ def atomic_write(path: Path, write) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def run_key(run_dir: Path) -> str:
+    """The run's identity, made once and kept in the run directory: a resumed Flower run is a
+    new Flower run (a new run id), and its SuperNodes must still find their clients' state."""
+    path = run_dir / "run_key"
+    if not path.is_file():
+        atomic_write(path, lambda f: f.write(uuid.uuid4().hex.encode()))
+    return path.read_text().strip()
 
 
 def jsonable(record: dict) -> dict:

@@ -12,12 +12,10 @@ import hashlib
 import logging
 
 import torch
-import yaml
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from ..client import client_round
-from ..config import build_config
 from ..data import load_task
 from ..errors import SfedloraError
 from ..evaluation import client_scores, outputs_of
@@ -28,8 +26,10 @@ from .records import (
     CONFIG,
     RESULT,
     UPDATE,
+    Request,
     is_finish,
     load_state,
+    parse_request,
     read_request,
     save_state,
     tensors_record,
@@ -38,9 +38,6 @@ from .records import (
 from .secagg import FITINS_CONFIG, fit_result, from_parameters, secagg_mod
 
 log = logging.getLogger("sfedlora")
-
-# secagg_mod runs Flower's SecAgg+ client protocol for the messages that belong to it.
-app = ClientApp(mods=[secagg_mod])
 
 # The one module-level cache: the Node this process serves (the shared base model, its own
 # client's data and initial state), keyed by (sha256 of the run's config text, partition id,
@@ -77,58 +74,58 @@ def partition_id(context: Context, n_clients: int) -> int:
 
 
 def _setup(msg: Message, context: Context, training: bool = False):
-    cfg, text, client, round_, download = read_request(msg)
-    return _check_node(cfg, text, client, round_, download, context, training)
+    return _check_node(read_request(msg), context, training)
 
 
-def _check_node(cfg, text: str, client: int, round_: int, download, context: Context, training: bool = False):
-    k = partition_id(context, cfg.federation.n_clients)
-    if client != k:
-        raise SfedloraError(f"server asked this node for client {client}, but it holds partition {k}")
-    node = node_for(cfg, text, k, context.node_config)
+def _check_node(req: Request, context: Context, training: bool = False):
+    """This node's client and the state the request builds on, checked against the request."""
+    k = partition_id(context, req.cfg.federation.n_clients)
+    if req.client != k:
+        raise SfedloraError(f"server asked this node for client {req.client}, but it holds partition {k}")
+    node = node_for(req.cfg, req.text, k, context.node_config)
     state = load_state(context.state)
     path = state_file(context.node_config)
-    if state is None and path is not None:  # a node process started again mid-run
-        # Training builds on the rounds before this one; scoring and finishing on this one too.
-        state = load_state_file(path, context.run_id, k, round_ if training else round_ + 1)
-    return node, round_, download, state or node.fresh
+    if state is None and path is not None:  # a node process started again, or a resumed server
+        state = load_state_file(path, req.run, k, req.round, training)
+    return node, state or node.fresh
 
 
-def _keep(context: Context, k: int, round_: int, state) -> None:
+def _keep(context: Context, req: Request, state) -> None:
     """The client's state after a round: in Context.state and, with state-dir, on the node's disk."""
     save_state(context.state, state)
     path = state_file(context.node_config)
     if path is not None:
-        save_state_file(path, context.run_id, k, round_, state)
+        save_state_file(path, req.run, req.client, req.round, state)
 
 
-@app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Handshake: tell the server which client this node holds. At the end of the run: save
-    the personalised adapter under the node's ``state-dir`` and, if the run asks, send it."""
-    cfg, text, client, round_, download = read_request(msg)
-    k = partition_id(context, cfg.federation.n_clients)
-    reply = RecordDict({CONFIG: ConfigRecord({"client": k})})
+    """Handshake: tell the server which client this node holds and whether its state outlives
+    the process (a resumed run needs it). At the end of the run: save the personalised adapter
+    under the node's ``state-dir`` and, if the run asks, send it."""
+    req = read_request(msg)
+    k = partition_id(context, req.cfg.federation.n_clients)
+    path = state_file(context.node_config)
+    reply = RecordDict({CONFIG: ConfigRecord({"client": k, "durable": int(path is not None)})})
     if is_finish(msg):
-        node, _, download, state = _check_node(cfg, text, client, round_, download, context)
-        personal = {**state.tensors, **download}
-        if (path := state_file(context.node_config)) is not None:
+        node, state = _check_node(req, context)
+        personal = {**state.tensors, **req.download}
+        if path is not None:
             shared = node.shared
             shared.ranks.save(
                 shared.model, shared.params, personal, k, path.parent / "adapters" / f"client_{k:02d}"
             )
-        if cfg.flower.collect_adapters:
+        if req.cfg.flower.collect_adapters:
             reply[UPDATE] = tensors_record(personal)
     return Message(reply, reply_to=msg)
 
 
-@app.train()
 def train(msg: Message, context: Context) -> Message:
     if FITINS_CONFIG in msg.content.config_records:
         return train_secure(msg, context)
-    node, round_, download, state = _setup(msg, context, training=True)
-    outcome = client_round(node.shared, node.client, state, download, round_)
-    _keep(context, node.client.k, round_, outcome.state)
+    req = read_request(msg)
+    node, state = _check_node(req, context, training=True)
+    outcome = client_round(node.shared, node.client, state, req.download, req.round)
+    _keep(context, req, outcome.state)
     return Message(train_reply(outcome.result, outcome.update), reply_to=msg)
 
 
@@ -138,17 +135,15 @@ def train_secure(msg: Message, context: Context) -> Message:
     import flwr.compat.common.recorddict_compat as compat
 
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
-    text = str(fitins.config["config"])
-    cfg = build_config(yaml.safe_load(text))
-    k = partition_id(context, cfg.federation.n_clients)
-    shared = node_for(cfg, text, k, context.node_config).shared
+    req = parse_request(fitins.config, {})
+    k = partition_id(context, req.cfg.federation.n_clients)
+    shared = node_for(req.cfg, req.text, k, context.node_config).shared
     download = from_parameters(fitins.parameters, shared.method.download(shared.initial))
-    node, round_, download, state = _check_node(
-        cfg, text, int(fitins.config["client"]), int(fitins.config["round"]), download, context, training=True
-    )
-    outcome = client_round(shared, node.client, state, download, round_)
-    _keep(context, k, round_, outcome.state)
-    reference = shared.method.upload(download, round_)
+    req = req._replace(download=download)
+    node, state = _check_node(req, context, training=True)
+    outcome = client_round(shared, node.client, state, download, req.round)
+    _keep(context, req, outcome.state)
+    reference = shared.method.upload(download, req.round)
     change = {
         n: outcome.update[n] - reference[n] if outcome.result is not None else torch.zeros_like(reference[n])
         for n in reference
@@ -157,10 +152,24 @@ def train_secure(msg: Message, context: Context) -> Message:
     return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
 
 
-@app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Score this client's personalised model: its own tensors under the server's global ones."""
-    node, _, download, state = _setup(msg, context)
-    outputs = outputs_of(node.shared, {**state.tensors, **download}, node.client.k)
+    req = read_request(msg)
+    node, state = _check_node(req, context)
+    outputs = outputs_of(node.shared, {**state.tensors, **req.download}, node.client.k)
     scores = client_scores(node.shared, node.histogram, outputs)
     return Message(RecordDict({RESULT: MetricRecord(scores)}), reply_to=msg)
+
+
+def client_app(*mods) -> ClientApp:
+    """The ClientApp, with ``mods`` run before each message (Flower's simulation gives its
+    virtual SuperNodes a state-dir through one). ``secagg_mod`` runs Flower's SecAgg+ client
+    protocol for the messages that belong to it."""
+    app = ClientApp(mods=[*mods, secagg_mod])
+    app.query()(query)
+    app.train()(train)
+    app.evaluate()(evaluate)
+    return app
+
+
+app = client_app()

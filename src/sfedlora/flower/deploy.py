@@ -24,6 +24,7 @@ import yaml
 
 from ..config import RunConfig, dump_config
 from ..errors import SfedloraError
+from ..experiment import resume_config
 from ..rundir import check_run_dir, default_run_name
 from .credentials import make_node_key, make_tls
 from .server_app import check_runnable
@@ -50,6 +51,7 @@ clientapp = "sfedlora.flower.client_app:app"
 [tool.flwr.app.config]
 config = ""
 overrides = ""
+resume = ""
 """
 
 
@@ -57,6 +59,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
         return s.getsockname()[1]
+
+
+def _command(tool: str, *flags: str, **options) -> list[str]:
+    """``tool`` with ``flags`` and ``--an-option value`` for each option (``an_option=value``)."""
+    pairs = [(k if k.startswith("--") else "--" + k.replace("_", "-"), str(v)) for k, v in options.items()]
+    return [_tool(tool), *flags, *(x for pair in pairs for x in pair)]
 
 
 def _tool(name: str) -> str:
@@ -69,11 +77,20 @@ def _tool(name: str) -> str:
 
 
 class LocalDeployment:
-    """A SuperLink and ``n_clients`` SuperNodes on this machine, stopped on exit."""
+    """A SuperLink and ``n_clients`` SuperNodes on this machine, stopped on exit. Each SuperNode
+    keeps its client's state in ``<workdir>/nodes/<name>`` (node config ``state-dir``) and, with
+    ``data_dirs``, trains on the files in ``data_dirs[k]`` (``data-dir``)."""
 
-    def __init__(self, workdir: Path, n_clients: int, startup_timeout: float = 120.0):
+    def __init__(
+        self,
+        workdir: Path,
+        n_clients: int,
+        startup_timeout: float = 120.0,
+        data_dirs: dict[int, Path] | None = None,
+    ):
         self.workdir = workdir.resolve()
         self.n_clients = n_clients
+        self.data_dirs = data_dirs or {}
         self.startup_timeout = startup_timeout
         self.port = free_port()
         self.processes: dict[str, subprocess.Popen] = {}
@@ -108,24 +125,10 @@ class LocalDeployment:
         )
         (self.workdir / "app").mkdir(exist_ok=True)
         (self.workdir / "app" / "pyproject.toml").write_text(APP_PYPROJECT)
-        self.spawn(
-            "superlink",
-            [
-                _tool("flower-superlink"),
-                "--ssl-ca-certfile",
-                str(self.tls.ca_cert),
-                "--ssl-certfile",
-                str(self.tls.server_cert),
-                "--ssl-keyfile",
-                str(self.tls.server_key),
-                "--enable-supernode-auth",
-                "--disable-runtime-dependency-installation",
-                "--host",
-                HOST,
-                "--port",
-                str(self.port),
-            ],
-        )
+        tls = {"--ssl-ca-certfile": self.tls.ca_cert, "--ssl-certfile": self.tls.server_cert}
+        tls["--ssl-keyfile"] = self.tls.server_key
+        flags = ["--enable-supernode-auth", "--disable-runtime-dependency-installation"]
+        self.spawn("superlink", _command("flower-superlink", *flags, **tls, host=HOST, port=self.port))
         for k in range(self.n_clients):
             private, public = make_node_key(self.workdir / "keys", f"node-{k}")
             self.register(public)
@@ -175,27 +178,32 @@ class LocalDeployment:
             time.sleep(0.5)
 
     def start_node(self, k: int, private_key: Path, name: str | None = None) -> subprocess.Popen:
+        name = name or f"supernode-{k}"
+        node_config = (
+            f"partition-id={k} num-partitions={self.n_clients} state-dir='{self.workdir / 'nodes' / name}'"
+        )
+        if k in self.data_dirs:
+            node_config += f" data-dir='{Path(self.data_dirs[k]).resolve()}'"
         return self.spawn(
-            name or f"supernode-{k}",
-            [
-                _tool("flower-supernode"),
-                "--superlink",
-                f"{HOST}:{self.port}",
-                "--root-certificates",
-                str(self.tls.ca_cert),
-                "--auth-supernode-private-key",
-                str(private_key),
-                "--port",
-                str(free_port()),
-                "--node-config",
-                f"partition-id={k} num-partitions={self.n_clients}",
-            ],
+            name,
+            _command(
+                "flower-supernode",
+                superlink=f"{HOST}:{self.port}",
+                root_certificates=self.tls.ca_cert,
+                auth_supernode_private_key=private_key,
+                port=free_port(),
+                node_config=node_config,
+            ),
         )
 
-    def submit(self, cfg: RunConfig) -> subprocess.Popen:
-        """Start ``cfg`` on the federation; the returned ``flwr run --stream`` exits with the run."""
-        path = self.workdir / "config.yaml"
-        path.write_text(dump_config(cfg))
+    def submit(self, cfg: RunConfig | None, resume: Path | None = None) -> subprocess.Popen:
+        """Start ``cfg``, or resume the run directory ``resume``, on the federation; the returned
+        ``flwr run --stream`` exits with the run."""
+        settings = f"resume='{resume.resolve()}'" if resume is not None else ""
+        if cfg is not None:
+            path = self.workdir / "config.yaml"
+            path.write_text(dump_config(cfg))
+            settings += f" config='{path}'"
         return self.spawn(
             "run",
             [
@@ -205,15 +213,16 @@ class LocalDeployment:
                 LINK,
                 "--stream",
                 "--run-config",
-                f"config='{path}'",
+                settings.strip(),
             ],
         )
 
-    def kill(self, name: str) -> None:
-        """Stop one process and everything it started, at once (a machine that dies)."""
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Stop one process and everything it started: at once (a machine that dies), or with
+        ``sig`` SIGTERM as its operator would (a SuperNode then signs off from the SuperLink)."""
         proc = self.processes[name]
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            os.killpg(proc.pid, sig)
         proc.wait()
 
     def stop(self, grace: float = 10.0) -> None:
@@ -298,14 +307,25 @@ def prepare(cfg: RunConfig) -> RunConfig:
 
 
 def up(
-    cfg: RunConfig, workdir: Path, timeout: float = 3600.0, on_record: Callable[[dict], None] | None = None
+    cfg: RunConfig | None,
+    workdir: Path,
+    timeout: float = 3600.0,
+    on_record: Callable[[dict], None] | None = None,
+    resume: Path | None = None,
+    data_dirs: dict[int, Path] | None = None,
 ) -> Path:
-    """Run ``cfg`` on a fresh local deployment; the run directory it wrote.
+    """Run ``cfg`` (or resume the run directory ``resume``) on a fresh local deployment; the
+    run directory it wrote. Resuming, use the ``workdir`` of the first start: the SuperNodes'
+    states are in it. ``data_dirs``: each client's own data (:class:`LocalDeployment`).
 
     ``on_record`` gets each round's record as the ServerApp appends it to metrics.jsonl.
     """
-    cfg = prepare(cfg)
-    run_dir = Path(cfg.output_dir) / cfg.name
+    if resume is None:
+        cfg = prepare(cfg)
+        run_dir = Path(cfg.output_dir) / cfg.name
+    else:
+        run_dir = resume.resolve()
+        cfg = resume_config(run_dir, cfg)
     seen = 0
 
     def new_records() -> None:
@@ -319,8 +339,8 @@ def up(
                 on_record(json.loads(line))
             seen += 1
 
-    with LocalDeployment(workdir, cfg.federation.n_clients) as deployment:
-        job = deployment.submit(cfg)
+    with LocalDeployment(workdir, cfg.federation.n_clients, data_dirs=data_dirs) as deployment:
+        job = deployment.submit(cfg, resume=None if resume is None else run_dir)
         deadline = time.monotonic() + timeout
         while job.poll() is None:
             if time.monotonic() > deadline:

@@ -5,20 +5,48 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 from ..config import RunConfig
 from ..errors import SfedloraError
-from ..experiment import RunResult
+from ..experiment import RunResult, resume_config
+from .deploy import prepare
 from .server_app import check_runnable, make_server_app
+
+NODES = "nodes"  # in the run directory: each virtual SuperNode's state-dir, nodes/client_KK
+
+
+@dataclass(frozen=True)
+class NodeDisks:
+    """A ClientApp mod giving each virtual SuperNode a ``state-dir`` under ``root``, as a real
+    SuperNode has one on its own disk: its client's state outlives the simulation, so the run
+    can be resumed, and its personalised adapter is saved there."""
+
+    root: str
+
+    def __call__(self, msg, context, call_next):
+        k = int(context.node_config["partition-id"])
+        context.node_config.setdefault("state-dir", str(Path(self.root) / f"client_{k:02d}"))
+        return call_next(msg, context)
 
 
 def run_simulation(
-    cfg: RunConfig, on_start: Callable | None = None, on_record: Callable | None = None
+    cfg: RunConfig | None,
+    on_start: Callable | None = None,
+    on_record: Callable | None = None,
+    resume: str | Path | None = None,
 ) -> RunResult:
-    """Run ``cfg`` as a Flower app on the simulation engine: one virtual SuperNode per
-    client, ClientApps in Ray workers, the ServerApp here; the same run directory as
-    the embedded simulator."""
-    check_runnable(cfg)
+    """Run ``cfg`` (or resume the run directory ``resume``) as a Flower app on the simulation
+    engine: one virtual SuperNode per client, ClientApps in Ray workers, the ServerApp here;
+    the same run directory as the embedded simulator, plus the nodes' states in ``nodes/``."""
+    if resume is not None:
+        run_dir = Path(resume).resolve()
+        cfg = resume_config(run_dir, cfg)
+        check_runnable(cfg)
+    else:
+        cfg = prepare(cfg)  # the run directory is fixed now: the nodes' state lives in it
+        run_dir = Path(cfg.output_dir) / cfg.name
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # a library run should not phone home
     # Ray announces a future default that would let GPU-less actors see the GPUs; we rely
     # on today's (client_gpus=0 keeps a ClientApp off the GPU), so the notice is not ours to act on.
@@ -27,12 +55,14 @@ def run_simulation(
     )
     from flwr.simulation import run_simulation as flower_simulation
 
-    from .client_app import app as client_app
+    from .client_app import client_app
 
     outcome: dict = {}
     flower_simulation(
-        server_app=make_server_app(cfg, on_start, on_record, outcome),
-        client_app=client_app,
+        server_app=make_server_app(
+            cfg, on_start, on_record, outcome, resume=None if resume is None else run_dir
+        ),
+        client_app=client_app(NodeDisks(str(run_dir / NODES))),
         num_supernodes=cfg.federation.n_clients,
         backend_config={
             "client_resources": {"num_cpus": cfg.flower.client_cpus, "num_gpus": cfg.flower.client_gpus}

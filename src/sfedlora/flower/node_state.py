@@ -4,9 +4,11 @@ Node config keys (``flower-supernode --node-config "partition-id=3 state-dir='/v
 data-dir='/data/sst2'"``):
 
 - ``state-dir``: the client's state (adapter tensors, optimizer state, RNG, step count) is
-  written there atomically after every round it trains, with the Flower run id, the client
+  written there atomically after every round it trains, with the run's key (made once per run
+  directory, so it outlives a ServerApp restart, which Flower sees as a new run), the client
   and the round, so a node process that is killed and started again continues with its own
-  B instead of the initial one; a file from another run is never used. The node's
+  B instead of the initial one; a file from another run is never used. The state before the
+  latest round is kept too: a resumed ServerApp replays the round it was in. The node's
   personalised adapter is saved there at the end of the run (``adapters/client_KK``).
 - ``data-dir``: the node trains on the files on its own disk, in the layout the run's
   ``data.source`` reads (GLUE ``train.tsv`` / ``dev.tsv``; for ``data.source=files`` files
@@ -17,6 +19,7 @@ data-dir='/data/sst2'"``):
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -29,6 +32,7 @@ from ..rundir import atomic_write
 log = logging.getLogger("sfedlora")
 
 STATE_FILE = "client_state.pt"
+PREVIOUS_FILE = "client_state.previous.pt"
 
 
 def state_file(node_config) -> Path | None:
@@ -40,35 +44,57 @@ def state_file(node_config) -> Path | None:
     return directory / STATE_FILE
 
 
-def save_state_file(path: Path, run_id: int, client: int, round_: int, state: ClientState) -> None:
-    record = {"run_id": run_id, "client": client, "round": round_, "tensors": state.tensors, "rng": state.rng}
-    record.update(optimizer=state.optimizer, steps=state.steps)
-    atomic_write(path, lambda f: torch.save(record, f))
-
-
-def load_state_file(path: Path, run_id: int, client: int, before_round: int) -> ClientState | None:
-    """The state saved by this node for ``client`` in run ``run_id``, or None where there is
-    none of this run. A state from round ``before_round`` or later cannot be one this round
-    builds on: the node and the server disagree about the run, which is refused."""
+def _read(path: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        saved = torch.load(path, weights_only=True)
+        return torch.load(path, weights_only=True)
     except Exception as err:  # a foreign or damaged file
         raise SfedloraError(
             f"node state {path} cannot be read ({type(err).__name__}): delete it to start this client afresh"
         ) from None
-    if saved["run_id"] != run_id:
-        log.info(
-            "node state %s is from run %s, not %s: starting this client afresh", path, saved["run_id"], run_id
-        )
+
+
+def save_state_file(path: Path, run: str, client: int, round_: int, state: ClientState) -> None:
+    record = {"run": run, "client": client, "round": round_, "tensors": state.tensors, "rng": state.rng}
+    record.update(optimizer=state.optimizer, steps=state.steps)
+    current = _read(path)
+    if current is not None and current.get("run") == run and current["round"] < round_:
+        # Kept for a replay of this round by a resumed ServerApp. A crash before the new file
+        # is in place leaves the previous one: the state this round started from.
+        os.replace(path, path.with_name(PREVIOUS_FILE))
+    atomic_write(path, lambda f: torch.save(record, f))
+
+
+def load_state_file(path: Path, run: str, client: int, round_: int, training: bool) -> ClientState | None:
+    """The state of ``client`` saved by this node in run ``run`` that round ``round_`` builds
+    on (training: the state after an earlier round; scoring: after this round at the latest),
+    or None where this run has none (the client starts from its initial state). A saved state
+    of a later round, or of another client, means the node and the server disagree about the
+    run, which is refused."""
+    saved = [s for s in (_read(path), _read(path.with_name(PREVIOUS_FILE))) if s and s.get("run") == run]
+    if not saved:
+        if path.is_file():
+            log.info("node state %s is from another run: starting client %d afresh", path, client)
         return None
-    if saved["client"] != client or saved["round"] >= before_round:
+    saved.sort(key=lambda s: -s["round"])
+    newest, latest = saved[0], round_ - 1 if training else round_
+    # A resumed ServerApp replays the round it stopped in, which this node may have trained.
+    replay = training and newest["round"] == round_
+    if newest["client"] != client or (newest["round"] > latest and not replay):
         raise SfedloraError(
-            f"node state {path} holds client {saved['client']} after round {saved['round']}, but the server "
-            f"asks client {client} for round {before_round}: give each node its own state-dir"
+            f"node state {path} holds client {newest['client']} after round {newest['round']}, but the "
+            f"server asks client {client} for round {round_}: give each node its own state-dir"
         )
-    return ClientState(saved["tensors"], saved["rng"], saved["optimizer"], saved["steps"])
+    usable = [s for s in saved if s["round"] <= latest]
+    if replay:
+        log.info(
+            "round %d again (the server resumed): client %d goes on from its earlier state", round_, client
+        )
+    if not usable:  # a replay of the client's first round
+        return None
+    s = usable[0]
+    return ClientState(s["tensors"], s["rng"], s["optimizer"], s["steps"])
 
 
 def local_data(data: DataConfig, node_config) -> DataConfig | None:

@@ -9,6 +9,8 @@ moments are never put in a message.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import yaml
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -17,7 +19,7 @@ from ..client import ClientResult, ClientState
 from ..config import RunConfig, build_config, dump_config
 from ..wire import pack, unpack
 
-CONFIG = "sfedlora"  # ConfigRecord: the run's config, the client asked, the round
+CONFIG = "sfedlora"  # ConfigRecord: the run's config and key, the client asked, the round
 DOWNLOAD = "download"  # ArrayRecord: the server's global tensors
 UPDATE = "update"  # ArrayRecord: what the method uploads
 RESULT = "result"  # MetricRecord: training statistics (or evaluation scores)
@@ -34,13 +36,23 @@ def record_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
 
 
 def request(
-    cfg_text: str, client: int, round_: int, download: dict[str, torch.Tensor], finish: bool = False
+    cfg_text: str, run: str, client: int, round_: int, download: dict[str, torch.Tensor], finish: bool = False
 ) -> RecordDict:
     """A server → client message body: the config (so a fresh node needs nothing else), the
+    run's key (:func:`sfedlora.rundir.run_key`: what the node keys its saved state by), the
     client index the server expects at that node, the round, and the download. ``finish``
     marks the query that ends the run (the node saves, and maybe sends, its adapter)."""
-    meta = {"config": cfg_text, "client": client, "round": round_, "finish": int(finish)}
+    meta = {"config": cfg_text, "run": run, "client": client, "round": round_, "finish": int(finish)}
     return RecordDict({CONFIG: ConfigRecord(meta), DOWNLOAD: tensors_record(download)})
+
+
+class Request(NamedTuple):
+    cfg: RunConfig
+    text: str  # the config as sent (what the node's cache is keyed by)
+    run: str
+    client: int
+    round: int
+    download: dict[str, torch.Tensor]
 
 
 def is_finish(msg: Message) -> bool:
@@ -51,14 +63,19 @@ def config_text(cfg: RunConfig) -> str:
     return dump_config(cfg)
 
 
-def read_request(msg: Message) -> tuple[RunConfig, str, int, int, dict[str, torch.Tensor]]:
-    """(config, its text, client, round, download) of a server message."""
+def read_request(msg: Message) -> Request:
     meta = msg.content.config_records[CONFIG]
-    text = str(meta["config"])
     download = (
         record_tensors(msg.content.array_records[DOWNLOAD]) if DOWNLOAD in msg.content.array_records else {}
     )
-    return build_config(yaml.safe_load(text)), text, int(meta["client"]), int(meta["round"]), download
+    return parse_request(meta, download)
+
+
+def parse_request(meta, download: dict[str, torch.Tensor]) -> Request:
+    """A request from its fields (a message's config record, or a SecAgg+ FitIns config)."""
+    text = str(meta["config"])
+    cfg = build_config(yaml.safe_load(text))
+    return Request(cfg, text, str(meta["run"]), int(meta["client"]), int(meta["round"]), download)
 
 
 def train_reply(result: ClientResult | None, update: dict[str, torch.Tensor]) -> RecordDict:

@@ -4,6 +4,11 @@ The run is :func:`sfedlora.experiment.run` with Flower's rounds in place of the 
 ones: same sampling, checks, aggregation and records (:func:`conclude_round`), same run
 directory. Clients the server cannot reach, or that stay silent past
 ``flower.round_timeout``, count as dropped; the round goes on with the others.
+
+The server's side is checkpointed after every round, so a ServerApp started again with
+``resume`` (a new Flower run) continues the run; each SuperNode keeps its client's state
+under its ``state-dir``, keyed by the run's key (:func:`sfedlora.rundir.run_key`), which every
+message carries.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from flwr.app import Context, Message, MessageType
 from flwr.common import log as flwr_log
@@ -22,6 +28,7 @@ from ..evaluation import evaluate
 from ..experiment import RunResult, run
 from ..federation import Federation
 from ..logs import quiet_libraries, round_lines
+from ..rundir import run_key
 from ..server import Inbox, conclude_round, expected_update, nbytes, sample_clients
 from .records import (
     CONFIG,
@@ -51,17 +58,25 @@ class FlowerRounds:
 
     clients_here = False  # each client's state lives on its SuperNode
 
-    def __init__(self, grid: Grid, cfg: RunConfig):
+    def __init__(self, grid: Grid):
         self.grid = grid
-        self.cfg = cfg
-        self.text = config_text(cfg)
         self.nodes: dict[int, int] = {}  # client index → node id
+        self.key = ""  # the run's key: set with the run directory, before the first message
 
     def check(self, cfg: RunConfig) -> None:
         check_runnable(cfg)
+        self.cfg = cfg
+        self.text = config_text(cfg)
 
     def start(self, fed: Federation) -> None:
-        self.nodes = self.connect(len(fed.clients))
+        self.nodes, durable = self.connect(len(fed.clients))
+        amnesic = [k for k in self.nodes if not durable[k]]
+        if fed.round and amnesic:
+            raise SfedloraError(
+                f"cannot resume after round {fed.round}: the SuperNodes of clients {amnesic} keep their "
+                "client's state in memory only, so it is gone; start every SuperNode with a node config "
+                "state-dir (--node-config \"partition-id=K state-dir='/var/sfedlora'\") from the run's start"
+            )
 
     def play_round(self, fed: Federation) -> dict:
         return self.play_secure(fed) if self.cfg.privacy.secagg else self.play(fed)
@@ -77,7 +92,7 @@ class FlowerRounds:
         replies = self.ask(
             MessageType.QUERY,
             clients,
-            lambda k: request(self.text, k, fed.round, fed.download(k), finish=True),
+            lambda k: request(self.text, self.key, k, fed.round, fed.download(k), finish=True),
             "finish",
         )
         missing = []
@@ -118,8 +133,9 @@ class FlowerRounds:
                 time.sleep(0.2)
         return out
 
-    def connect(self, n_clients: int) -> dict[int, int]:
-        """Wait for the SuperNodes, then learn which client each one holds."""
+    def connect(self, n_clients: int) -> tuple[dict[int, int], dict[int, bool]]:
+        """Wait for the SuperNodes, then learn which client each one holds (client → node
+        id) and whether it keeps its client's state on disk."""
         deadline = time.monotonic() + self.cfg.flower.connect_timeout
         while len(ids := list(self.grid.get_node_ids())) < n_clients:
             if time.monotonic() > deadline:
@@ -131,12 +147,15 @@ class FlowerRounds:
             time.sleep(0.5)
         self.nodes = {i: node for i, node in enumerate(ids)}  # provisional, to address the handshake
         held: dict[int, int] = {}
+        durable: dict[int, bool] = {}
         for i, reply in self.ask(
-            MessageType.QUERY, list(self.nodes), lambda i: request(self.text, -1, 0, {}), "hello"
+            MessageType.QUERY, list(self.nodes), lambda i: request(self.text, self.key, -1, 0, {}), "hello"
         ).items():
             if isinstance(reply, str):
                 raise SfedloraError(f"SuperNode {self.nodes[i]} did not answer the handshake ({reply})")
-            k = int(reply.content.config_records[CONFIG]["client"])
+            hello = reply.content.config_records[CONFIG]
+            k = int(hello["client"])
+            durable[k] = bool(hello["durable"])
             if k in held:
                 raise SfedloraError(
                     f"SuperNodes {held[k]} and {self.nodes[i]} both hold partition-id {k}: give each its own"
@@ -148,7 +167,7 @@ class FlowerRounds:
                 f"no SuperNode holds client(s) {missing}: start them with --node-config 'partition-id=K'"
             )
         log.info("%d SuperNodes connected: %s", len(held), held)
-        return held
+        return held, durable
 
     def play(self, fed: Federation) -> dict:
         """One round: the simulator's, with messages instead of calls."""
@@ -160,7 +179,7 @@ class FlowerRounds:
         replies = self.ask(
             MessageType.TRAIN,
             inbox.clients,
-            lambda k: request(self.text, k, round_, downloads[k]),
+            lambda k: request(self.text, self.key, k, round_, downloads[k]),
             str(round_),
         )
         for k in inbox.clients:
@@ -194,7 +213,11 @@ class FlowerRounds:
         download = fed.method.download(fed.server)
         expected = expected_update(fed, round_)
         strategy = SecAggRound(
-            self.grid, self.nodes, inbox.clients, {"config": self.text, "round": round_}, download
+            self.grid,
+            self.nodes,
+            inbox.clients,
+            {"config": self.text, "run": self.key, "round": round_},
+            download,
         )
         context = LegacyContext(
             Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}), strategy=strategy
@@ -238,7 +261,7 @@ class FlowerRounds:
         replies = self.ask(
             MessageType.EVALUATE,
             clients,
-            lambda k: request(self.text, k, fed.round, fed.download(k)),
+            lambda k: request(self.text, self.key, k, fed.round, fed.download(k)),
             f"eval-{fed.round}",
         )
         scores = []
@@ -252,22 +275,44 @@ class FlowerRounds:
         return scores
 
 
-def run_on_grid(grid: Grid, cfg: RunConfig, on_start=None, on_record=None) -> RunResult:
-    return run(cfg, on_start=on_start, on_record=on_record, runtime=FlowerRounds(grid, cfg))
+def run_on_grid(
+    grid: Grid, cfg: RunConfig | None, on_start=None, on_record=None, resume: Path | None = None
+) -> RunResult:
+    """Run ``cfg`` (or resume the run directory ``resume``) over ``grid``."""
+    rounds = FlowerRounds(grid)
+
+    def started(fed: Federation, run_dir: Path) -> None:
+        rounds.key = run_key(run_dir)
+        if on_start:
+            on_start(fed, run_dir)
+
+    return run(cfg, on_start=started, on_record=on_record, resume=resume, runtime=rounds)
 
 
-def config_from_context(context: Context) -> RunConfig:
-    """The run's config from the app's run config: ``config`` (a YAML path, or empty for the
-    defaults) and ``overrides`` (``key=value`` pairs separated by spaces)."""
+def settings_from_context(context: Context) -> tuple[RunConfig | None, Path | None]:
+    """The run's config and the run directory to resume, from the app's run config: ``config``
+    (a YAML path, or empty for the defaults), ``overrides`` (``key=value`` pairs separated by
+    spaces) and ``resume`` (a run directory on the server's machine, or empty). Resuming, the
+    config is the run's own (``config.yaml``) unless ``config`` or ``overrides`` say otherwise."""
     path = str(context.run_config.get("config", "")) or None
     overrides = str(context.run_config.get("overrides", "")).split()
-    return load_config(path, overrides)
+    resume = Path(str(context.run_config.get("resume", ""))) if context.run_config.get("resume") else None
+    if resume is not None and path is None:
+        if not overrides:
+            return None, resume
+        path = resume / "config.yaml"
+    return load_config(path, overrides), resume
 
 
 def make_server_app(
-    cfg: RunConfig | None = None, on_start=None, on_record=None, outcome: dict | None = None
+    cfg: RunConfig | None = None,
+    on_start=None,
+    on_record=None,
+    outcome: dict | None = None,
+    resume: Path | None = None,
 ) -> ServerApp:
-    """A ServerApp that runs ``cfg`` (or the config named in the run config, for ``flwr run``).
+    """A ServerApp that runs ``cfg`` or resumes ``resume`` (neither: the settings in the run
+    config, for ``flwr run``).
 
     ``outcome`` receives the ``result`` or the ``error``: the app may run in a thread of
     Flower's that logs exceptions instead of passing them on.
@@ -282,7 +327,8 @@ def make_server_app(
             lambda record: [flwr_log(logging.INFO, line) for line in round_lines(record, None, True)]
         )
         try:
-            result = run_on_grid(grid, cfg or config_from_context(context), on_start, report)
+            given = (cfg, resume) if cfg is not None or resume is not None else settings_from_context(context)
+            result = run_on_grid(grid, given[0], on_start, report, resume=given[1])
         except Exception as err:
             if outcome is not None:
                 outcome["error"] = err
