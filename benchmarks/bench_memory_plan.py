@@ -30,7 +30,12 @@ TINY_LLAMA = [
     "model.max_length=512",
 ]
 MINILM = ["data.task=long", "train.batch_size=32", "model.max_length=128"]
-FUSED = ["simulator.engine=fused", "federation.n_clients=10", "federation.local_steps=1"]
+FUSED = [
+    "simulator.engine=fused",
+    "simulator.fused_tokens=2048",
+    "federation.n_clients=10",
+    "federation.local_steps=1",
+]
 # (case, overrides, gradient checkpointing)
 CASES = [
     ("tiny-llama 8x512", TINY_LLAMA, False),

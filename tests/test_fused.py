@@ -1,7 +1,5 @@
 """The fused engine against the per-client one: same adapters, same metrics (fp32, dropout off)."""
 
-import re
-
 import numpy as np
 import pytest
 import torch
@@ -176,17 +174,31 @@ def test_fused_outputs_are_each_models_own(tiny_config):
         np.testing.assert_allclose(y, x, atol=1e-5)
 
 
-@pytest.mark.parametrize(
-    "extra, message",
-    [
-        (("simulator.workers=2",), "set simulator.workers=auto (or 1), or simulator.engine=per-client"),
-    ],
-)
-def test_what_the_fused_engine_cannot_run_is_refused(tiny_config, extra, message):
-    cfg = tiny_config("simulator.engine=fused", *extra)
+def test_fused_engine_split_between_worker_processes(tiny_config):
+    """simulator.workers=2 with the fused engine: each worker fuses its share of the clients;
+    the same adapters as the per-client engine."""
+    cfg = tiny_config(*SGD, "method=sfed-lora", "federation.n_clients=4")
+    a = federation(cfg)
+    run_round(a, InProcess(a))
+    b = federation(cfg)
+    workers = Fused(b, 2)
+    try:
+        record = run_round(b, workers)
+        scores = evaluate(b, executor=workers)
+    finally:
+        workers.close()
+    assert record["aggregated"] == 4 and "personal_accuracy_mean" in scores
+    assert_same(a, b, [], [])
+
+
+def test_auto_picks_the_fused_engine_where_clients_take_one_step_on_a_cpu(tiny_config):
+    cfg = tiny_config("simulator.engine=auto", "federation.local_steps=1")
     fed = build_federation(cfg, load_task(cfg.data, seed=cfg.seed))
-    with pytest.raises(SfedloraError, match=re.escape(message)):
-        make_executor(fed)
+    executor = make_executor(fed)
+    assert isinstance(executor, Fused) and executor.workers is None  # one process unless a number is set
+    fed.cfg.federation.local_steps = 3  # more steps: the per-client workers were faster here
+    fed.cfg.simulator.workers = 1
+    assert isinstance(make_executor(fed), InProcess)
 
 
 def test_client_dp_sgd_fused(tiny_config):

@@ -19,6 +19,7 @@ from .client import ClientOutcome, ClientState, client_round
 from .errors import SfedloraError
 from .evaluation import outputs_of
 from .fused import check_fused, fused_outputs, fused_round
+from .shared import client_steps
 from .workers import ClientWorkers, release_freed_memory, worker_count
 
 Job = tuple[int, ClientState, dict]  # a client, its state, its download
@@ -81,36 +82,76 @@ class Workers(PerClient):
         self.pool.close()
 
 
-class Fused:
-    """The fused engine: the round's clients in lockstep, in this process."""
+def _fused_train(fed, jobs: list[Job], round_: int) -> list[ClientOutcome]:
+    return fused_round(fed, [(fed.client(k), state, download) for k, state, download in jobs], round_)
 
-    def __init__(self, fed):
+
+def _fused_outputs(fed, jobs: list[tuple]) -> list:
+    return fused_outputs(fed, jobs)
+
+
+def _chunks(items: list, n: int) -> list[list]:
+    size = -(-len(items) // n)
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+class Fused:
+    """The fused engine: the round's clients in lockstep, in this process, or with ``workers``
+    > 1 split between that many forked processes (one torch thread each), each fusing its share."""
+
+    def __init__(self, fed, workers: int = 1):
         check_fused(fed)
         self.fed = fed
+        self.workers = Workers(fed, workers) if workers > 1 else None
+
+    def _map(self, fn: Callable, jobs: list, *args) -> Iterator:
+        if self.workers is None:
+            return iter(fn(self.fed, jobs, *args))
+        chunks = _chunks(jobs, len(self.workers.pool.pids()))
+        return (out for part in self.workers.map(fn, [(chunk, *args) for chunk in chunks]) for out in part)
 
     def train(self, jobs: Iterable[Job], round_: int) -> Iterator[ClientOutcome]:
-        jobs = [(self.fed.client(k), state, download) for k, state, download in jobs]
-        return iter(fused_round(self.fed, jobs, round_))
+        return self._map(_fused_train, list(jobs), round_)
 
     def outputs(self, jobs: Iterable[tuple]) -> Iterator:
         jobs = list(jobs)
         if not self.fed.task.outputs_are_logits:  # generation and perplexity: one model at a time
-            return InProcess(self.fed).outputs(jobs)
-        return iter(fused_outputs(self.fed, jobs))
+            return (self.workers or InProcess(self.fed)).outputs(jobs)
+        return self._map(_fused_outputs, jobs)
 
     def close(self) -> None:
-        pass
+        if self.workers is not None:
+            self.workers.close()
+
+
+def fused_runs(fed) -> bool:
+    """Whether the fused engine can run ``fed`` (what it cannot run it refuses, naming why)."""
+    try:
+        check_fused(fed)
+    except SfedloraError:
+        return False
+    return True
+
+
+def auto_engine(fed) -> str:
+    """``simulator.engine: auto``: the fused engine on a GPU (it keeps the device busy with many
+    small clients) and, on a CPU, where clients take one local step a round: there a client's
+    batch cannot be grouped by length and sorting across clients removes the padding (2-3x per
+    round); with more steps per round the per-client workers were faster (benchmarks/README.md)."""
+    if not fused_runs(fed):
+        return "per-client"
+    if fed.compute.device != "cpu":
+        return "fused"
+    most = max(client_steps(fed.cfg, int(n)) for n in fed.client_sizes)
+    return "fused" if most == 1 else "per-client"
 
 
 def make_executor(fed) -> Executor:
-    """The executor ``simulator.engine`` asks for; per client: worker processes when more than one."""
+    """The executor ``simulator.engine`` asks for, with ``simulator.workers`` processes (the
+    fused engine: one process unless a number is set)."""
     sim = fed.cfg.simulator
-    if sim.engine == "fused":
-        if sim.workers not in ("auto", 1):
-            raise SfedloraError(
-                f"simulator.workers={sim.workers} runs whole clients in processes, and the fused engine "
-                "runs them all in one: set simulator.workers=auto (or 1), or simulator.engine=per-client"
-            )
-        return Fused(fed)
+    engine = auto_engine(fed) if sim.engine == "auto" else sim.engine
+    if engine == "fused":
+        return Fused(fed, 1 if sim.workers == "auto" else worker_count(sim.workers, fed.compute.device, 2))
     n = worker_count(sim.workers, fed.compute.device, len(fed.clients))
     return Workers(fed, n) if n > 1 else InProcess(fed)

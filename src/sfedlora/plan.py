@@ -252,10 +252,9 @@ def plan(cfg: RunConfig) -> Plan:
     # Trained in place: the adapter, its gradients and moments; plus the run's initial adapter.
     training = 4 * adapter * (3 + moments)
     sim, length = cfg.simulator, m.max_length
-    # As make_executor and check_fused choose.
-    fused = sim.engine == "fused" or (
-        sim.engine == "auto" and sim.workers in ("auto", 1) and precision != "fp16"
-    )
+    # As executors.auto_engine and check_fused choose (local_epochs: taken as more than one step).
+    one_step = cfg.federation.local_steps == 1
+    fused = sim.engine == "fused" or (sim.engine == "auto" and precision != "fp16" and (gpu or one_step))
     rows = max(sim.fused_tokens, length) // length if fused else train.batch_size
     tokens = rows * length
     lora_act = {

@@ -39,10 +39,27 @@ class Rows:
         (its per-example gradient, which DP-SGD clips): kept when ``samples`` asks."""
         if stack is None:
             return None
-        taken = stack[self.slot]
+        taken = _Gather.apply(stack, self.slot) if stack.requires_grad else stack[self.slot]
         if self.samples is not None and stack.requires_grad:
             taken.register_hook(functools.partial(self.samples.__setitem__, name))
         return taken
+
+
+class _Gather(torch.autograd.Function):
+    """``stack[slot]`` whose backward adds each row's gradient into its slot with one
+    ``index_add_`` (autograd's own scatters through a slower accumulate-put)."""
+
+    @staticmethod
+    def forward(ctx, stack: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(slot)
+        ctx.shape = stack.shape
+        return stack[slot]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (slot,) = ctx.saved_tensors
+        out = torch.zeros(ctx.shape, dtype=grad.dtype, device=grad.device)
+        return out.index_add_(0, slot, grad.contiguous()), None
 
 
 def rowwise_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -64,7 +81,23 @@ def _lora_forward(self, x, *args, a: str, b: str, stacks: Mapping, rows: Rows, a
     return (result + delta * gamma).to(result.dtype)
 
 
+def segment_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, slot: torch.Tensor):
+    """``F.linear`` of 2-D ``x`` with each row's own weight, one matmul per client present: a
+    head's weights (d x d) cost more to gather per row than the matmuls they feed."""
+    order = torch.argsort(slot, stable=True)
+    present, counts = torch.unique_consecutive(slot[order], return_counts=True)
+    weights = weight.unbind(0)  # one gradient buffer for all slots, not one per client
+    biases = bias.unbind(0) if bias is not None else None
+    outs = [
+        torch.nn.functional.linear(part, weights[c], None if biases is None else biases[c])
+        for part, c in zip(x[order].split(counts.tolist()), present.tolist())
+    ]
+    return torch.cat(outs)[torch.argsort(order)]
+
+
 def _linear_forward(self, x, *, weight: str, bias: str | None, stacks: Mapping, rows: Rows):
+    if x.dim() == 2 and rows.samples is None:  # DP-SGD needs each row's own gradient: gather
+        return segment_linear(x, stacks[weight], stacks.get(bias), rows.slot)
     return rowwise_linear(x, rows.take(weight, stacks[weight]), rows.take(bias, stacks.get(bias)))
 
 

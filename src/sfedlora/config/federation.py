@@ -179,17 +179,18 @@ class SimulatorConfig(_Section):
     )
 
     engine: Literal["auto", "per-client", "fused"] = Field(
-        "per-client",
+        "auto",
         description=(
             "per-client: each sampled client's local steps alone (in this process, or in `workers`); "
             "fused: the round's clients in lockstep, local step t of all of them one batched computation "
             "(rows sorted by length across clients, each row through its own client's adapter); the same "
-            "results up to float rounding and dropout masks (docs/architecture.md). auto: the faster one "
-            "for the workload (benchmarks/README.md)."
+            "results up to float rounding and dropout masks (docs/architecture.md). auto: fused on a GPU, "
+            "and on a CPU where clients take one local step a round; per-client otherwise (the faster "
+            "one measured, benchmarks/README.md)."
         ),
     )
     fused_tokens: int = Field(
-        2048,
+        1024,
         ge=1,
         description=(
             "fused engine: padded tokens (rows x longest row) per micro-batch; bounds its activation memory. "
