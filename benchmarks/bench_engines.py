@@ -22,6 +22,7 @@ import argparse
 import json
 import platform
 import resource
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -80,6 +81,9 @@ def measure(engine: str, cfg) -> dict:
     timed = [r["seconds"] for r in result.records[1:]] or [result.records[0]["seconds"]]
     return {
         "s_per_round": sum(timed) / len(timed),
+        # A round now and then takes twice as long on this shared machine: the median resists it.
+        "s_per_round_median": statistics.median(timed),
+        "rounds_s": [r["seconds"] for r in result.records],
         "end_of_round_1_s": first["end_of_round_1"],
         "train_loss_last": result.records[-1]["train_loss"],
     }

@@ -125,8 +125,11 @@ class FusedRound:
         self.names = list(shared.params)
         self.trained = [n for n in self.names if tensor_kind(n) in trained_kinds]
         self.stacks, self.gammas = stack(shared, [(c.trained.tensors, c.spec.k) for c in self.clients])
+        # Each micro-batch trains a copy of the slots it holds (``live``) and adds its gradients
+        # here: its backward then costs what its rows hold, not what all N clients hold.
         for n in self.trained:
-            self.stacks[n].requires_grad_(True)
+            self.stacks[n].grad = torch.zeros_like(self.stacks[n])
+        self.live = dict(self.stacks)
         self.optimizer = StackedOptimizer(shared.cfg.train, self.stacks, self.names)
         if shared.cfg.train.optimizer_state == "persistent":
             for slot, c in enumerate(self.clients):
@@ -146,7 +149,7 @@ class FusedRound:
         # client's own training seeds it from its stream.
         torch.manual_seed(int(np.random.SeedSequence([c.seed for c in self.clients]).generate_state(1)[0]))
         model.train()
-        with rowwise(model, self.stacks, self.rows):
+        with rowwise(model, self.live, self.rows):
             for t in range(max(len(c.batches) for c in self.clients)):
                 self._step(t, budget)
         return [self._outcome(slot, c) for slot, c in enumerate(self.clients)]
@@ -169,16 +172,27 @@ class FusedRound:
             totals.index_add_(0, owner, task.row_counts(batch["labels"].to(self.device), private))
         loss_of = torch.zeros(len(self.clients), device=self.device)
         for owner, batch in zip(owners, batches):
-            self.rows.set(owner, self.gammas[owner])
+            present = self._hold(owner)
             labels = batch.pop("labels").to(self.device)
             logits = compute.forward(shared.model, batch).logits
             losses = task.row_losses(logits, labels, private)
             # DP-SGD wants each row's own gradient unweighted, as it clips it before any mean.
             (losses if private else losses / totals[owner]).sum().backward()
             loss_of.index_add_(0, owner, (losses.detach() / totals[owner]).float())
+            for n in self.trained:
+                self.stacks[n].grad.index_add_(0, present, self.live[n].grad)
             if private:
                 self._clip(owner)
         self._apply(t, torch.tensor(active, device=self.device), loss_of, set(slot_of.tolist()))
+
+    def _hold(self, owner: torch.Tensor) -> torch.Tensor:
+        """Give the layers the slots of ``owner``'s clients, as leaves of their own; return them."""
+        present, local = torch.unique(owner, return_inverse=True)
+        trained = set(self.trained)
+        for n, full in self.stacks.items():
+            self.live[n] = full.detach()[present].requires_grad_(n in trained)
+        self.rows.set(local, self.gammas[owner])
+        return present
 
     def _clip(self, owner: torch.Tensor) -> None:
         """Clip this micro-batch's per-example gradients, and add them to their clients' sums."""
@@ -199,8 +213,6 @@ class FusedRound:
                 sums, shapes, dp.clip_norm, dp.noise_multiplier, dp.sample_rate * c.spec.size, c.noise
             )
             for n in self.trained:
-                if self.stacks[n].grad is None:
-                    self.stacks[n].grad = torch.zeros_like(self.stacks[n])
                 self.stacks[n].grad[s] = private[n].to(self.device)
                 self.clipped[n][s] = 0
 

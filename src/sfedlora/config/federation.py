@@ -174,7 +174,8 @@ class SimulatorConfig(_Section):
             "Processes that train the round's clients (and evaluate personalised models) side by side, "
             "each with one torch thread and the frozen base model shared copy-on-write; the same results "
             "as one process, up to float rounding. auto: one per torch thread on a CPU (so 2 on a 2-core "
-            "machine, 1 inside a sweep running a cell per core), 1 on a GPU; CPU only."
+            "machine, 1 inside a sweep running a cell per core), 1 on a GPU; CPU only. The fused engine runs "
+            "in one process unless a number is set (then each process fuses its share of the clients)."
         ),
     )
 
