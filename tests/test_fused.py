@@ -61,7 +61,8 @@ def test_every_method_trains_the_same_adapters_fused(tiny_config, method):
 
 def test_unequal_clients_mixed_ranks_and_local_epochs_fused(tiny_config):
     """Clients of unequal size take unequal local steps (local_epochs) at their own rank and γ:
-    those done leave the lockstep; SGD momentum and weight decay; a local head."""
+    those done leave the lockstep; SGD momentum and weight decay; a local head; the clients
+    trained in groups (simulator.fused_clients)."""
     cfg = tiny_config(
         *SGD,
         "partition.kind=size",
@@ -73,6 +74,7 @@ def test_unequal_clients_mixed_ranks_and_local_epochs_fused(tiny_config):
         "train.momentum=0.9",
         "train.weight_decay=0.01",
         "federation.local_head=true",
+        "simulator.fused_clients=2",  # the round's three clients in two groups
     )
     a, b, ra, rb = both(cfg)
     steps = [a.clients[k].steps for k in range(3)]

@@ -82,8 +82,12 @@ class Workers(PerClient):
         self.pool.close()
 
 
-def _fused_train(fed, jobs: list[Job], round_: int) -> list[ClientOutcome]:
+def _fused_train(fed, jobs: list[Job], round_: int) -> Iterator[ClientOutcome]:
     return fused_round(fed, [(fed.client(k), state, download) for k, state, download in jobs], round_)
+
+
+def _fused_train_list(fed, jobs: list[Job], round_: int) -> list[ClientOutcome]:
+    return list(_fused_train(fed, jobs, round_))  # a worker's reply crosses the pipe whole
 
 
 def _fused_outputs(fed, jobs: list[tuple]) -> list:
@@ -111,7 +115,9 @@ class Fused:
         return (out for part in self.workers.map(fn, [(chunk, *args) for chunk in chunks]) for out in part)
 
     def train(self, jobs: Iterable[Job], round_: int) -> Iterator[ClientOutcome]:
-        return self._map(_fused_train, list(jobs), round_)
+        if self.workers is None:  # lazily: each group's clients are replaced as it ends
+            return _fused_train(self.fed, list(jobs), round_)
+        return self._map(_fused_train_list, list(jobs), round_)
 
     def outputs(self, jobs: Iterable[tuple]) -> Iterator:
         jobs = list(jobs)

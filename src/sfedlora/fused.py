@@ -17,7 +17,7 @@ engine's (a mask depends on the batch it is drawn for).
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -80,7 +80,8 @@ def _start(shared: Shared, spec: ClientSpec, state: ClientState, download: dict)
         state.optimizer,
         state.steps,
     )
-    trained = copy.deepcopy(received)
+    # Its tensors are only ever read (stacked): a new dict, not new tensors.
+    trained = ClientState(dict(received.tensors), received.rng, copy.deepcopy(state.optimizer), state.steps)
     g = torch.Generator().manual_seed(0)
     g.set_state(received.rng)
     seed = int(torch.randint(2**62, (1,), generator=g))
@@ -266,12 +267,14 @@ class FusedRound:
 
 def fused_round(
     shared: Shared, jobs: Sequence[tuple[ClientSpec, ClientState, dict]], round_: int
-) -> list[ClientOutcome]:
-    """The client side of a round for all of ``jobs`` at once: what :func:`sfedlora.client.client_round`
-    gives for each, up to float summation order (and dropout masks)."""
-    if not jobs:
-        return []
-    return FusedRound(shared, jobs, round_).run(shared.cfg.simulator.fused_tokens)
+) -> Iterator[ClientOutcome]:
+    """The client side of a round for all of ``jobs``: what :func:`sfedlora.client.client_round`
+    gives for each, up to float summation order (and dropout masks). At most
+    ``simulator.fused_clients`` train together, so memory is bounded by that many clients'
+    stacked state, not by N; each group's outcomes are yielded as it ends."""
+    sim = shared.cfg.simulator
+    for first in range(0, len(jobs), sim.fused_clients):
+        yield from FusedRound(shared, jobs[first : first + sim.fused_clients], round_).run(sim.fused_tokens)
 
 
 @torch.no_grad()

@@ -190,6 +190,14 @@ class SimulatorConfig(_Section):
             "one measured, benchmarks/README.md)."
         ),
     )
+    fused_clients: int = Field(
+        128,
+        ge=1,
+        description=(
+            "fused engine: clients trained together at most (a round's sampled clients go in groups of "
+            "this many); bounds the memory of their stacked adapters, gradients and optimizer state."
+        ),
+    )
     fused_tokens: int = Field(
         1024,
         ge=1,
