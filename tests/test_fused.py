@@ -1,5 +1,7 @@
 """The fused engine against the per-client one: same adapters, same metrics (fp32, dropout off)."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -122,6 +124,37 @@ def test_micro_batches_sort_by_length_and_keep_within_the_token_budget():
     for mb in cuts:
         assert len(mb) * lengths[mb].max() <= 32 or len(mb) == 1  # a longer row goes alone
     assert [lengths[mb].tolist() for mb in cuts] == [[3, 5, 7, 7], [12, 12], [30], [90]]
+
+
+def _cost(lengths, cuts, overhead):
+    return sum(len(mb) * lengths[mb].max() + overhead for mb in cuts)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_micro_batches_are_the_cheapest_cuts(seed):
+    """Against every way of cutting the sorted rows into runs within the budget."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(3, 40, size=10)
+    budget, overhead = 96, 20
+    cuts = micro_batches(lengths, budget, overhead)
+    order = np.sort(lengths)
+    best = min(
+        _cost(order, [np.arange(a, b) for a, b in zip((0, *ends), (*ends, len(order)))], overhead)
+        for k in range(len(order))
+        for ends in itertools.combinations(range(1, len(order)), k)
+        if all(
+            (b - a) * order[b - 1] <= budget or b - a == 1 for a, b in zip((0, *ends), (*ends, len(order)))
+        )
+    )
+    assert _cost(lengths, cuts, overhead) == best
+
+
+def test_micro_batches_cut_between_clients_length_groups():
+    """A step's rows cluster by the clients' length groups: greedy filling would pad the short
+    cluster to the long one; the cut falls between them."""
+    lengths = np.array([40] * 16 + [6] * 16)
+    cuts = micro_batches(lengths, 1024)
+    assert [sorted(set(lengths[mb].tolist())) for mb in cuts] == [[6], [40]]
 
 
 @pytest.mark.parametrize(

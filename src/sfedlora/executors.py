@@ -82,16 +82,9 @@ class Workers(PerClient):
         self.pool.close()
 
 
-def _fused_train(fed, jobs: list[Job], round_: int) -> Iterator[ClientOutcome]:
-    return fused_round(fed, [(fed.client(k), state, download) for k, state, download in jobs], round_)
-
-
-def _fused_train_list(fed, jobs: list[Job], round_: int) -> list[ClientOutcome]:
-    return list(_fused_train(fed, jobs, round_))  # a worker's reply crosses the pipe whole
-
-
-def _fused_outputs(fed, jobs: list[tuple]) -> list:
-    return fused_outputs(fed, jobs)
+def _fused_train(fed, jobs: list[Job], round_: int, whole: bool = False):
+    outcomes = fused_round(fed, [(fed.client(k), state, download) for k, state, download in jobs], round_)
+    return list(outcomes) if whole else outcomes  # a worker's reply crosses the pipe whole
 
 
 def _chunks(items: list, n: int) -> list[list]:
@@ -105,25 +98,25 @@ class Fused:
 
     def __init__(self, fed, workers: int = 1):
         check_fused(fed)
-        self.fed = fed
+        self.fed, self.n = fed, workers
         self.workers = Workers(fed, workers) if workers > 1 else None
 
     def _map(self, fn: Callable, jobs: list, *args) -> Iterator:
         if self.workers is None:
             return iter(fn(self.fed, jobs, *args))
-        chunks = _chunks(jobs, len(self.workers.pool.pids()))
+        chunks = _chunks(jobs, self.n)
         return (out for part in self.workers.map(fn, [(chunk, *args) for chunk in chunks]) for out in part)
 
     def train(self, jobs: Iterable[Job], round_: int) -> Iterator[ClientOutcome]:
         if self.workers is None:  # lazily: each group's clients are replaced as it ends
             return _fused_train(self.fed, list(jobs), round_)
-        return self._map(_fused_train_list, list(jobs), round_)
+        return self._map(_fused_train, list(jobs), round_, True)
 
     def outputs(self, jobs: Iterable[tuple]) -> Iterator:
         jobs = list(jobs)
         if not self.fed.task.outputs_are_logits:  # generation and perplexity: one model at a time
             return (self.workers or InProcess(self.fed)).outputs(jobs)
-        return self._map(_fused_outputs, jobs)
+        return self._map(fused_outputs, jobs)
 
     def close(self) -> None:
         if self.workers is not None:

@@ -32,17 +32,34 @@ from .rowwise import PER_CLIENT, Rows, rowwise
 from .shared import ClientSpec, Shared, client_steps, expected_steps
 from .stacked import StackedOptimizer
 
+# A forward and backward pass costs about this many padded tokens beyond its rows (MiniLM on
+# the 2-core CPU: see benchmarks/README.md, "Round engines").
+MICRO_BATCH_OVERHEAD = 128
 
-def micro_batches(lengths: np.ndarray, budget: int) -> list[np.ndarray]:
-    """Indices of ``lengths`` sorted by length, cut so that each micro-batch's padded tokens
-    (rows × its longest row) stay within ``budget``; a longer row goes alone."""
+
+def micro_batches(lengths: np.ndarray, budget: int, overhead: int = MICRO_BATCH_OVERHEAD) -> list[np.ndarray]:
+    """Indices of ``lengths`` sorted by length and cut into micro-batches of at most ``budget``
+    padded tokens (rows × longest row; a longer row goes alone), where the cuts minimise the
+    padded tokens plus ``overhead`` tokens' worth per micro-batch.
+
+    Cutting greedily (fill each micro-batch to the budget) pads short rows to long ones: a
+    step's rows come from clients' length groups drawn in random order, so they cluster, and
+    the optimal cuts fall between the clusters (one dynamic programme over the sorted rows).
+    """
     order = np.argsort(lengths, kind="stable")
-    out, start = [], 0
+    width = lengths[order].astype(np.int64)
+    best = np.zeros(len(order) + 1)  # best[i]: least cost of the i shortest rows
+    start = np.zeros(len(order) + 1, dtype=np.int64)  # where the last micro-batch of best[i] starts
     for i in range(1, len(order) + 1):
-        if i == len(order) or (i + 1 - start) * lengths[order[i]] > budget:
-            out.append(order[start:i])
-            start = i
-    return out
+        first = max(0, i - max(1, budget // width[i - 1]))
+        cost = best[first:i] + (i - np.arange(first, i)) * width[i - 1]
+        j = int(np.argmin(cost))  # the first minimum: the largest micro-batch among equals
+        best[i], start[i] = cost[j] + overhead, first + j
+    cuts, i = [], len(order)
+    while i:
+        cuts.append(order[start[i] : i])
+        i = start[i]
+    return cuts[::-1]
 
 
 def check_fused(shared: Shared) -> None:
@@ -278,12 +295,13 @@ def fused_round(
 
 
 @torch.no_grad()
-def fused_outputs(shared: Shared, models: Sequence[tuple], group: int = 64) -> list[np.ndarray]:
+def fused_outputs(shared: Shared, models: Sequence[tuple]) -> list[np.ndarray]:
     """The logits of each (tensors, client[, data]) model on its data (by default the dev
     set), as the task's ``outputs`` gives them one model at a time: all models' rows sorted by
-    length together and batched by the token budget; ``group`` models' tensors stacked at a
-    time, so memory does not grow with N."""
-    compute, rows, budget = shared.compute, Rows(), shared.cfg.simulator.fused_tokens
+    length together and batched by the token budget; ``simulator.fused_clients`` models' tensors
+    stacked at a time, so memory does not grow with N."""
+    compute, rows, sim = shared.compute, Rows(), shared.cfg.simulator
+    group, budget = sim.fused_clients, sim.fused_tokens
     out: list[np.ndarray] = []
     shared.model.eval()
     for first in range(0, len(models), group):

@@ -8,6 +8,7 @@ in and out as that torch optimizer's ``state_dict``: clients move between engine
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -35,6 +36,9 @@ class StackedOptimizer:
         # SGD: whether a slot's momentum buffer exists; AdamW: a slot's step count.
         self.started = {n: torch.zeros(slots, dtype=torch.bool) for n in self.names}
         self.steps = {n: torch.zeros(slots, dtype=torch.float64) for n in self.names}
+        # Every slot's torch optimizer has the same groups: what make_optimizer gives.
+        blanks = [torch.nn.Parameter(torch.empty(0)) for _ in self.names]
+        self._groups = make_optimizer(blanks, cfg).state_dict()["param_groups"]
 
     def _state(self, name: str) -> dict[str, torch.Tensor]:
         if name not in self.state:
@@ -56,10 +60,6 @@ class StackedOptimizer:
 
     def state_dict(self, slot: int) -> dict:
         """``slot``'s state as its client's own torch optimizer would save it."""
-        shapes = [torch.empty(0) for _ in self.names]
-        groups = make_optimizer([torch.nn.Parameter(t) for t in shapes], self.cfg).state_dict()[
-            "param_groups"
-        ]
         state = {}
         for i, name in enumerate(self.names):
             if name in self.state and self.started[name][slot]:
@@ -67,7 +67,8 @@ class StackedOptimizer:
                 entry = {"step": torch.tensor(float(self.steps[name][slot]))} if self.adam else {}
                 entry.update({key: self.state[name][key][slot].clone() for key in self._keys})
                 state[i] = entry
-        return {"state": state, "param_groups": groups}
+        # A copy each: torch's load_state_dict writes into the groups it is given.
+        return {"state": state, "param_groups": copy.deepcopy(self._groups)}
 
     @torch.no_grad()
     def step(self, trained: Sequence[str], slots: torch.Tensor, lr: torch.Tensor) -> None:
