@@ -35,9 +35,10 @@ from sfedlora.experiment import run
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue" / "sst2"
 # A workload's rounds after one warm-up round (none at N = 1000: its first round is timed),
 # fewer where a round is long, so the table fits an afternoon.
-TIMED = {"10x1": 3, "10x10": 3, "100x1": 2, "100x10": 1, "1000x1": 0, "1000x10": 0}
+TIMED = {"10x1": 3, "10x10": 5, "100x1": 2, "100x10": 1, "1000x1": 0, "1000x10": 0}
 ENGINES = {
-    "fused": ["simulator.engine=fused"],
+    "fused": ["simulator.engine=fused", "simulator.workers=1"],
+    "fused_2_workers": ["simulator.engine=fused", "simulator.workers=2"],
     "per_client_1_process": ["simulator.engine=per-client", "simulator.workers=1"],
     "per_client_2_workers": ["simulator.engine=per-client", "simulator.workers=2"],
     "flower_simulation": ["simulator.engine=per-client"],

@@ -34,7 +34,8 @@ class FederationConfig(_Section):
         ge=0,
         description=(
             "First train only the head for this many rounds (a linear probe), then freeze it and train "
-            "only the adapter; 0 trains both throughout."
+            "only the adapter; 0 trains both throughout; equal to rounds, only the head ever trains "
+            "(the linear-probe baseline an adapter's gain is measured against)."
         ),
     )
 
@@ -174,8 +175,8 @@ class SimulatorConfig(_Section):
             "Processes that train the round's clients (and evaluate personalised models) side by side, "
             "each with one torch thread and the frozen base model shared copy-on-write; the same results "
             "as one process, up to float rounding. auto: one per torch thread on a CPU (so 2 on a 2-core "
-            "machine, 1 inside a sweep running a cell per core), 1 on a GPU; CPU only. The fused engine runs "
-            "in one process unless a number is set (then each process fuses its share of the clients)."
+            "machine, 1 inside a sweep running a cell per core), 1 on a GPU; CPU only. The fused engine "
+            "is split the same way: each process fuses its share of the round's clients."
         ),
     )
 
