@@ -57,6 +57,23 @@ def test_run_writes_the_run_directory(tiny_config):
     assert sorted(p.name for p in (d / "adapters").iterdir()) == ["client_00", "client_01", "client_02"]
 
 
+def test_a_client_test_run_records_the_majority_label_baseline(tiny_config):
+    """Under a label skew each client's own majority label scores high with nothing learned:
+    summary.json gives that score beside the client_test_* metrics."""
+    from sfedlora.shared import client_parts
+
+    cfg = tiny_config("eval.client_test_fraction=0.25", "partition.kind=dirichlet", "federation.rounds=1")
+    summary = json.loads((run(cfg).run_dir / "summary.json").read_text())
+    labels = load_task(cfg.data, seed=cfg.seed).train.labels
+    expected = np.mean(
+        [
+            np.mean(labels[test] == np.bincount(labels[train], minlength=2).argmax())
+            for train, test in client_parts(cfg, labels)
+        ]
+    )
+    assert summary["client_test_majority_accuracy"] == pytest.approx(expected)
+
+
 def test_a_run_judged_on_local_label_mixes(tiny_config):
     cfg = tiny_config(
         "name=local",

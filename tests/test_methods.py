@@ -168,3 +168,20 @@ def test_head_probe_in_a_run(tiny_config):
     second = run_round(fed)
     assert second["grad_norm_A"] > 0 and second["grad_norm_B"] > 0
     assert not changed(head, fed.server, "head")
+
+
+def test_a_head_probe_over_every_round_is_the_linear_probe_baseline(tiny_config):
+    cfg = tiny_config(
+        "method=fedsa-lora", "federation.rounds=2", "federation.head_probe_rounds=2", "train.lr=0.01"
+    )
+    fed = build_federation(cfg, load_task(cfg.data, seed=cfg.seed))
+    for _ in range(2):
+        rec = run_round(fed)
+        assert rec["grad_norm_A"] is None and rec["grad_norm_B"] is None
+    assert changed(fed.initial, fed.server, "head") and not changed(fed.initial, fed.server, "A")
+    assert all(not changed(fed.initial, c.tensors, "B") for c in fed.clients)
+
+
+def test_a_head_probe_longer_than_the_run_is_refused(tiny_config):
+    with pytest.raises(Exception, match=r"head_probe_rounds \(3\) exceeds rounds \(2\)"):
+        tiny_config("federation.rounds=2", "federation.head_probe_rounds=3")

@@ -141,3 +141,25 @@ def test_a_causal_lm_that_does_not_learn_is_flagged_and_one_that_learns_is_not(l
     learning = run(build_config(overrides=[*lm_overrides, "name=learning", "federation.rounds=3"]))
     assert not learning.summary["collapsed"], learning.summary["collapse_reason"]
     assert learning.records[-1]["personal_perplexity_mean"] < 0.99 * learning.summary["trivial_score"]
+
+
+def test_auroc_scores_the_margin_and_ignores_a_bias_toward_one_label(tiny_config):
+    """A personalised model biased to its client's label (every margin shifted) keeps its AUROC,
+    while its accuracy drops to the prior; hand-computed on four examples."""
+    from sfedlora.data import load_task
+    from sfedlora.data.encoding import Encoded
+    from sfedlora.evaluation import summarise
+    from sfedlora.tasks import get_task
+
+    cfg = tiny_config()
+    task = get_task(load_task(cfg.data, seed=cfg.seed))
+    data = Encoded([{"input_ids": [0]}] * 4, np.array([0, 1, 0, 1]))
+    # margins 0.1, 0.4, 0.5, 0.8: of the 4 (positive, negative) pairs, 3 are ordered right
+    logits = np.array([[0.0, 0.1], [0.0, 0.4], [0.0, 0.5], [0.0, 0.8]], dtype=np.float32)
+    fair = task.scores(logits, data)
+    assert fair["auroc"] == pytest.approx(0.75)
+    biased = task.scores(logits + np.array([5.0, 0.0], dtype=np.float32), data)
+    assert biased["auroc"] == pytest.approx(0.75) and biased["accuracy"] == 0.5
+    one_label = task.scores(logits[:2], Encoded(data.features[:2], np.array([1, 1])))
+    assert "auroc" not in one_label  # nothing to rank
+    assert summarise([fair, one_label])["auroc_mean"] == pytest.approx(0.75)

@@ -32,10 +32,11 @@ def best_of(values, key: str):
 
 def summarise(per_client: list[dict[str, float]]) -> dict[str, float]:
     """Mean and min over clients of each metric: ``{name}_mean``, ``{name}_min``; for metrics
-    where lower is better also ``{name}_max``, the worst client."""
+    where lower is better also ``{name}_max``, the worst client. A metric some clients' data
+    cannot give (AUROC on a one-label test share) is summarised over the clients that have it."""
     out = {}
-    for name in per_client[0]:
-        values = [m[name] for m in per_client]
+    for name in dict.fromkeys(n for m in per_client for n in m):
+        values = [m[name] for m in per_client if name in m]
         out[f"{name}_mean"] = float(np.mean(values))
         out[f"{name}_min"] = float(np.min(values))
         if not higher_is_better(name):

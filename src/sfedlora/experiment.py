@@ -8,6 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from .collapse import COLLAPSED, OVERFIT, judge
 from .config import RunConfig, load_config, result_differences
@@ -245,6 +247,12 @@ def run_summary(fed: Federation, records: list[dict], settings: dict, seconds: f
         "overfit_reason": overfit.reason if overfit else None,
         "wall_seconds": seconds,
     }
+    if fed.client_tests is not None and fed.task.has_classes:
+        # The client-local protocol's trivial predictor: each client answers its own training
+        # data's majority label. Under a label skew it scores high with nothing learned.
+        summary["client_test_majority_accuracy"] = float(
+            np.mean([np.mean(t.labels == h.argmax()) for t, h in zip(fed.client_tests, fed.histograms)])
+        )
     if fed.privacy is not None:
         summary.update(
             epsilon=records[-1].get("epsilon_max") if records else 0.0,

@@ -49,10 +49,10 @@ class FederationConfig(_Section):
             )
         if (self.local_steps is None) == (self.local_epochs is None):
             raise ValueError("set exactly one of local_steps and local_epochs")
-        if self.head_probe_rounds >= self.rounds:
+        if self.head_probe_rounds > self.rounds:
             raise ValueError(
-                f"head_probe_rounds ({self.head_probe_rounds}) leaves no round for the adapter "
-                f"(rounds = {self.rounds})"
+                f"head_probe_rounds ({self.head_probe_rounds}) exceeds rounds ({self.rounds}); "
+                "set it to rounds for a head-only (linear probe) run"
             )
         return self
 

@@ -90,13 +90,21 @@ class Classification(SequenceTask):
         return torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")
 
     def scores(self, outputs: np.ndarray, data: Encoded) -> dict[str, float]:
-        """Accuracy, MCC and, for two classes, F1; whether every prediction is one class."""
-        from sklearn.metrics import f1_score, matthews_corrcoef
+        """Accuracy, MCC and, for two classes, F1 and the area under the ROC curve of the logit
+        margin; whether every prediction is one class.
+
+        AUROC ranks the examples by the model's margin, so a bias toward one label (a
+        personalised model fitted to its client's label skew) leaves it unchanged: it scores
+        what the model knows about the task apart from its prior. Data of one label has none.
+        """
+        from sklearn.metrics import f1_score, matthews_corrcoef, roc_auc_score
 
         pred, labels = outputs.argmax(-1), data.labels
         out = {"accuracy": float((pred == labels).mean()), "mcc": float(matthews_corrcoef(labels, pred))}
         if self.classes == 2:
             out["f1"] = float(f1_score(labels, pred, zero_division=0.0))
+            if labels.min() != labels.max():
+                out["auroc"] = float(roc_auc_score(labels, outputs[:, 1] - outputs[:, 0]))
         out["constant_predictions"] = float(pred.min() == pred.max())
         return out
 

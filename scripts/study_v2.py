@@ -1,0 +1,180 @@
+"""Study v2 (issue 25): the paper's three claims on real SST-2 where accuracy moves.
+
+    python scripts/study_v2.py run [--parts budget,probe,tune,main,side,exponents,aggregate]
+        [--out runs/study-v2] [--jobs 2]
+    python scripts/study_v2.py report [--out runs/study-v2] [--to docs/results/study-v2]
+
+Every cell is an ordinary sweep cell (``sfedlora sweep``) of the base config
+``configs/study-v2/base.yaml`` (MiniLM, LoRA on query/value, α = 16, Dirichlet(0.5) split
+of 6,000 SST-2 sentences, plain SGD, batch 16, each client's own 20 % test share, every
+2 rounds evaluated). A stopped study continues where it was: finished cells are skipped,
+started ones resume from their checkpoint. The parts, in order (later ones read earlier
+results, never a hand-entered number):
+
+budget     sfed-lora, r = 8, N ∈ {5, 20}, 3 learning rates, 40 rounds: the curves from which
+           base.yaml's rounds were chosen (the first evaluation reaching 0.80).
+probe      the head alone (a federated linear probe, the adapter never trains), averaged
+           and kept on each client, N ∈ {5, 20}, the same 3 learning rates: the averaged
+           head's best is the baseline each cell's gain is measured against.
+tune       fedsa-lora, fedsa-rslora, sfed-lora × 3 learning rates at r = 8, N = 20, seed 0:
+           each method's learning rate, then held fixed as r grows.
+main       the three methods × r ∈ {8, 64, 512} × N ∈ {5, 20} × seeds {0, 1}.
+side       rolora (α/r, fedsa-lora's rate) at r ∈ {8, 512}; the three methods with AdamW
+           (the default rate, untuned) and with an IID split, N = 20, r ∈ {8, 512}; one seed.
+exponents  γ = α·N^a/r^b at (r = 512, N = 20) and (r = 64, N = 5), sfed-lora's rate:
+           a ∈ {0, ¼, ½, ¾, 1} with b = ½ and b ∈ {¼, ¾, 1} with a = ½; a second seed for each
+           setting's best two pairs.
+aggregate  fedit and ffa-lora, each with α·√(N/r) (sfed-lora's rate) and α/r (fedsa-lora's),
+           r ∈ {8, 512}, N = 20, seed 0; fedsa-lora's cells are main's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from study_v2_report import RATES, best_lr, load_part, report, score  # noqa: E402
+
+from sfedlora.config import read_yaml_mapping  # noqa: E402
+from sfedlora.sweep import run_sweep  # noqa: E402
+
+METHODS = ["fedsa-lora", "fedsa-rslora", "sfed-lora"]
+RULE_OF = {"fedsa-lora": "lora", "fedsa-rslora": "rslora", "sfed-lora": "sfed"}
+PAIRS = [(0, 0.5), (0.25, 0.5), (0.5, 0.5), (0.75, 0.5), (1, 0.5), (0.5, 0.25), (0.5, 0.75), (0.5, 1)]
+SETTINGS = [(512, 20), (64, 5)]  # the exponent ablation's (r, N)
+
+
+def tuned(out: Path) -> dict[str, float]:
+    """Each method's learning rate from the tuning part (its best final client-test score)."""
+    rows = load_part(out, "tune")
+    if not rows:
+        raise SystemExit("error: the tune part has not run yet: run --parts tune first")
+    return {m: best_lr([r for r in rows if r["method"] == m]) for m in METHODS}
+
+
+def sweeps(part: str, out: Path, rounds: int):
+    """(sweep name, overrides, grid) of each sweep a part runs (``rounds``: the study's budget)."""
+    if part == "budget":
+        yield (
+            "budget",
+            ["method=sfed-lora", "lora.rank=8", "federation.rounds=40"],
+            {
+                "clients": [5, 20],
+                "lr": RATES,
+            },
+        )
+    elif part == "probe":
+        yield (
+            "probe",
+            ["method=sfed-lora", "lora.rank=8", f"federation.head_probe_rounds={rounds}"],
+            {"clients": [5, 20], "federation.local_head": [False, True], "lr": RATES},
+        )
+    elif part == "tune":
+        yield "tune", ["federation.n_clients=20", "lora.rank=8"], {"method": METHODS, "lr": RATES}
+    elif part == "main":
+        lr = tuned(out)
+        for m in METHODS:
+            yield (
+                f"main-{m}",
+                [f"method={m}", f"train.lr={lr[m]}"],
+                {
+                    "seed": [0, 1],
+                    "clients": [5, 20],
+                    "rank": [8, 64, 512],
+                },
+            )
+    elif part == "side":
+        lr = tuned(out)
+        yield (
+            "side-rolora",
+            ["method=rolora", f"train.lr={lr['fedsa-lora']}", "federation.n_clients=20"],
+            {"rank": [8, 512]},
+        )
+        for m in METHODS:
+            yield (
+                f"side-adamw-{m}",
+                [f"method={m}", "train.optimizer=adamw", "federation.n_clients=20"],
+                {"rank": [8, 512]},
+            )
+            yield (
+                f"side-iid-{m}",
+                [f"method={m}", f"train.lr={lr[m]}", "partition.kind=iid", "federation.n_clients=20"],
+                {"rank": [8, 512]},
+            )
+    elif part == "exponents":
+        lr = tuned(out)["sfed-lora"]
+        for r, n in SETTINGS:
+            fixed = [
+                "method=fedsa-lora",
+                "lora.scaling=power",
+                f"train.lr={lr}",
+                f"lora.rank={r}",
+                f"federation.n_clients={n}",
+            ]
+
+            def pair(a, b, seeds, r=r, n=n, fixed=fixed):
+                name = f"exponents-r{r}-n{n}-a{float(a):g}-b{float(b):g}"
+                return name, [*fixed, f"lora.n_exponent={a}", f"lora.rank_exponent={b}"], {"seed": seeds}
+
+            for a, b in PAIRS:
+                yield pair(a, b, [0])
+            # The best two pairs again with seed 1 (the sweep's grid widens; seed 0 is skipped).
+            rows = [row for row in load_part(out, f"exponents-r{r}-n{n}-") if row["seed"] == 0]
+            for row in sorted(rows, key=score, reverse=True)[:2]:
+                yield pair(row["a"], row["b"], [0, 1])
+    elif part == "aggregate":
+        lr = tuned(out)
+        for m in ("fedit", "ffa-lora"):
+            for rule, rate in (("sfed", lr["sfed-lora"]), ("lora", lr["fedsa-lora"])):
+                yield (
+                    f"aggregate-{m}-{rule}",
+                    [f"method={m}", f"lora.scaling={rule}", f"train.lr={rate}", "federation.n_clients=20"],
+                    {"rank": [8, 512]},
+                )
+    else:
+        raise SystemExit(
+            f"error: unknown part {part!r}: choose from budget, probe, tune, main, side, exponents, aggregate"
+        )
+
+
+def run(parts: list[str], out: Path, jobs: int) -> None:
+    base = read_yaml_mapping(ROOT / "configs/study-v2/base.yaml")
+    for part in parts:
+        start = time.perf_counter()
+        for name, overrides, grid in sweeps(part, out, base["federation"]["rounds"]):
+            print(f"{part}: {name} {' '.join(overrides)} {json.dumps(grid)}", flush=True)
+            run_sweep(_with(base, overrides), grid, out / name, jobs=jobs)
+        log = out / "wall_seconds.json"
+        walls = json.loads(log.read_text()) if log.is_file() else {}
+        walls[part] = walls.get(part, 0) + time.perf_counter() - start  # across sittings
+        log.write_text(json.dumps(walls, indent=2))
+
+
+def _with(base: dict, overrides: list[str]) -> dict:
+    from sfedlora.config import apply_overrides
+
+    return apply_overrides(base, overrides)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=["run", "report"])
+    parser.add_argument("--parts", default="budget,probe,tune,main,side,exponents,aggregate")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs/study-v2")
+    parser.add_argument("--to", type=Path, default=ROOT / "docs/results/study-v2")
+    parser.add_argument("--jobs", type=int, default=2)
+    args = parser.parse_args()
+    if args.command == "run":
+        run(args.parts.split(","), args.out, args.jobs)
+    else:
+        report(args.out, args.to)
+
+
+if __name__ == "__main__":
+    main()
