@@ -292,3 +292,22 @@ def test_each_client_is_scored_on_its_own_held_out_share(tiny_config):
     assert ra[-1]["client_test_accuracy_weighted"] == pytest.approx(np.average(own, weights=sizes))
     assert rb[-1]["client_test_accuracy_mean"] == pytest.approx(ra[-1]["client_test_accuracy_mean"])
     assert "personal_accuracy_mean" in ra[-1]  # the dev-set scores stay beside them
+
+
+def test_client_test_scores_cover_every_client_when_eval_samples_a_few(tiny_config):
+    """eval.clients bounds the dev-set passes; each client's own share is scored regardless."""
+    from sfedlora.evaluation import evaluate, outputs_of
+
+    cfg = tiny_config(*SGD, "eval.client_test_fraction=0.25", "partition.kind=dirichlet", "eval.clients=1")
+    fed = build_federation(cfg, load_task(cfg.data, seed=cfg.seed))
+    run_round(fed)
+    scores = evaluate(fed)
+    own = [
+        fed.task.scores(
+            outputs_of(fed, fed.personal_tensors(k), k, fed.client_tests[k]), fed.client_tests[k]
+        )["accuracy"]
+        for k in range(len(fed.clients))
+    ]
+    assert len(scores["evaluated_clients"]) == 1 and len(own) == 3
+    assert scores["client_test_accuracy_mean"] == pytest.approx(np.mean(own))
+    assert scores["client_test_accuracy_min"] == pytest.approx(min(own))

@@ -108,7 +108,8 @@ class EvalConfig(_Section):
         description=(
             "Evaluate the personalised models of this many clients only: a sample drawn once from the "
             "seed, the same clients at every evaluation so rounds compare (null: every client). "
-            "Personalised evaluation costs a dev-set pass per client, which dominates large-N runs."
+            "Personalised evaluation costs a dev-set pass per client, which dominates large-N runs. "
+            "The client-local scores (client_test_fraction) cover every client regardless."
         ),
     )
     client_test_fraction: float = Field(
@@ -116,8 +117,8 @@ class EvalConfig(_Section):
         ge=0,
         lt=1,
         description=(
-            "Hold out this share of each client's partition as its own test data, and score each "
-            "personalised model on its own client's share (FedSA-LoRA's protocol: client_test_* metrics, "
+            "Hold out this share of each client's partition as its own test data, and score every "
+            "client's personalised model on its own share (FedSA-LoRA's protocol: client_test_* metrics, "
             "beside the dev-set scores); the client trains on the rest. 0: off. Embedded simulator only."
         ),
     )
