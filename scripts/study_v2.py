@@ -62,7 +62,15 @@ def sweeps(part: str, out: Path, rounds: int):
     if part == "budget":
         yield (
             "budget",
-            ["method=sfed-lora", "lora.rank=8", "federation.rounds=40", "federation.head_probe_rounds=0"],
+            # (run before the study's evaluation was settled: 5 clients on the dev set, 20 % shares)
+            [
+                "method=sfed-lora",
+                "lora.rank=8",
+                "federation.rounds=40",
+                "federation.head_probe_rounds=0",
+                "eval.clients=5",
+                "eval.client_test_fraction=0.2",
+            ],
             {
                 "clients": [5, 20],
                 "lr": RATES,
