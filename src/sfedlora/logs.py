@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 
@@ -19,6 +20,9 @@ def quiet_libraries() -> None:
     datasets.disable_progress_bars()
     # Raised by transformers when PEFT builds the model; nothing a user of ours can act on.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    # bitsandbytes (the quantization extra, imported by PEFT) tries to fetch an optional faster
+    # CPU 4-bit kernel from the Hub at import and warns when it cannot; its own kernel runs.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def score_text(value) -> str:
