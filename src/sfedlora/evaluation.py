@@ -88,18 +88,18 @@ def evaluate(
         if per_client:
             out.update({f"personal_{k}": v for k, v in summarise(per_client).items()})
         if fed.client_tests is not None:
-            # Every client: the shares together are one pass however many clients there
-            # are (eval.clients bounds the dev-set passes, one per client).
-            out.update(own_test_scores(fed, list(range(len(fed.clients))), executor))
+            out.update(own_test_scores(fed, executor))
         if len(ks) < len(fed.clients):
             out["evaluated_clients"] = ks
     return out
 
 
-def own_test_scores(fed: Federation, ks: list[int], executor: Executor | None) -> dict[str, float]:
+def own_test_scores(fed: Federation, executor: Executor | None) -> dict[str, float]:
     """FedSA-LoRA's protocol: each client's personalised model scored on its own held-out
     share (``client_test_*``: mean and min over clients, and the headline metric weighted by
-    the shares' sizes). One pass over all the shares together, not one dev set per client."""
+    the shares' sizes). Every client, whatever ``eval.clients`` samples for the dev set: the
+    shares together are one pass, not one dev set per client."""
+    ks = range(len(fed.clients))
     jobs = [(fed.personal_tensors(k), k, fed.client_tests[k]) for k in ks]
     outputs = executor.outputs(jobs) if executor else (outputs_of(fed, *job) for job in jobs)
     scores = [fed.task.scores(o, fed.client_tests[k]) for k, o in zip(ks, outputs)]
