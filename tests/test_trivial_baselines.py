@@ -2,6 +2,7 @@
 for classification, regression and causal LMs alike."""
 
 import csv
+import warnings
 
 import numpy as np
 import pytest
@@ -160,6 +161,9 @@ def test_auroc_scores_the_margin_and_ignores_a_bias_toward_one_label(tiny_config
     assert fair["auroc"] == pytest.approx(0.75)
     biased = task.scores(logits + np.array([5.0, 0.0], dtype=np.float32), data)
     assert biased["auroc"] == pytest.approx(0.75) and biased["accuracy"] == 0.5
-    one_label = task.scores(logits[:2], Encoded(data.features[:2], np.array([1, 1])))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a one-label client share scores without a warning
+        one_label = task.scores(logits[:2], Encoded(data.features[:2], np.array([1, 1])))
     assert "auroc" not in one_label  # nothing to rank
+    assert one_label["mcc"] == 0.0 and one_label["accuracy"] == 1.0
     assert summarise([fair, one_label])["auroc_mean"] == pytest.approx(0.75)

@@ -100,7 +100,11 @@ class Classification(SequenceTask):
         from sklearn.metrics import f1_score, matthews_corrcoef, roc_auc_score
 
         pred, labels = outputs.argmax(-1), data.labels
-        out = {"accuracy": float((pred == labels).mean()), "mcc": float(matthews_corrcoef(labels, pred))}
+        # One label in both (a client's share under label skew) has no correlation to measure:
+        # MCC is 0 by convention, as sklearn returns, without its warning in every such share.
+        one_class = np.union1d(labels, pred).size == 1
+        mcc = 0.0 if one_class else float(matthews_corrcoef(labels, pred))
+        out = {"accuracy": float((pred == labels).mean()), "mcc": mcc}
         if self.classes == 2:
             out["f1"] = float(f1_score(labels, pred, zero_division=0.0))
             if labels.min() != labels.max():
