@@ -3,7 +3,7 @@
 Scores: ``client_test`` is the mean over clients of each personalised model's accuracy on
 its own client's held-out share (FedSA-LoRA's protocol); under the Dirichlet(0.5) label skew
 each client's own majority label already scores high there (``majority``). ``dev_auroc``
-is the mean over a fixed sample of 5 clients of their personalised models' AUROC on 300
+is the mean over a fixed sample of 3 clients (5 in the budget part) of their personalised models' AUROC on 300
 balanced SST-2 dev sentences: it ranks sentences by the model's margin, so a model's bias
 toward its client's label does not move it; it scores what the model knows of sentiment.
 ``dev`` is their accuracy there. "Final" is the last evaluation.
@@ -111,8 +111,9 @@ def _plt():
     return plt
 
 
-def accuracy_figure(rows: list[dict], probe: dict[int, float], path: Path) -> None:
-    """The paper's shape: client-test accuracy against r, one line per method, a panel per N."""
+def rank_figure(rows: list[dict], key: str, ylabel: str, path: Path, probe=None, log=False) -> None:
+    """The paper's shape: a final score (or the gradient norms) against r, one line per method
+    (mean over seeds, their range shaded), a panel per N; ``probe``: the head-only line per N."""
     plt = _plt()
     ns = sorted({r["clients"] for r in rows})
     fig, axes = plt.subplots(1, len(ns), figsize=(5 * len(ns), 4), squeeze=False)
@@ -120,17 +121,17 @@ def accuracy_figure(rows: list[dict], probe: dict[int, float], path: Path) -> No
         for method, cells in _group([r for r in rows if r["clients"] == n], "method").items():
             by_rank = _group(cells, "rank")
             ranks = sorted(k[0] for k in by_rank)
-            means = [np.mean([c["client_test"] for c in by_rank[(k,)]]) for k in ranks]
-            lows = [min(c["client_test"] for c in by_rank[(k,)]) for k in ranks]
-            highs = [max(c["client_test"] for c in by_rank[(k,)]) for k in ranks]
-            ax.plot(ranks, means, marker="o", label=method[0])
-            ax.fill_between(ranks, lows, highs, alpha=0.15)
-        if n in probe:
+            values = [[c[key] for c in by_rank[(k,)]] for k in ranks]
+            ax.plot(ranks, [np.mean(v) for v in values], marker="o", label=method[0])
+            ax.fill_between(ranks, [min(v) for v in values], [max(v) for v in values], alpha=0.15)
+        if probe and n in probe:
             ax.axhline(probe[n], color="grey", linestyle="--", label="head only (linear probe)")
         ax.set_xscale("log", base=2)
+        if log:
+            ax.set_yscale("log")
         ax.set_xlabel("rank r")
         ax.set_title(f"N = {n}")
-        ax.set_ylabel("client-test accuracy (final)")
+        ax.set_ylabel(ylabel)
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -284,7 +285,23 @@ def report(out: Path, to: Path) -> None:
             lines,
         )
         md.append("")
-        accuracy_figure(main, {n: score(p) for n, p in probe.items()}, to / "accuracy_vs_rank.png")
+        for key, ylabel, name, base in (
+            (
+                "client_test",
+                "client-test accuracy (final)",
+                "accuracy_vs_rank",
+                {n: score(p) for n, p in probe.items()},
+            ),
+            (
+                "dev_auroc",
+                "dev AUROC (final)",
+                "auroc_vs_rank",
+                {n: p["dev_auroc"] for n, p in probe.items()},
+            ),
+        ):
+            rank_figure(main, key, ylabel, to / f"{name}.png", base)
+        for key in ("grad_norm_A", "grad_norm_B"):
+            rank_figure(main, key, f"‖∇{key[-1]}‖ (mean over rounds)", to / f"{key}_vs_rank.png", log=True)
     for name, title, keys in (
         ("side-", "Side checks (N = 20, one seed)", ("method", "optimizer", "partition", "rank")),
         ("aggregate-", "Aggregating only A (N = 20, seed 0)", ("method", "scaling", "rank")),
