@@ -19,7 +19,12 @@ import numpy as np
 import yaml
 
 RATES = [0.05, 0.2, 0.8]
-TARGET = 0.80
+TARGET = 0.80  # the budget part's question: does dev AUROC reach it within 40 rounds?
+# Convergence in the main grid: the first evaluated round at which a cell's client-test
+# accuracy comes within this of answering each client's own majority label, i.e. the
+# personal models have learned their clients' label mix (the score every working cell reaches
+# at this budget; dev AUROC falls as they do, so it has no target to reach).
+PRIOR_GAP = 0.02
 # What learning rates and exponent pairs are chosen by: the client-local protocol, the one
 # FedSA-LoRA is built for. Dev AUROC falls as a personalised model fits its client's skewed
 # data (tune part), so choosing by it would favour the rate that changes the model least.
@@ -35,6 +40,7 @@ def _row(run_dir: Path) -> dict:
     evals = [r for r in records if r.get(CLIENT_TEST) is not None]
     summary = json.loads((run_dir / "summary.json").read_text())
     lora, fed = cfg["lora"], cfg["federation"]
+    majority = summary.get("client_test_majority_accuracy")
     norms = {k: [r[k] for r in records if r.get(k) is not None] for k in ("grad_norm_A", "grad_norm_B")}
     return {
         "run": str(run_dir),
@@ -51,13 +57,16 @@ def _row(run_dir: Path) -> dict:
         "rounds": fed["rounds"],
         "local_head": fed["local_head"],
         "head_only": fed["head_probe_rounds"] == fed["rounds"],
-        "majority": summary.get("client_test_majority_accuracy"),
+        "majority": majority,
         "curve": [(r["round"], r[CLIENT_TEST], r.get(DEV_AUROC, math.nan)) for r in evals],
         "client_test": evals[-1][CLIENT_TEST] if evals else math.nan,
         "client_test_min": evals[-1].get("client_test_accuracy_min", math.nan) if evals else math.nan,
         "dev": evals[-1].get(DEV, math.nan) if evals else math.nan,
         "dev_auroc": evals[-1].get(DEV_AUROC, math.nan) if evals else math.nan,
         "rounds_to_target": next((r["round"] for r in evals if r.get(DEV_AUROC, 0) >= TARGET), None),
+        "rounds_to_prior": next((r["round"] for r in evals if r[CLIENT_TEST] >= majority - PRIOR_GAP), None)
+        if majority is not None
+        else None,
         # The run's mean over rounds: one round's norm moves with its batches.
         "grad_norm_A": float(np.mean(norms["grad_norm_A"])) if norms["grad_norm_A"] else None,
         "grad_norm_B": float(np.mean(norms["grad_norm_B"])) if norms["grad_norm_B"] else None,
@@ -262,7 +271,7 @@ def report(out: Path, to: Path) -> None:
                     _ms([c["dev_auroc"] for c in cells]),
                     _ms([c["dev_auroc"] - base["dev_auroc"] for c in cells]) if base else "—",
                     _ms([c["dev"] for c in cells]),
-                    "/".join(str(c["rounds_to_target"]) for c in cells),
+                    "/".join(str(c["rounds_to_prior"] or "—") for c in cells),
                     _ms([c["grad_norm_A"] for c in cells]),
                     _ms([c["grad_norm_B"] for c in cells]),
                 ]
@@ -278,7 +287,7 @@ def report(out: Path, to: Path) -> None:
                 "dev AUROC",
                 "− head only",
                 "dev acc",
-                f"rounds to dev AUROC {TARGET}",
+                f"rounds to prior (client-test ≥ majority − {PRIOR_GAP}), per seed",
                 "‖∇A‖ (mean over rounds)",
                 "‖∇B‖",
             ],
