@@ -33,7 +33,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,6 +45,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from study_v2_report import RATES, best_lr, load_part, report, score  # noqa: E402
 
 from sfedlora.config import read_yaml_mapping  # noqa: E402
+from sfedlora.grid import grid_cells  # noqa: E402
 from sfedlora.sweep import run_sweep  # noqa: E402
 
 METHODS = ["fedsa-lora", "fedsa-rslora", "sfed-lora"]
@@ -64,7 +68,8 @@ def tuned(out: Path) -> dict[str, float]:
 
 def sweeps(part: str, out: Path, rounds: int, seeds: list[int]):
     """(sweep name, overrides, grid) of each sweep a part runs (``rounds``: the study's budget;
-    ``seeds``: the main grid's seeds to run now)."""
+    ``seeds``: the main grid's seeds to run now); ``None`` where what follows reads the results
+    of what came before."""
     if part == "budget":
         yield (
             "budget",
@@ -145,6 +150,7 @@ def sweeps(part: str, out: Path, rounds: int, seeds: list[int]):
 
             for a, b in PAIRS:
                 yield pair(a, b, [0])
+            yield None
             # The best two pairs again with seed 1 (the sweep's grid widens; seed 0 is skipped).
             rows = [row for row in load_part(out, f"exponents-r{r}-n{n}-") if row["seed"] == 0]
             for row in sorted(rows, key=score, reverse=True)[:2]:
@@ -173,9 +179,29 @@ def sweeps(part: str, out: Path, rounds: int, seeds: list[int]):
 def run(parts: list[str], out: Path, jobs: int, seeds: list[int]) -> None:
     base = read_yaml_mapping(ROOT / "configs/study-v2/base.yaml")
     for part in parts:
-        for name, overrides, grid in sweeps(part, out, base["federation"]["rounds"], seeds):
-            print(f"{part}: {name} {' '.join(overrides)} {json.dumps(grid)}", flush=True)
-            run_sweep(_with(base, overrides), grid, out / name, jobs=jobs)
+        # A sweep of one cell would leave all but one core idle: such sweeps run side by side.
+        small: list[tuple] = []
+        for sweep in [*sweeps(part, out, base["federation"]["rounds"], seeds), None]:
+            if sweep is not None and len(grid_cells(sweep[2])) < jobs:
+                small.append(sweep)
+                continue
+            _side_by_side(base, small, out, jobs)
+            small = []
+            if sweep is not None:
+                _run(base, sweep, out, jobs)
+
+
+def _run(base: dict, sweep: tuple, out: Path, jobs: int, threads: int | None = None) -> None:
+    name, overrides, grid = sweep
+    print(f"{name} {' '.join(overrides)} {json.dumps(grid)}", flush=True)
+    run_sweep(_with(base, overrides), grid, out / name, jobs=jobs, threads=threads)
+
+
+def _side_by_side(base: dict, small: list[tuple], out: Path, jobs: int) -> None:
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+        for done in [pool.submit(_run, base, sweep, out, 1, threads) for sweep in small]:
+            done.result()
 
 
 def _with(base: dict, overrides: list[str]) -> dict:

@@ -109,10 +109,13 @@ def run_sweep(
     jobs: int = 1,
     on_cell: Callable[[dict, Path, bool], None] | None = None,
     target: float | None = None,
+    threads: int | None = None,
 ) -> list[Path]:
     """Run every cell of the grid (``jobs`` at a time); returns the run directories.
 
-    ``target`` is the metric value whose first-reaching round the summary reports.
+    ``target`` is the metric value whose first-reaching round the summary reports;
+    ``threads`` each cell's torch threads (default: the cores shared among the jobs; fewer
+    where several sweeps run side by side).
     """
     sweep_dir = Path(sweep_dir)
     spec_path = sweep_dir / "sweep.yaml"
@@ -135,7 +138,7 @@ def run_sweep(
     )
     runs_dir = sweep_dir / "runs"
     cells = grid_cells(grid)
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
     done, failed = [], []
 
     def finished(cell: dict, result: Callable[[], str], skipped: bool) -> None:
