@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from study_v2_report import RATES, best_lr, load_part, report, score  # noqa: E402
 
 from sfedlora.config import read_yaml_mapping  # noqa: E402
-from sfedlora.grid import grid_cells  # noqa: E402
+from sfedlora.grid import cell_name, grid_cells  # noqa: E402
 from sfedlora.sweep import run_sweep  # noqa: E402
 
 METHODS = ["fedsa-lora", "fedsa-rslora", "sfed-lora"]
@@ -182,13 +182,21 @@ def run(parts: list[str], out: Path, jobs: int, seeds: list[int]) -> None:
         # A sweep of one cell would leave all but one core idle: such sweeps run side by side.
         small: list[tuple] = []
         for sweep in [*sweeps(part, out, base["federation"]["rounds"], seeds), None]:
-            if sweep is not None and len(grid_cells(sweep[2])) < jobs:
+            if sweep is not None and len(_unfinished(sweep, out)) < jobs:
                 small.append(sweep)
                 continue
             _side_by_side(base, small, out, jobs)
             small = []
             if sweep is not None:
                 _run(base, sweep, out, jobs)
+
+
+def _unfinished(sweep: tuple, out: Path) -> list[dict]:
+    """The cells of a sweep not yet finished (a widened grid's old cells are)."""
+    name, _, grid = sweep
+    return [
+        c for c in grid_cells(grid) if not (out / name / "runs" / cell_name(c) / "summary.json").is_file()
+    ]
 
 
 def _run(base: dict, sweep: tuple, out: Path, jobs: int, threads: int | None = None) -> None:
