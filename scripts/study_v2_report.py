@@ -256,7 +256,10 @@ def report(out: Path, to: Path) -> None:
         md.append("")
     main = parts["main-"]
     if main:
-        md += ["## Main grid: final scores, mean ± half-range over 2 seeds", ""]
+        md += [
+            "## Main grid: final scores, mean ± half-range over the seeds run (a single value: one seed)",
+            "",
+        ]
         lines = []
         for (m, n, r), cells in sorted(_group(main, "method", "clients", "rank").items()):
             base = probe.get(n)
