@@ -32,6 +32,7 @@ aggregate  fedit and ffa-lora, each with α·√(N/r) (sfed-lora's rate) and α/
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -181,7 +182,8 @@ def run(parts: list[str], out: Path, jobs: int, seeds: list[int]) -> None:
     for part in parts:
         # A sweep of one cell would leave all but one core idle: such sweeps run side by side.
         small: list[tuple] = []
-        for sweep in [*sweeps(part, out, base["federation"]["rounds"], seeds), None]:
+        # Lazily: a part's later sweeps are chosen from its earlier ones' results.
+        for sweep in itertools.chain(sweeps(part, out, base["federation"]["rounds"], seeds), [None]):
             if sweep is not None and len(_unfinished(sweep, out)) < jobs:
                 small.append(sweep)
                 continue
