@@ -60,6 +60,9 @@ def _row(run_dir: Path) -> dict:
         "majority": majority,
         "curve": [(r["round"], r[CLIENT_TEST], r.get(DEV_AUROC, math.nan)) for r in evals],
         "client_test": evals[-1][CLIENT_TEST] if evals else math.nan,
+        # Seeds draw different partitions, hence different label priors: the gain over the
+        # prior compares cells across seeds and splits.
+        "over_majority": evals[-1][CLIENT_TEST] - majority if evals and majority is not None else math.nan,
         "client_test_min": evals[-1].get("client_test_accuracy_min", math.nan) if evals else math.nan,
         "dev": evals[-1].get(DEV, math.nan) if evals else math.nan,
         "dev_auroc": evals[-1].get(DEV_AUROC, math.nan) if evals else math.nan,
@@ -270,6 +273,7 @@ def report(out: Path, to: Path) -> None:
                     r,
                     len(cells),
                     _ms([c["client_test"] for c in cells]),
+                    _ms([c["over_majority"] for c in cells]),
                     _ms([c["client_test"] - base["client_test"] for c in cells]) if base else "—",
                     _ms([c["dev_auroc"] for c in cells]),
                     _ms([c["dev_auroc"] - base["dev_auroc"] for c in cells]) if base else "—",
@@ -286,6 +290,7 @@ def report(out: Path, to: Path) -> None:
                 "r",
                 "seeds",
                 "client-test",
+                "− majority",
                 "− head only",
                 "dev AUROC",
                 "− head only",
@@ -321,9 +326,16 @@ def report(out: Path, to: Path) -> None:
         if parts[name]:
             md += [f"## {title}", ""]
             md += _table(
-                [*keys, "lr", "client-test", "dev AUROC", "dev"],
+                [*keys, "lr", "client-test", "− majority", "dev AUROC", "dev"],
                 [
-                    [*(r[k] for k in keys), r["lr"], _f(r["client_test"]), _f(r["dev_auroc"]), _f(r["dev"])]
+                    [
+                        *(r[k] for k in keys),
+                        r["lr"],
+                        _f(r["client_test"]),
+                        _f(r["over_majority"]),
+                        _f(r["dev_auroc"]),
+                        _f(r["dev"]),
+                    ]
                     for r in sorted(parts[name], key=lambda r: tuple(str(r[k]) for k in keys))
                 ],
             )
@@ -331,13 +343,14 @@ def report(out: Path, to: Path) -> None:
     for (r, n), cells in sorted(_group(parts["exponents-"], "rank", "clients").items()):
         md += [f"## Exponents at r = {r}, N = {n}", ""]
         md += _table(
-            ["a", "b", "seeds", "client-test", "dev AUROC", "dev"],
+            ["a", "b", "seeds", "client-test", "− majority", "dev AUROC", "dev"],
             [
                 [
                     a,
                     b,
                     len(c),
                     _ms([x["client_test"] for x in c]),
+                    _ms([x["over_majority"] for x in c]),
                     _ms([x["dev_auroc"] for x in c]),
                     _ms([x["dev"] for x in c]),
                 ]
