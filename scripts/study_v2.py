@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from study_v2_report import RATES, best_lr, load_part, report, score  # noqa: E402
 
 from sfedlora.config import read_yaml_mapping  # noqa: E402
+from sfedlora.config.federation import TrainConfig  # noqa: E402
 from sfedlora.grid import cell_name, grid_cells  # noqa: E402
 from sfedlora.sweep import run_sweep  # noqa: E402
 
@@ -120,7 +121,8 @@ def sweeps(part: str, out: Path, rounds: int, seeds: list[int]):
         for check in ("adamw", "iid"):
             for m in ("sfed-lora", "fedsa-lora", "fedsa-rslora"):
                 change = (
-                    ["train.optimizer=adamw"]
+                    # AdamW at the library's default rate (base.yaml's 0.2 is plain SGD's), untuned.
+                    ["train.optimizer=adamw", f"train.lr={TrainConfig.model_fields['lr'].default}"]
                     if check == "adamw"
                     else [f"train.lr={lr[m]}", "partition.kind=iid"]
                 )
