@@ -51,7 +51,6 @@ from sfedlora.grid import cell_name, grid_cells  # noqa: E402
 from sfedlora.sweep import run_sweep  # noqa: E402
 
 METHODS = ["fedsa-lora", "fedsa-rslora", "sfed-lora"]
-RULE_OF = {"fedsa-lora": "lora", "fedsa-rslora": "rslora", "sfed-lora": "sfed"}
 PAIRS = [(0, 0.5), (0.25, 0.5), (0.5, 0.5), (0.75, 0.5), (1, 0.5), (0.5, 0.25), (0.5, 0.75), (0.5, 1)]
 SETTINGS = [(512, 20), (64, 5)]  # the exponent ablation's (r, N)
 # The side checks and ablations are read at their final round, so they evaluate at rounds
