@@ -1,14 +1,16 @@
 """Study v2 (issue 25): the paper's three claims on real SST-2 where accuracy moves.
 
     python scripts/study_v2.py run [--parts budget,probe,tune,main,side,exponents,aggregate]
-        [--out runs/study-v2] [--jobs 2] [--seeds 0,1]
+        [--out runs/study-v2] [--to docs/results/study-v2] [--jobs 2] [--seeds 0,1]
     python scripts/study_v2.py report [--out runs/study-v2] [--to docs/results/study-v2]
 
 Every cell is an ordinary sweep cell (``sfedlora sweep``) of the base config
 ``configs/study-v2/base.yaml`` (MiniLM, LoRA on query/value, α = 16, Dirichlet(0.5) split
 of 6,000 SST-2 sentences, plain SGD, batch 16, each client's own 20 % test share, every
 2 rounds evaluated). A stopped study continues where it was: finished cells are skipped,
-started ones resume from their checkpoint. The parts, in order (later ones read earlier
+started ones resume from their checkpoint, and the cells recorded in ``--to``'s cells.json
+(written by ``report``, committed) count as finished, so a fresh checkout, which has no
+``runs/``, runs only what the record lacks. The parts, in order (later ones read earlier
 results, never a hand-entered number):
 
 budget     sfed-lora, r = 8, N ∈ {5, 20}, 3 learning rates, 40 rounds, head and adapter
@@ -34,7 +36,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -43,12 +44,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from study_v2_report import RATES, best_lr, load_part, report, score  # noqa: E402
+from study_v2_cells import RATES, best_lr, load_part, read_record, score  # noqa: E402
+from study_v2_report import report  # noqa: E402
 
 from sfedlora.config import read_yaml_mapping  # noqa: E402
 from sfedlora.config.federation import TrainConfig  # noqa: E402
-from sfedlora.grid import cell_name, grid_cells  # noqa: E402
-from sfedlora.sweep import run_sweep  # noqa: E402
+from sfedlora.grid import cell_name, grid_cells, hashable  # noqa: E402
+from sfedlora.sweep import cell_finished, run_sweep, threads_per_job  # noqa: E402
 
 METHODS = ["fedsa-lora", "fedsa-rslora", "sfed-lora"]
 PAIRS = [(0, 0.5), (0.25, 0.5), (0.5, 0.5), (0.75, 0.5), (1, 0.5), (0.5, 0.25), (0.5, 0.75), (0.5, 1)]
@@ -59,18 +61,18 @@ SETTINGS = [(512, 20), (64, 5)]  # the exponent ablation's (r, N)
 SPARSE_EVAL = "eval.every=10"
 
 
-def tuned(out: Path) -> dict[str, float]:
+def tuned(out: Path, record: list[dict]) -> dict[str, float]:
     """Each method's learning rate from the tuning part (its best final client-test score)."""
-    rows = load_part(out, "tune")
+    rows = load_part(out, "tune", record)
     if not rows:
         raise SystemExit("error: the tune part has not run yet: run --parts tune first")
     return {m: best_lr([r for r in rows if r["method"] == m]) for m in METHODS}
 
 
-def sweeps(part: str, out: Path, rounds: int, seeds: list[int]):
+def sweeps(part: str, out: Path, rounds: int, seeds: list[int], record: list[dict]):
     """(sweep name, overrides, grid) of each sweep a part runs (``rounds``: the study's budget;
-    ``seeds``: the main grid's seeds to run now); ``None`` where what follows reads the results
-    of what came before."""
+    ``seeds``: the main grid's seeds to run now; ``record``: the cells recorded in git);
+    ``None`` where what follows reads the results of what came before."""
     if part == "budget":
         yield (
             "budget",
@@ -97,7 +99,7 @@ def sweeps(part: str, out: Path, rounds: int, seeds: list[int]):
     elif part == "tune":
         yield "tune", ["federation.n_clients=20", "lora.rank=8"], {"method": METHODS, "lr": RATES}
     elif part == "main":
-        lr = tuned(out)
+        lr = tuned(out, record)
         for m in METHODS:
             yield (
                 f"main-{m}",
@@ -109,7 +111,7 @@ def sweeps(part: str, out: Path, rounds: int, seeds: list[int]):
                 },
             )
     elif part == "side":
-        lr = tuned(out)
+        lr = tuned(out, record)
         yield (
             "side-rolora",
             ["method=rolora", f"train.lr={lr['fedsa-lora']}", "federation.n_clients=20", SPARSE_EVAL],
@@ -131,7 +133,7 @@ def sweeps(part: str, out: Path, rounds: int, seeds: list[int]):
                     {"rank": [8, 512]},
                 )
     elif part == "exponents":
-        lr = tuned(out)["sfed-lora"]
+        lr = tuned(out, record)["sfed-lora"]
         for r, n in SETTINGS:
             fixed = [
                 "method=fedsa-lora",
@@ -150,11 +152,11 @@ def sweeps(part: str, out: Path, rounds: int, seeds: list[int]):
                 yield pair(a, b, [0])
             yield None
             # The best two pairs again with seed 1 (the sweep's grid widens; seed 0 is skipped).
-            rows = [row for row in load_part(out, f"exponents-r{r}-n{n}-") if row["seed"] == 0]
+            rows = [row for row in load_part(out, f"exponents-r{r}-n{n}-", record) if row["seed"] == 0]
             for row in sorted(rows, key=score, reverse=True)[:2]:
                 yield pair(row["a"], row["b"], [0, 1])
     elif part == "aggregate":
-        lr = tuned(out)
+        lr = tuned(out, record)
         for m in ("fedit", "ffa-lora"):
             for rule, rate in (("sfed", lr["sfed-lora"]), ("lora", lr["fedsa-lora"])):
                 yield (
@@ -174,28 +176,44 @@ def sweeps(part: str, out: Path, rounds: int, seeds: list[int]):
         )
 
 
-def run(parts: list[str], out: Path, jobs: int, seeds: list[int]) -> None:
+def run(parts: list[str], out: Path, jobs: int, seeds: list[int], record: list[dict]) -> None:
     base = read_yaml_mapping(ROOT / "configs/study-v2/base.yaml")
+    recorded = {(r["sweep"], r["cell"]) for r in record}
     for part in parts:
         # A sweep of one cell would leave all but one core idle: such sweeps run side by side.
         small: list[tuple] = []
         # Lazily: a part's later sweeps are chosen from its earlier ones' results.
-        for sweep in itertools.chain(sweeps(part, out, base["federation"]["rounds"], seeds), [None]):
-            if sweep is not None and len(_unfinished(sweep, out)) < jobs:
-                small.append(sweep)
+        for sweep in itertools.chain(sweeps(part, out, base["federation"]["rounds"], seeds, record), [None]):
+            todo = _todo(sweep, out, recorded) if sweep is not None else None
+            if todo is not None and not todo[2]:
                 continue
-            _side_by_side(base, small, out, jobs)
+            if todo is not None and len(grid_cells(todo[2])) < jobs:
+                small.append(todo)
+                continue
+            if small:
+                _side_by_side(base, small, out, jobs)
             small = []
-            if sweep is not None:
-                _run(base, sweep, out, jobs)
+            if todo is not None:
+                _run(base, todo, out, jobs)
 
 
-def _unfinished(sweep: tuple, out: Path) -> list[dict]:
-    """The cells of a sweep not yet finished (a widened grid's old cells are)."""
-    name, _, grid = sweep
-    return [
-        c for c in grid_cells(grid) if not (out / name / "runs" / cell_name(c) / "summary.json").is_file()
+def _todo(sweep: tuple, out: Path, recorded: set[tuple[str, str]]) -> tuple:
+    """The sweep narrowed to its cells still to run: neither finished here nor recorded
+    (``grid`` empty when none is left)."""
+    name, overrides, grid = sweep
+    runs = out / name / "runs"
+    todo = [
+        c for c in grid_cells(grid) if not cell_finished(runs, c) and (name, cell_name(c)) not in recorded
     ]
+    narrowed = {
+        k: [v for v in vs if any(hashable(c[k]) == hashable(v) for c in todo)] for k, vs in grid.items()
+    }
+    if len(grid_cells(narrowed)) != len(todo):
+        raise SystemExit(
+            f"error: the cells of {name} still to run form no grid (some of its cells are recorded "
+            "in cells.json, others not): run them with sfedlora sweep, or drop its rows from the record"
+        )
+    return name, overrides, narrowed if todo else {}
 
 
 def _run(base: dict, sweep: tuple, out: Path, jobs: int, threads: int | None = None) -> None:
@@ -205,9 +223,8 @@ def _run(base: dict, sweep: tuple, out: Path, jobs: int, threads: int | None = N
 
 
 def _side_by_side(base: dict, small: list[tuple], out: Path, jobs: int) -> None:
-    threads = max(1, (os.cpu_count() or 1) // jobs)
     with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
-        for done in [pool.submit(_run, base, sweep, out, 1, threads) for sweep in small]:
+        for done in [pool.submit(_run, base, sweep, out, 1, threads_per_job(jobs)) for sweep in small]:
             done.result()
 
 
@@ -228,7 +245,8 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1", help="the main grid's seeds to run now")
     args = parser.parse_args()
     if args.command == "run":
-        run(args.parts.split(","), args.out, args.jobs, [int(s) for s in args.seeds.split(",")])
+        seeds = [int(s) for s in args.seeds.split(",")]
+        run(args.parts.split(","), args.out, args.jobs, seeds, read_record(args.to / "cells.json"))
     else:
         report(args.out, args.to)
 

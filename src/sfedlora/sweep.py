@@ -61,6 +61,16 @@ def load_sweep(
     return base, grid
 
 
+def cell_finished(runs_dir: str | Path, cell: dict) -> bool:
+    """A cell is finished once its run wrote ``summary.json``, a run's last act."""
+    return (Path(runs_dir) / cell_name(cell) / "summary.json").is_file()
+
+
+def threads_per_job(jobs: int) -> int:
+    """Each of ``jobs`` side-by-side cells' torch threads: the machine's cores shared among them."""
+    return max(1, (os.cpu_count() or 1) // jobs)
+
+
 def _run_cell(base: dict, cell: dict, runs_dir: str, threads: int) -> str:
     """Run (or resume, or skip) one cell; returns its run directory. Runs in a worker."""
     import torch
@@ -71,7 +81,7 @@ def _run_cell(base: dict, cell: dict, runs_dir: str, threads: int) -> str:
     quiet_libraries()
     torch.set_num_threads(threads)
     run_dir = Path(runs_dir) / cell_name(cell)
-    if (run_dir / "summary.json").is_file():
+    if cell_finished(runs_dir, cell):
         return str(run_dir)
     # Cells running side by side write to one terminal: each warning names its cell.
     handler = logging.StreamHandler()
@@ -138,7 +148,7 @@ def run_sweep(
     )
     runs_dir = sweep_dir / "runs"
     cells = grid_cells(grid)
-    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
+    threads = threads or threads_per_job(jobs)
     done, failed = [], []
 
     def finished(cell: dict, result: Callable[[], str], skipped: bool) -> None:
@@ -156,7 +166,7 @@ def run_sweep(
 
     if jobs == 1:
         for cell in cells:
-            skipped = (runs_dir / cell_name(cell) / "summary.json").is_file()
+            skipped = cell_finished(runs_dir, cell)
             finished(cell, partial(_run_cell, base, cell, str(runs_dir), threads), skipped)
     else:
         with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
