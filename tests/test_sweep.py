@@ -1,6 +1,7 @@
 """Sweeps: a 2x2 grid of tiny runs, skipping finished cells on re-run, summary and report."""
 
 import csv
+import json
 
 import pytest
 from typer.testing import CliRunner
@@ -9,6 +10,7 @@ from sfedlora.cli import app
 from sfedlora.errors import SfedloraError
 from sfedlora.grid import cell_name, cell_overrides, grid_cells, parse_grid
 from sfedlora.sweep import load_sweep, run_sweep
+from sfedlora.sweep_summary import cell_row
 
 runner = CliRunner()
 
@@ -27,6 +29,27 @@ def test_grid_parsing_and_cells():
     assert cell_overrides(cells[3]) == ["method=sfed-lora", "lora.rank=8", "train.lr=0.001"]
     with pytest.raises(SfedloraError, match="write it as key=v1,v2"):
         parse_grid("rank")
+
+
+@pytest.mark.parametrize(
+    ("metric", "target", "reached"),
+    [
+        ("accuracy", 0.5, 2),
+        ("accuracy", 0.9, 4),
+        ("accuracy", 0.99, None),
+        ("perplexity", 30.0, 2),  # lower is better
+        ("perplexity", 20.0, 4),
+    ],
+)
+def test_rounds_to_target_is_the_first_evaluation_that_reaches_it(tmp_path, metric, target, reached):
+    # Rounds 1-4, evaluated at 1, 2 and 4: round 3 has no score and cannot be the answer.
+    scores = {"accuracy": [0.4, 0.6, None, 0.95], "perplexity": [40.0, 25.0, None, 18.0]}[metric]
+    records = [{"round": i + 1, metric: v, "train_loss": 1.0} for i, v in enumerate(scores)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    summary = {"metric": metric, "final": scores[-1], "best": scores[-1], "wall_seconds": 1.0}
+    summary |= {"collapse_metric": metric, "trivial_score": None, "rounds": 4}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    assert cell_row({"rank": 4}, tmp_path, target)["rounds_to_target"] == reached
 
 
 def test_a_bad_cell_is_named_before_anything_runs(tmp_path):
@@ -81,9 +104,6 @@ def test_two_by_two_sweep_resumes_and_reports(tiny_overrides, tmp_path):
         "wall_seconds",
     } <= set(rows[0])
     assert all(0 <= float(r["final"]) <= 1 for r in rows)
-    assert all(
-        r["rounds_to_target"] == "1" for r in rows
-    )  # every tiny run is above 0.3 at its first evaluation
     assert "| method | rank | n | final |" in (sweep_dir / "summary.md").read_text()
 
     # Re-running: every finished cell is skipped, and its files stay as they were.
