@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .data.glue import CLASS_NAMES
 from .errors import SfedloraError
 from .finished import load_model, open_run
 
@@ -28,6 +29,10 @@ def export(run_dir: str | Path, out: str | Path, client: int | None = None, merg
         model = model.merge_and_unload()
         for key, value in run.task.hf_config().items():
             setattr(model.config, key, value)
+        names = CLASS_NAMES.get(run.cfg.data.task)
+        if names:
+            model.config.id2label = dict(enumerate(names))
+            model.config.label2id = {name: i for i, name in enumerate(names)}
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out

@@ -119,3 +119,16 @@ GLUE_TASKS: dict[str, TaskSpec] = {
         ),
     )
 }
+
+# The Hugging Face ``glue`` dataset's class names in label-id order: an exported classifier's
+# id2label, so a pipeline answers "positive" rather than "LABEL_1".
+CLASS_NAMES: dict[str, tuple[str, ...]] = {
+    "cola": ("unacceptable", "acceptable"),
+    "sst2": ("negative", "positive"),
+    "mrpc": ("not_equivalent", "equivalent"),
+    "qqp": ("not_duplicate", "duplicate"),
+    "mnli": ("entailment", "neutral", "contradiction"),
+    "qnli": _NLI,
+    "rte": _NLI,
+    "wnli": ("not_entailment", "entailment"),
+}
