@@ -143,6 +143,15 @@ CASES = {
         lambda t: files(t, "d.jsonl", GZIP),
         "d.jsonl is not UTF-8 text (byte 0x8b at offset 1): save it as UTF-8",
     ),
+    "file malformed (jsonl)": (
+        lambda t: files(t, "d.jsonl", '{"sentence": "a", "label": 0}\n{"sentence": "b", "label": 1\n'),
+        "d.jsonl:2: not valid JSON (Expecting ',' delimiter): each line of a JSONL file must be one",
+    ),
+    "file malformed (csv)": (
+        lambda t: files(t, "d.csv", 'sentence,label\n"a,0\nb,1\n'),
+        "d.csv could not be parsed as csv: Error tokenizing data. C error: EOF inside string starting at "
+        "row 1: fix the file (a header row, then a row per example)",
+    ),
     "file empty (csv)": (lambda t: files(t, "d.csv", ""), "d.csv is empty: write its examples into it"),
     "file empty (jsonl)": (lambda t: files(t, "d.jsonl", "\n \n"), "d.jsonl is empty: write its examples"),
     "GSM8K JSONL not UTF-8": (

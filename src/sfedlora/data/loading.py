@@ -13,7 +13,7 @@ from ..config import DataConfig
 from ..errors import SfedloraError
 from .examples import CLASSIFICATION, REGRESSION, Examples, TaskData
 from .glue import GLUE_TASKS, TaskSpec
-from .lm import LM_TASKS, check_text, load_lm_task
+from .lm import LM_TASKS, check_text, load_lm_task, read_records
 
 csv.field_size_limit(sys.maxsize)
 
@@ -150,12 +150,24 @@ def _load_table(path: str):
         raise SfedloraError(f"data file {p} has an unknown format: use .csv, .tsv, .json or .jsonl")
     # datasets reports a binary or empty file as a generic generation error, or a traceback.
     check_text(p, "point data.train_file / data.eval_file at your data")
+    # datasets also logs the parser's complaint as an error line of its own: the one line this
+    # raises says it (the innermost cause: "JSON parse error: ... in row 1"), once.
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
         return datasets.load_dataset(kind, data_files=str(p), split="train", **extra)
     except Exception as err:  # datasets raises many types for malformed files
+        if suffix == ".jsonl":
+            read_records(p, "classification")  # names the first line that is not one JSON object
+        while err.__cause__:  # the parser's own complaint, under datasets' generic one
+            err = err.__cause__
         raise SfedloraError(
-            f"data file {p} could not be parsed as {kind}: {str(err).splitlines()[0]}"
+            f"data file {p} could not be parsed as {kind}: {str(err).splitlines()[0]}: fix the file ("
+            + ("a JSON array of objects" if kind == "json" else "a header row, then a row per example")
+            + ")"
         ) from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
 
 
 def _label_vocabulary(values, num_labels: int | None) -> tuple[dict | None, int]:
