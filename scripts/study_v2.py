@@ -152,8 +152,9 @@ def sweeps(part: str, out: Path, rounds: int, seeds: list[int], record: list[dic
                 yield pair(a, b, [0])
             yield None
             # The best two pairs again with seed 1 (the sweep's grid widens; seed 0 is skipped).
+            # Ties (a few test sentences decide these scores) go to the first pair by name.
             rows = [row for row in load_part(out, f"exponents-r{r}-n{n}-", record) if row["seed"] == 0]
-            for row in sorted(rows, key=score, reverse=True)[:2]:
+            for row in sorted(rows, key=lambda row: (-score(row), row["sweep"]))[:2]:
                 yield pair(row["a"], row["b"], [0, 1])
     elif part == "aggregate":
         lr = tuned(out, record)
@@ -185,9 +186,10 @@ def run(parts: list[str], out: Path, jobs: int, seeds: list[int], record: list[d
         # Lazily: a part's later sweeps are chosen from its earlier ones' results.
         for sweep in itertools.chain(sweeps(part, out, base["federation"]["rounds"], seeds, record), [None]):
             todo = _todo(sweep, out, recorded) if sweep is not None else None
-            if todo is not None and not todo[2]:
+            left = len(_unfinished(todo, out)) if todo is not None else 0
+            if todo is not None and not left:
                 continue
-            if todo is not None and len(grid_cells(todo[2])) < jobs:
+            if todo is not None and left < jobs:
                 small.append(todo)
                 continue
             if small:
@@ -198,22 +200,26 @@ def run(parts: list[str], out: Path, jobs: int, seeds: list[int], record: list[d
 
 
 def _todo(sweep: tuple, out: Path, recorded: set[tuple[str, str]]) -> tuple:
-    """The sweep narrowed to its cells still to run: neither finished here nor recorded
-    (``grid`` empty when none is left)."""
+    """The sweep less the cells recorded in cells.json that did not run here. Cells finished
+    here stay: the sweep skips them, and its stored grid (sweep.yaml) must only ever narrow
+    or widen."""
     name, overrides, grid = sweep
     runs = out / name / "runs"
-    todo = [
-        c for c in grid_cells(grid) if not cell_finished(runs, c) and (name, cell_name(c)) not in recorded
-    ]
+    kept = [c for c in grid_cells(grid) if (name, cell_name(c)) not in recorded or cell_finished(runs, c)]
     narrowed = {
-        k: [v for v in vs if any(hashable(c[k]) == hashable(v) for c in todo)] for k, vs in grid.items()
+        k: [v for v in vs if any(hashable(c[k]) == hashable(v) for c in kept)] for k, vs in grid.items()
     }
-    if len(grid_cells(narrowed)) != len(todo):
+    if len(grid_cells(narrowed)) != len(kept):
         raise SystemExit(
-            f"error: the cells of {name} still to run form no grid (some of its cells are recorded "
+            f"error: the cells of {name} left to run form no grid (some of its cells are recorded "
             "in cells.json, others not): run them with sfedlora sweep, or drop its rows from the record"
         )
-    return name, overrides, narrowed if todo else {}
+    return name, overrides, narrowed
+
+
+def _unfinished(sweep: tuple, out: Path) -> list[dict]:
+    name, _, grid = sweep
+    return [c for c in grid_cells(grid) if not cell_finished(out / name / "runs", c)]
 
 
 def _run(base: dict, sweep: tuple, out: Path, jobs: int, threads: int | None = None) -> None:

@@ -140,3 +140,15 @@ def test_hub_failure_is_one_clear_line(tmp_path):
     cfg = DataConfig(task="reviews", source="hub", hub_name=str(tmp_path / "absent"))
     with pytest.raises(SfedloraError, match="could not load .*absent.* from the Hugging Face hub"):
         load_task(cfg)
+
+
+def test_class_names_are_a_glue_tasks_own_and_nothing_else():
+    from sfedlora.data.glue import class_names
+
+    assert class_names(DataConfig(source="bundled")) == ("negative", "positive")
+    assert class_names(DataConfig(source="tsv", task="wnli")) == ("not_entailment", "entailment")
+    assert class_names(DataConfig(source="hub", task="mnli")) == ("entailment", "neutral", "contradiction")
+    # Your own data keeps LABEL_i even under a GLUE task's name (data.task defaults to sst2).
+    assert class_names(DataConfig(source="files", train_file="t.csv", eval_file="d.csv")) is None
+    assert class_names(DataConfig(source="hub", task="sst2", hub_name="me/reviews")) is None
+    assert class_names(DataConfig(source="tsv", task="stsb")) is None  # regression

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .data.glue import CLASS_NAMES
+from .data.glue import class_names
 from .errors import SfedloraError
 from .finished import load_model, open_run
 
@@ -29,8 +29,8 @@ def export(run_dir: str | Path, out: str | Path, client: int | None = None, merg
         model = model.merge_and_unload()
         for key, value in run.task.hf_config().items():
             setattr(model.config, key, value)
-        names = CLASS_NAMES.get(run.cfg.data.task)
-        if names:
+        names = class_names(run.cfg.data)
+        if names and len(names) == model.config.num_labels:
             model.config.id2label = dict(enumerate(names))
             model.config.label2id = {name: i for i, name in enumerate(names)}
     model.save_pretrained(out)

@@ -120,15 +120,25 @@ GLUE_TASKS: dict[str, TaskSpec] = {
     )
 }
 
-# The Hugging Face ``glue`` dataset's class names in label-id order: an exported classifier's
-# id2label, so a pipeline answers "positive" rather than "LABEL_1".
-CLASS_NAMES: dict[str, tuple[str, ...]] = {
+# The Hugging Face ``glue`` dataset's class names where the GLUE files label by number (the
+# NLI tasks' file labels are their names already): an exported classifier's id2label, so a
+# pipeline answers "positive" rather than "LABEL_1".
+_NUMBERED_CLASSES = {
     "cola": ("unacceptable", "acceptable"),
     "sst2": ("negative", "positive"),
     "mrpc": ("not_equivalent", "equivalent"),
     "qqp": ("not_duplicate", "duplicate"),
-    "mnli": ("entailment", "neutral", "contradiction"),
-    "qnli": _NLI,
-    "rte": _NLI,
     "wnli": ("not_entailment", "entailment"),
 }
+
+
+def class_names(data) -> tuple[str, ...] | None:
+    """The class names of a run's data (a DataConfig) in label-id order, where its labels are a
+    GLUE task's own (its files or the hub's glue dataset); None for anything else: a file or
+    hub dataset of your own may reuse a task's name with other classes."""
+    spec = GLUE_TASKS.get(data.task)
+    hub_glue = data.hub_name in (None, "nyu-mll/glue", "glue") and data.hub_config in (None, data.task)
+    own = data.source in ("bundled", "tsv") or (data.source == "hub" and hub_glue)
+    if spec is None or not own or spec.is_regression:
+        return None
+    return _NUMBERED_CLASSES.get(spec.name, spec.label_names)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import sys
 from importlib import resources
 from pathlib import Path
@@ -150,10 +151,11 @@ def _load_table(path: str):
         raise SfedloraError(f"data file {p} has an unknown format: use .csv, .tsv, .json or .jsonl")
     # datasets reports a binary or empty file as a generic generation error, or a traceback.
     check_text(p, "point data.train_file / data.eval_file at your data")
-    # datasets also logs the parser's complaint as an error line of its own: the one line this
-    # raises says it (the innermost cause: "JSON parse error: ... in row 1"), once.
-    verbosity = datasets.logging.get_verbosity()
-    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    # The builder also logs the parser's complaint as an error line of its own: the one line
+    # raised below says it, once.
+    builder_log = logging.getLogger(f"datasets.packaged_modules.{kind}.{kind}")
+    level = builder_log.level
+    builder_log.setLevel(logging.CRITICAL)
     try:
         return datasets.load_dataset(kind, data_files=str(p), split="train", **extra)
     except Exception as err:  # datasets raises many types for malformed files
@@ -161,13 +163,14 @@ def _load_table(path: str):
             read_records(p, "classification")  # names the first line that is not one JSON object
         while err.__cause__:  # the parser's own complaint, under datasets' generic one
             err = err.__cause__
+        reason = (str(err).splitlines() or [type(err).__name__])[0]
+        shape = {".jsonl": "one JSON object per line", ".json": "a JSON array of objects"}
         raise SfedloraError(
-            f"data file {p} could not be parsed as {kind}: {str(err).splitlines()[0]}: fix the file ("
-            + ("a JSON array of objects" if kind == "json" else "a header row, then a row per example")
-            + ")"
+            f"data file {p} could not be parsed as {kind}: {reason}: "
+            f"fix the file ({shape.get(suffix, 'a header row, then a row per example')})"
         ) from None
     finally:
-        datasets.logging.set_verbosity(verbosity)
+        builder_log.setLevel(level)
 
 
 def _label_vocabulary(values, num_labels: int | None) -> tuple[dict | None, int]:
