@@ -154,6 +154,9 @@ def report(out: Path, to: Path) -> None:
                 "auroc_vs_rank",
                 {n: p["dev_auroc"] for n, p in probe.items()},
             ),
+            # Seeds draw partitions with different priors: the gain over each run's own prior is
+            # what compares across seeds (the shaded range of client-test is mostly the priors').
+            ("over_majority", "client-test − majority-label prior (final)", "gain_vs_rank", None),
         ):
             rank_figure(main, key, ylabel, to / f"{name}.png", base)
         for key in ("grad_norm_A", "grad_norm_B"):
