@@ -185,18 +185,19 @@ def run(parts: list[str], out: Path, jobs: int, seeds: list[int], record: list[d
         small: list[tuple] = []
         # Lazily: a part's later sweeps are chosen from its earlier ones' results.
         for sweep in itertools.chain(sweeps(part, out, base["federation"]["rounds"], seeds, record), [None]):
-            todo = _todo(sweep, out, recorded) if sweep is not None else None
-            left = len(_unfinished(todo, out)) if todo is not None else 0
-            if todo is not None and not left:
-                continue
-            if todo is not None and left < jobs:
-                small.append(todo)
-                continue
+            if sweep is not None:
+                sweep = _todo(sweep, out, recorded)
+                left = len(_unfinished(sweep, out))
+                if not left:
+                    continue
+                if left < jobs:
+                    small.append(sweep)
+                    continue
             if small:
                 _side_by_side(base, small, out, jobs)
             small = []
-            if todo is not None:
-                _run(base, todo, out, jobs)
+            if sweep is not None:
+                _run(base, sweep, out, jobs)
 
 
 def _todo(sweep: tuple, out: Path, recorded: set[tuple[str, str]]) -> tuple:
