@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from sfedlora.config import build_config
-from sfedlora.experiment import run
+from sfedlora.driver.experiment import run
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue" / "sst2"
 # A workload's rounds after one warm-up round (none at N = 1000: its first round is timed),
@@ -92,9 +92,9 @@ def measure(engine: str, cfg) -> dict:
 
 def peak_memory(n: int) -> None:
     from sfedlora.data import load_task
-    from sfedlora.executors import Fused
-    from sfedlora.federation import build_federation
-    from sfedlora.simulator import run_round
+    from sfedlora.engine.executors import Fused
+    from sfedlora.engine.simulator import run_round
+    from sfedlora.federated.federation import build_federation
 
     cfg = build_config(overrides=[*overrides(n, 1, 1, tempfile.mkdtemp()), "simulator.engine=fused"])
     fed = build_federation(cfg, load_task(cfg.data, seed=cfg.seed))

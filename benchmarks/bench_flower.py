@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from sfedlora.config import build_config
-from sfedlora.experiment import run
+from sfedlora.driver.experiment import run
 from sfedlora.flower.engine import run_simulation
 
 

@@ -79,12 +79,12 @@ def _rss() -> tuple[float, float]:
 
 def measure(overrides: list[str]) -> dict:
     """In this process: plan, build, and one client's turn; the figures in bytes."""
-    from sfedlora.client import client_round
     from sfedlora.config import build_config
     from sfedlora.data import load_task
-    from sfedlora.federation import build_federation
-    from sfedlora.fused import fused_round
-    from sfedlora.plan import counts, decoder_activation_bytes, encoder_activation_bytes, plan
+    from sfedlora.driver.plan import counts, decoder_activation_bytes, encoder_activation_bytes, plan
+    from sfedlora.engine.fused import fused_round
+    from sfedlora.federated.client import client_round
+    from sfedlora.federated.federation import build_federation
 
     cfg = build_config(overrides=overrides)
     p = plan(cfg)

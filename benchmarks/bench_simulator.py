@@ -32,16 +32,16 @@ from pathlib import Path
 
 import torch
 
-from sfedlora.client import train_client
 from sfedlora.config import build_config
 from sfedlora.data import load_task
-from sfedlora.evaluation import evaluate
-from sfedlora.federation import build_federation
-from sfedlora.methods import aggregate
-from sfedlora.models import trainable_parameters
-from sfedlora.simulator import run_round
+from sfedlora.engine.simulator import run_round
+from sfedlora.engine.workers import ClientWorkers
+from sfedlora.federated.client import train_client
+from sfedlora.federated.evaluation import evaluate
+from sfedlora.federated.federation import build_federation
+from sfedlora.federated.methods import aggregate
+from sfedlora.lora.models import trainable_parameters
 from sfedlora.tasks.sequence import predict
-from sfedlora.workers import ClientWorkers
 
 BASE = [
     "lora.rank=16",
@@ -112,8 +112,8 @@ def naive_round(fed) -> None:
 def plain_loop(fed) -> None:
     """One round's training steps (every client's batches, drawn as the simulator draws them)
     as a plain PEFT loop: one model, one optimizer, no state swapped in or out."""
-    from sfedlora.client import _batch_indices, make_optimizer
     from sfedlora.data.encoding import collate
+    from sfedlora.federated.client import _batch_indices, make_optimizer
 
     params = list(fed.params.values())
     for p in params:
@@ -141,7 +141,8 @@ def peak_rss_mb(n_clients: int, local_steps: int = 1) -> float:
     code = (
         "import sys; sys.argv=['x'];"
         "from sfedlora.config import build_config; from sfedlora.data import load_task;"
-        "from sfedlora.federation import build_federation; from sfedlora.simulator import run_round;"
+        "from sfedlora.federated.federation import build_federation;"
+        "from sfedlora.engine.simulator import run_round;"
         f"cfg = build_config(overrides={overrides!r});"
         "fed = build_federation(cfg, load_task(cfg.data)); run_round(fed);"
         # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forking parent.

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from sfedlora.config_reference import render
+from sfedlora.config.reference import render
 
 path = Path(__file__).resolve().parents[1] / "docs" / "config-reference.md"
 path.parent.mkdir(exist_ok=True)

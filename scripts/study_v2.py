@@ -49,8 +49,8 @@ from study_v2_report import report  # noqa: E402
 
 from sfedlora.config import read_yaml_mapping  # noqa: E402
 from sfedlora.config.federation import TrainConfig  # noqa: E402
-from sfedlora.grid import cell_name, grid_cells, hashable  # noqa: E402
-from sfedlora.sweep import cell_finished, run_sweep, threads_per_job  # noqa: E402
+from sfedlora.results.grid import cell_name, grid_cells, hashable  # noqa: E402
+from sfedlora.results.sweep import cell_finished, run_sweep, threads_per_job  # noqa: E402
 
 METHODS = ["fedsa-lora", "fedsa-rslora", "sfed-lora"]
 PAIRS = [(0, 0.5), (0.25, 0.5), (0.5, 0.5), (0.75, 0.5), (1, 0.5), (0.5, 0.25), (0.5, 0.75), (0.5, 1)]

@@ -28,7 +28,7 @@ def tiny_overrides(tmp_path):
 @pytest.fixture
 def interrupted_run(tiny_config):
     """A run stopped by an exception after its first round: checkpointed, not finished."""
-    from sfedlora.experiment import run
+    from sfedlora.driver.experiment import run
 
     class Stop(Exception):
         pass

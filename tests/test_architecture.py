@@ -8,7 +8,7 @@ import pytest
 
 import sfedlora
 from sfedlora.data import load_task
-from sfedlora.federation import build_node
+from sfedlora.federated.federation import build_node
 
 PACKAGE = Path(sfedlora.__file__).parent
 
@@ -74,8 +74,8 @@ def reachable(start: str) -> set[str]:
 
 def test_the_import_graph_is_read_correctly():
     # A check of the checker: known edges are found, so the rules below can fail.
-    assert "sfedlora.client" in GRAPH["sfedlora.executors"]
-    assert "sfedlora.federation" in GRAPH["sfedlora.flower.client_app"]
+    assert "sfedlora.federated.client" in GRAPH["sfedlora.engine.executors"]
+    assert "sfedlora.federated.federation" in GRAPH["sfedlora.flower.client_app"]
     assert "sfedlora.data.examples" in GRAPH["sfedlora.data.loading"]
 
 
@@ -84,22 +84,55 @@ def test_no_import_cycles():
     assert not cyclic, f"modules on an import cycle: {cyclic}"
 
 
-EMBEDDED = {"sfedlora.simulator", "sfedlora.executors", "sfedlora.workers"}
+def package_of(module: str) -> str:
+    """The layer a module belongs to: its first folder under sfedlora (top-level modules are their own)."""
+    return module.split(".")[1] if module.count(".") >= 1 else module
+
+
+# Which packages each layer may not import: lower layers never reach higher ones.
+FORBIDDEN = {
+    "lora": {"federated", "engine", "flower", "driver", "results", "cli"},
+    "tasks": {"federated", "engine", "flower", "driver", "results", "cli"},
+    "federated": {"engine", "flower", "driver", "results", "cli"},
+    "engine": {"flower", "driver", "results", "cli"},
+    "flower": {"engine", "results", "cli"},
+    "driver": {"results", "cli"},
+    "results": {"cli"},
+    "config": {"engine", "flower", "driver", "results", "cli"},
+    "privacy": {"engine", "flower", "driver", "results", "cli"},
+}
+
+
+@pytest.mark.parametrize("layer", sorted(FORBIDDEN))
+def test_packages_are_layers(layer):
+    bad = {
+        (m, t) for m in GRAPH if package_of(m) == layer for t in GRAPH[m] if package_of(t) in FORBIDDEN[layer]
+    }
+    assert not bad, f"{layer}/ imports a layer above it: {sorted(bad)}"
+
+
+def test_nothing_imports_the_cli():
+    assert not {m for m in GRAPH if package_of(m) != "cli" and any(package_of(t) == "cli" for t in GRAPH[m])}
 
 
 def test_runtimes_stand_side_by_side():
-    """The embedded runtime and the Flower apps share the federation, client and server
-    modules and never import each other (the driver, ``experiment``, chooses the default)."""
-    assert not any(m.startswith("sfedlora.flower") for m in reachable("sfedlora.simulator"))
-    for m in (m for m in GRAPH if m.startswith("sfedlora.flower")):
-        assert not GRAPH[m] & {"sfedlora.simulator"}, f"{m} imports the embedded simulator"
-    # A SuperNode runs one client: neither the driver nor the simulator loop.
-    assert not reachable("sfedlora.flower.client_app") & {"sfedlora.experiment", "sfedlora.simulator"}
+    """The embedded runtime and the Flower apps share the federated modules and never import
+    each other (the driver chooses the default)."""
+    assert not any(package_of(m) == "flower" for m in reachable("sfedlora.engine.simulator"))
+    # A SuperNode runs one client: neither the driver's run loop nor the embedded engine.
+    node = reachable("sfedlora.flower.client_app")
+    assert "sfedlora.driver.experiment" not in node and not {package_of(m) for m in node} & {"engine"}
 
 
 @pytest.mark.parametrize("module", sorted(m for m in GRAPH if m.startswith("sfedlora.data")))
 def test_data_modules_import_no_model_or_evaluation_code(module):
-    allowed = ("sfedlora.data", "sfedlora.config", "sfedlora.errors", "sfedlora.scaling", "sfedlora.methods")
+    allowed = (
+        "sfedlora.data",
+        "sfedlora.config",
+        "sfedlora.errors",
+        "sfedlora.lora.scaling",
+        "sfedlora.federated.methods",
+    )
     outside = {m for m in reachable(module) if not m.startswith(allowed)}
     assert not outside, outside
 

@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 from sfedlora.cli import app
 from sfedlora.config import build_config
-from sfedlora.grid import cell_overrides, grid_cells
-from sfedlora.sweep import load_sweep
+from sfedlora.results.grid import cell_overrides, grid_cells
+from sfedlora.results.sweep import load_sweep
 
 runner = CliRunner()
 

@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from sfedlora.client import _batch_indices, lr_at
 from sfedlora.config import TrainConfig
 from sfedlora.data import load_task
-from sfedlora.federation import build_federation
-from sfedlora.shared import steps_per_round
-from sfedlora.simulator import run_round
+from sfedlora.engine.simulator import run_round
+from sfedlora.federated.client import _batch_indices, lr_at
+from sfedlora.federated.federation import build_federation
+from sfedlora.federated.shared import steps_per_round
 
 
 def test_warmup_then_schedules():

@@ -1,6 +1,6 @@
 import math
 
-from sfedlora.collapse import detect
+from sfedlora.driver.collapse import detect
 
 ACC = "personal_accuracy_mean"
 

@@ -9,7 +9,7 @@ EXAMPLES = sorted((Path(__file__).parents[1] / "examples").glob("*.yaml"))
 
 
 def test_there_is_one_example_per_method_preset():
-    from sfedlora.methods import PRESETS
+    from sfedlora.federated.methods import PRESETS
 
     assert sorted(p.stem for p in EXAMPLES) == sorted(PRESETS)
 
@@ -83,8 +83,8 @@ def test_shipped_configs_are_valid_in_every_cell(path):
     import yaml
 
     from sfedlora.config import load_config
-    from sfedlora.grid import grid_cells
-    from sfedlora.sweep import load_sweep
+    from sfedlora.results.grid import grid_cells
+    from sfedlora.results.sweep import load_sweep
 
     if "grid" in yaml.safe_load(path.read_text()):
         base, grid = load_sweep(path, None)

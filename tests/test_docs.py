@@ -6,7 +6,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from sfedlora.config import RunConfig
-from sfedlora.config_reference import render
+from sfedlora.config.reference import render
 
 REFERENCE = Path(__file__).resolve().parents[1] / "docs" / "config-reference.md"
 

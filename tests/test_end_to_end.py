@@ -12,10 +12,10 @@ import yaml
 from sfedlora.config import load_config
 from sfedlora.data import load_task
 from sfedlora.data.encoding import collate
-from sfedlora.experiment import run, save_adapters
-from sfedlora.federation import build_federation
-from sfedlora.models import resolve_model_path, write_tensors
-from sfedlora.simulator import simulate
+from sfedlora.driver.experiment import run, save_adapters
+from sfedlora.engine.simulator import simulate
+from sfedlora.federated.federation import build_federation
+from sfedlora.lora.models import resolve_model_path, write_tensors
 
 ROUND_KEYS = {
     "round",
@@ -60,7 +60,7 @@ def test_run_writes_the_run_directory(tiny_config):
 def test_a_client_test_run_records_the_majority_label_baseline(tiny_config):
     """Under a label skew each client's own majority label scores high with nothing learned:
     summary.json gives that score beside the client_test_* metrics."""
-    from sfedlora.shared import client_parts
+    from sfedlora.federated.shared import client_parts
 
     cfg = tiny_config("eval.client_test_fraction=0.25", "partition.kind=dirichlet", "federation.rounds=1")
     summary = json.loads((run(cfg).run_dir / "summary.json").read_text())
@@ -93,7 +93,7 @@ def test_a_run_judged_on_local_label_mixes(tiny_config):
 
 
 def test_evaluating_a_sample_of_clients_scores_those_clients_only(tiny_config):
-    from sfedlora.evaluation import client_scores, evaluate, outputs_of
+    from sfedlora.federated.evaluation import client_scores, evaluate, outputs_of
 
     cfg = tiny_config(
         "federation.n_clients=5", "partition.kind=dirichlet", "method=fedsa-lora", "eval.clients=2"

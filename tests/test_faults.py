@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from sfedlora.data import load_task
-from sfedlora.experiment import run
-from sfedlora.federation import build_federation
-from sfedlora.robust import check_update, corrupt, norm_outliers
-from sfedlora.simulator import run_round
+from sfedlora.driver.experiment import run
+from sfedlora.engine.simulator import run_round
+from sfedlora.federated.federation import build_federation
+from sfedlora.federated.robust import check_update, corrupt, norm_outliers
 
 REF = {"a.lora_A.w": torch.zeros(2, 3), "a.lora_B.w": torch.zeros(3, 2)}
 

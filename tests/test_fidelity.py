@@ -5,14 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from sfedlora.client import client_round
 from sfedlora.config import FederationConfig
 from sfedlora.data import load_task
-from sfedlora.executors import InProcess
-from sfedlora.federation import build_federation
-from sfedlora.methods import select
+from sfedlora.engine.executors import InProcess
+from sfedlora.engine.simulator import run_round
+from sfedlora.federated.client import client_round
+from sfedlora.federated.federation import build_federation
+from sfedlora.federated.methods import select
 from sfedlora.privacy import clip_per_example, per_example_gradients, per_example_norms
-from sfedlora.simulator import run_round
 
 ADAMW = ("train.optimizer=adamw", "train.lr=0.01", "model.precision=fp32", "federation.local_steps=1")
 

@@ -7,11 +7,13 @@ from test_flower_parity import adapters
 from typer.testing import CliRunner
 
 from sfedlora.cli import app
-from sfedlora.client import client_round
 from sfedlora.data import load_task
+from sfedlora.driver.experiment import run
+from sfedlora.driver.rundir import read_metrics
 from sfedlora.errors import SfedloraError
-from sfedlora.experiment import run
-from sfedlora.federation import build_federation
+from sfedlora.federated.client import client_round
+from sfedlora.federated.federation import build_federation
+from sfedlora.federated.methods import tensor_kind
 from sfedlora.flower import client_app
 from sfedlora.flower.engine import run_simulation
 from sfedlora.flower.records import (
@@ -23,8 +25,6 @@ from sfedlora.flower.records import (
     read_train_reply,
     request,
 )
-from sfedlora.methods import tensor_kind
-from sfedlora.rundir import read_metrics
 
 COMPARED = (
     "train_loss",

@@ -17,12 +17,12 @@ from typer.testing import CliRunner
 from sfedlora.cli import app
 from sfedlora.config import build_config
 from sfedlora.data import bundled_sst2_dir, load_task
-from sfedlora.experiment import run
+from sfedlora.driver.experiment import run
+from sfedlora.driver.rundir import read_metrics
+from sfedlora.federated.shared import split_clients
 from sfedlora.flower.credentials import make_node_key
 from sfedlora.flower.deploy import LocalDeployment, prepare, up
 from sfedlora.flower.node_state import STATE_FILE
-from sfedlora.rundir import read_metrics
-from sfedlora.shared import split_clients
 
 
 def processes_in(workdir: Path) -> list[str]:

@@ -9,8 +9,8 @@ from safetensors.torch import load_file
 from test_flower_deploy import node_data, processes_in, wait_for
 
 from sfedlora.config import build_config, dump_config
+from sfedlora.driver.rundir import read_metrics
 from sfedlora.flower.deploy import LocalDeployment, free_port
-from sfedlora.rundir import read_metrics
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "flower.md"
 

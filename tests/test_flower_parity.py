@@ -5,7 +5,7 @@ tests/test_flower.py, which also compares every round's record.)"""
 import pytest
 from safetensors.torch import load_file
 
-from sfedlora.experiment import run
+from sfedlora.driver.experiment import run
 from sfedlora.flower.engine import run_simulation
 
 CASES = {

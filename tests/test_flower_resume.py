@@ -4,9 +4,9 @@ comes from the run directory's checkpoint, each SuperNode's client from its own 
 import pytest
 from test_flower_parity import adapters
 
-from sfedlora.experiment import run
+from sfedlora.driver.experiment import run
+from sfedlora.driver.rundir import read_metrics
 from sfedlora.flower.engine import NODES, run_simulation
-from sfedlora.rundir import read_metrics
 
 COMMON = (
     "model.precision=fp32",

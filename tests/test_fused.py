@@ -8,13 +8,13 @@ import torch
 
 from sfedlora.config import TrainConfig, build_config
 from sfedlora.data import load_task
+from sfedlora.engine.executors import Fused, InProcess, make_executor
+from sfedlora.engine.fused import micro_batches
+from sfedlora.engine.simulator import run_round
+from sfedlora.engine.stacked import StackedOptimizer
 from sfedlora.errors import SfedloraError
-from sfedlora.evaluation import evaluate
-from sfedlora.executors import Fused, InProcess, make_executor
-from sfedlora.federation import build_federation
-from sfedlora.fused import micro_batches
-from sfedlora.simulator import run_round
-from sfedlora.stacked import StackedOptimizer
+from sfedlora.federated.evaluation import evaluate
+from sfedlora.federated.federation import build_federation
 
 SGD = ("model.precision=fp32", "train.optimizer=sgd", "train.lr=0.05", "simulator.fused_tokens=96")
 
@@ -173,7 +173,7 @@ def test_stacked_optimizer_is_each_clients_torch_optimizer(settings):
     shapes = {"a": (3, 4), "b": (5,)}
     stacks = {n: torch.randn(3, *s, generator=g).requires_grad_(True) for n, s in shapes.items()}
     mine = [{n: torch.nn.Parameter(stacks[n][i].detach().clone()) for n in shapes} for i in range(3)]
-    from sfedlora.client import make_optimizer
+    from sfedlora.federated.client import make_optimizer
 
     theirs = [make_optimizer(list(p.values()), cfg) for p in mine]
     stacked = StackedOptimizer(cfg, stacks, list(shapes))
@@ -271,8 +271,8 @@ def test_fp16_is_refused_by_the_fused_engine(tiny_config):
 def test_each_client_is_scored_on_its_own_held_out_share(tiny_config):
     """eval.client_test_fraction: a share of each partition is held out (not trained on) and each
     personalised model is scored on its own client's share, on either engine alike."""
-    from sfedlora.evaluation import outputs_of
-    from sfedlora.shared import client_parts
+    from sfedlora.federated.evaluation import outputs_of
+    from sfedlora.federated.shared import client_parts
 
     cfg = tiny_config(*SGD, "method=sfed-lora", "eval.client_test_fraction=0.25", "partition.kind=dirichlet")
     a, b, ra, rb = both(cfg, rounds=1)
@@ -296,7 +296,7 @@ def test_each_client_is_scored_on_its_own_held_out_share(tiny_config):
 
 def test_client_test_scores_cover_every_client_when_eval_samples_a_few(tiny_config):
     """eval.clients bounds the dev-set passes; each client's own share is scored regardless."""
-    from sfedlora.evaluation import evaluate, outputs_of
+    from sfedlora.federated.evaluation import evaluate, outputs_of
 
     cfg = tiny_config(*SGD, "eval.client_test_fraction=0.25", "partition.kind=dirichlet", "eval.clients=1")
     fed = build_federation(cfg, load_task(cfg.data, seed=cfg.seed))

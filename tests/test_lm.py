@@ -15,10 +15,10 @@ from sfedlora.config import build_config
 from sfedlora.data import load_task, size_partition
 from sfedlora.data.answers import exact_match, final_number
 from sfedlora.data.lm import ALPACA_TEMPLATE_NO_INPUT, GSM8K_TEMPLATE, IGNORE, LMExamples, encode_lm
-from sfedlora.evaluation import best_of, higher_is_better, summarise
-from sfedlora.experiment import run
-from sfedlora.models import lm_target_modules, load_tokenizer, lora_scalings
-from sfedlora.tiny_llama import tiny_llama_dir
+from sfedlora.driver.experiment import run
+from sfedlora.federated.evaluation import best_of, higher_is_better, summarise
+from sfedlora.lora.models import lm_target_modules, load_tokenizer, lora_scalings
+from sfedlora.lora.tiny_llama import tiny_llama_dir
 
 GSM8K_TEST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k" / "test.jsonl"
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -191,7 +191,7 @@ def test_lower_is_better_metrics():
 
 
 def test_report_heatmap_colours_point_the_right_way():
-    from sfedlora.report import colour_scale
+    from sfedlora.results.report import colour_scale
 
     assert colour_scale("personal_accuracy_mean", [0.5]) == {"vmin": 0.4, "vmax": 1.0, "cmap": "RdYlGn"}
     assert colour_scale("personal_perplexity_mean", [3.0, None, 5.0, float("nan")]) == {
@@ -346,8 +346,8 @@ def test_lm_bad_input(case, tmp_path, lm_overrides):
 
 def test_gradient_checkpointing_gives_the_same_round(lm_overrides):
     """Checkpointing recomputes activations: the same losses and adapters, less memory."""
-    from sfedlora.federation import build_federation
-    from sfedlora.simulator import run_round
+    from sfedlora.engine.simulator import run_round
+    from sfedlora.federated.federation import build_federation
 
     outs = []
     for gc in (False, True):
@@ -371,8 +371,8 @@ def test_gradient_checkpointing_gives_the_same_round(lm_overrides):
 def test_cuda_half_precision_with_gradient_checkpointing(lm_overrides, precision):
     """On a GPU the frozen base is stored in half precision, the adapter stays fp32, and a
     round trains with gradient checkpointing (fp16 with loss scaling)."""
-    from sfedlora.federation import build_federation
-    from sfedlora.simulator import run_round
+    from sfedlora.engine.simulator import run_round
+    from sfedlora.federated.federation import build_federation
 
     cfg = build_config(
         overrides=[
@@ -406,12 +406,12 @@ def test_flower_client_app_trains_and_scores_a_causal_lm_client(lm_overrides, mo
     from flwr.app import Context, Message, MessageType, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from sfedlora.client import client_round
-    from sfedlora.evaluation import client_scores, outputs_of
-    from sfedlora.federation import build_federation
+    from sfedlora.federated.client import client_round
+    from sfedlora.federated.evaluation import client_scores, outputs_of
+    from sfedlora.federated.federation import build_federation
+    from sfedlora.federated.methods import tensor_kind
     from sfedlora.flower import client_app
     from sfedlora.flower.records import RESULT, UPDATE, config_text, request
-    from sfedlora.methods import tensor_kind
 
     for attr in ("_run_id", "_node_id", "_task_id"):  # what Flower sets in a ServerApp process
         monkeypatch.setattr(TaskIdentity, attr, 1)
@@ -494,8 +494,8 @@ def test_an_interrupted_causal_lm_run_resumes_exactly(lm_overrides):
 )
 def test_shipped_causal_lm_configs_are_valid(path):
     from sfedlora.config import load_config
-    from sfedlora.grid import grid_cells
-    from sfedlora.sweep import load_sweep
+    from sfedlora.results.grid import grid_cells
+    from sfedlora.results.sweep import load_sweep
 
     full = Path(__file__).resolve().parents[1] / path
     if "paper" in path:

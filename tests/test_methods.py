@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from sfedlora.data import load_task
-from sfedlora.federation import build_federation
-from sfedlora.methods import aggregate, get_method, tensor_kind
-from sfedlora.simulator import run_round
+from sfedlora.engine.simulator import run_round
+from sfedlora.federated.federation import build_federation
+from sfedlora.federated.methods import aggregate, get_method, tensor_kind
 
 A, B, HEAD = (
     "m.layer.q.lora_A.default.weight",

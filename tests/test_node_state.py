@@ -9,7 +9,7 @@ from flwr.app import Context, Message, MessageType, RecordDict
 from sfedlora.config import build_config
 from sfedlora.data import bundled_sst2_dir, load_task
 from sfedlora.errors import SfedloraError
-from sfedlora.federation import build_federation
+from sfedlora.federated.federation import build_federation
 from sfedlora.flower import client_app
 from sfedlora.flower.node_state import STATE_FILE
 from sfedlora.flower.records import config_text, read_train_reply, request

@@ -5,8 +5,7 @@ from typer.testing import CliRunner
 
 from sfedlora.cli import app
 from sfedlora.config import build_config
-from sfedlora.models import build_classifier, trainable_parameters
-from sfedlora.plan import (
+from sfedlora.driver.plan import (
     base_bytes,
     counts,
     decoder_activation_bytes,
@@ -17,6 +16,7 @@ from sfedlora.plan import (
     optimizer_moments,
     plan,
 )
+from sfedlora.lora.models import build_classifier, trainable_parameters
 
 runner = CliRunner()
 

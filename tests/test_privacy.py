@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from sfedlora.config import build_config
+from sfedlora.driver.experiment import run
+from sfedlora.driver.rundir import read_metrics
 from sfedlora.errors import SfedloraError
-from sfedlora.experiment import run
-from sfedlora.models import build_classifier, trainable_parameters
+from sfedlora.lora.models import build_classifier, trainable_parameters
 from sfedlora.privacy import (
     clip_per_example,
     clip_update,
@@ -22,7 +23,6 @@ from sfedlora.privacy import (
     private_gradient,
     user_level_mean,
 )
-from sfedlora.rundir import read_metrics
 
 
 def test_per_example_gradients_are_clipped_to_the_bound():
@@ -223,7 +223,7 @@ def test_client_dp_leaves_frozen_tensors_alone_and_replays_exactly(tiny_config):
 
 
 def test_server_dp_run_adds_noise_of_std_sigma_c_over_the_clients_averaged(tiny_config):
-    from sfedlora.server import expected_update
+    from sfedlora.federated.server import expected_update
 
     sigma, clip = 0.5, 0.01
     held = {}
@@ -346,9 +346,9 @@ def test_client_dp_on_flower_is_the_simulators_client_round(tiny_config, server_
     """The ClientApp trains with the same DP-SGD code: the same noise, the same bits."""
     from flwr.app import Context, Message, MessageType, RecordDict
 
-    from sfedlora.client import client_round
     from sfedlora.data import load_task
-    from sfedlora.federation import build_federation
+    from sfedlora.federated.client import client_round
+    from sfedlora.federated.federation import build_federation
     from sfedlora.flower import client_app
     from sfedlora.flower.records import config_text, read_train_reply, request
 

@@ -9,9 +9,9 @@ from typer.testing import CliRunner
 
 from sfedlora.cli import app
 from sfedlora.config import build_config
+from sfedlora.driver.experiment import run
 from sfedlora.errors import SfedloraError
-from sfedlora.experiment import run
-from sfedlora.models import Compute, _to_host
+from sfedlora.lora.models import Compute, _to_host
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 runner = CliRunner()
@@ -34,7 +34,7 @@ def test_quantization_without_bitsandbytes_names_the_extra(lm_overrides, monkeyp
 def test_4bit_tiny_llama_trains_with_a_fp32_adapter(lm_overrides):
     bnb = pytest.importorskip("bitsandbytes")
     from sfedlora.data import load_task
-    from sfedlora.federation import build_federation
+    from sfedlora.federated.federation import build_federation
 
     cfg = build_config(
         overrides=[*lm_overrides, "name=q4", "model.quantization=4bit", "model.precision=fp32"]
@@ -75,7 +75,7 @@ def test_clients_state_offloaded_gives_identical_results(lm_overrides, monkeypat
 @cuda
 def test_device_memory_does_not_grow_with_clients(lm_overrides):
     from sfedlora.data import load_task
-    from sfedlora.federation import build_federation
+    from sfedlora.federated.federation import build_federation
 
     def allocated(n):
         cfg = build_config(

@@ -9,18 +9,18 @@ import torch
 from typer.testing import CliRunner
 
 from sfedlora.cli import app
-from sfedlora.client import client_round
 from sfedlora.config import build_config
 from sfedlora.data import load_task
 from sfedlora.data.encoding import collate
+from sfedlora.driver.experiment import run
+from sfedlora.engine.simulator import run_round
 from sfedlora.errors import SfedloraError
-from sfedlora.experiment import run
-from sfedlora.federation import build_federation
-from sfedlora.methods import aggregate, tensor_kind
-from sfedlora.models import lora_scalings, resolve_model_path
-from sfedlora.ranks import RankPlan, aggregate_rows, client_gammas, holders, pad, truncate
-from sfedlora.scaling import power_rule
-from sfedlora.simulator import run_round
+from sfedlora.federated.client import client_round
+from sfedlora.federated.federation import build_federation
+from sfedlora.federated.methods import aggregate, tensor_kind
+from sfedlora.federated.ranks import RankPlan, aggregate_rows, client_gammas, holders, pad, truncate
+from sfedlora.lora.models import lora_scalings, resolve_model_path
+from sfedlora.lora.scaling import power_rule
 
 A = "base_model.model.layer.0.query.lora_A.default.weight"  # (r × d_in)
 B = "base_model.model.layer.0.query.lora_B.default.weight"  # (d_out × r)

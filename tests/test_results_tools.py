@@ -15,11 +15,11 @@ from typer.testing import CliRunner
 from sfedlora.cli import app
 from sfedlora.config import build_config
 from sfedlora.data import bundled_sst2_dir, load_task
+from sfedlora.driver.experiment import run
 from sfedlora.errors import SfedloraError
-from sfedlora.evaluation import client_scores, outputs_of
-from sfedlora.experiment import run
-from sfedlora.export import export
-from sfedlora.rescore import evaluate_run
+from sfedlora.federated.evaluation import client_scores, outputs_of
+from sfedlora.results.export import export
+from sfedlora.results.rescore import evaluate_run
 
 runner = CliRunner()
 HAS = {name: importlib.util.find_spec(name) is not None for name in ("tensorboard", "wandb")}

@@ -15,7 +15,7 @@ from torch.utils._pytree import tree_leaves
 from typer.testing import CliRunner
 
 from sfedlora.cli import app
-from sfedlora.experiment import run
+from sfedlora.driver.experiment import run
 
 TIMING = {"seconds", "eval_seconds"}
 runner = CliRunner()
@@ -140,9 +140,9 @@ def test_resume_refuses_a_config_that_changes_results(interrupted_run):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_resumed_gpu_run_keeps_client_states_in_pinned_host_memory(tiny_config):
-    from sfedlora.checkpoint import load_checkpoint
     from sfedlora.data import load_task
-    from sfedlora.federation import build_federation
+    from sfedlora.driver.checkpoint import load_checkpoint
+    from sfedlora.federated.federation import build_federation
 
     cfg = tiny_config(
         "name=gpu", "model.device=cuda", "train.optimizer=adamw", "train.optimizer_state=persistent"
@@ -192,7 +192,7 @@ def test_ctrl_c_keeps_the_checkpoint_and_says_how_to_continue(tmp_path):
 
 
 def test_ctrl_c_during_an_atomic_write_lets_the_file_finish(tmp_path):
-    from sfedlora.rundir import atomic_write
+    from sfedlora.driver.rundir import atomic_write
 
     path = tmp_path / "state.bin"
 
@@ -210,8 +210,8 @@ def test_ctrl_c_during_an_atomic_write_lets_the_file_finish(tmp_path):
 
 
 def test_metrics_behind_the_checkpoint_is_a_one_line_error_naming_the_fix(tmp_path):
+    from sfedlora.driver.rundir import truncate_metrics
     from sfedlora.errors import SfedloraError
-    from sfedlora.rundir import truncate_metrics
 
     lines = [json.dumps({"round": r, "train_loss": 0.5}) + "\n" for r in (1, 2)]
     (tmp_path / "metrics.jsonl").write_text("".join(lines))

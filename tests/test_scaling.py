@@ -7,9 +7,8 @@ from typer.testing import CliRunner
 from sfedlora.cli import app
 from sfedlora.config import build_config
 from sfedlora.errors import SfedloraError
-from sfedlora.grid import cell_name, cell_overrides, grid_cells
-from sfedlora.models import build_classifier, lora_scalings
-from sfedlora.scaling import (
+from sfedlora.lora.models import build_classifier, lora_scalings
+from sfedlora.lora.scaling import (
     NAMED,
     check_realised,
     exponents,
@@ -18,7 +17,8 @@ from sfedlora.scaling import (
     peft_scaling_kwargs,
     power_rule,
 )
-from sfedlora.sweep import load_sweep, run_sweep
+from sfedlora.results.grid import cell_name, cell_overrides, grid_cells
+from sfedlora.results.sweep import load_sweep, run_sweep
 
 POWER = ("method=fedsa-lora", "lora.scaling=power")
 

@@ -8,9 +8,9 @@ from typer.testing import CliRunner
 
 from sfedlora.cli import app
 from sfedlora.errors import SfedloraError
-from sfedlora.grid import cell_name, cell_overrides, grid_cells, parse_grid
-from sfedlora.sweep import load_sweep, run_sweep
-from sfedlora.sweep_summary import cell_row
+from sfedlora.results.grid import cell_name, cell_overrides, grid_cells, parse_grid
+from sfedlora.results.sweep import load_sweep, run_sweep
+from sfedlora.results.sweep_summary import cell_row
 
 runner = CliRunner()
 
@@ -144,7 +144,7 @@ def test_a_sweep_directory_holding_another_sweep_is_refused(tiny_overrides, tmp_
 
 
 def test_report_of_a_single_run(tiny_config, tmp_path):
-    from sfedlora.experiment import run
+    from sfedlora.driver.experiment import run
 
     result = run(tiny_config("name=one"))
     out = runner.invoke(app, ["report", str(result.run_dir)])
@@ -166,7 +166,7 @@ def test_cells_of_other_methods_do_not_inherit_a_preset_scaling(tiny_overrides):
 
 
 def test_learning_rate_views(tmp_path):
-    from sfedlora.sweep_summary import _learning_rate_views
+    from sfedlora.results.sweep_summary import _learning_rate_views
 
     grid = {"method": ["a"], "rank": [4, 8], "lr": [0.1, 0.01], "seed": [0, 1]}
     finals = {(4, 0.1): [0.8, 0.7], (4, 0.01): [0.6, 0.6], (8, 0.1): [0.5, 0.5], (8, 0.01): [0.9, 0.7]}
@@ -256,7 +256,7 @@ def test_cells_in_worker_processes_finish_and_name_their_warnings(tiny_overrides
 
 
 def test_heatmap_axis_labels_do_not_run_into_neighbouring_panels():
-    from sfedlora.report import _heatmap, _plt
+    from sfedlora.results.report import _heatmap, _plt
 
     plt = _plt()
     methods, clients, ranks = (

@@ -7,10 +7,10 @@ import warnings
 import numpy as np
 import pytest
 
-from sfedlora.collapse import OVERFIT, detect
 from sfedlora.config import build_config
 from sfedlora.data import bundled_sst2_dir
-from sfedlora.experiment import run
+from sfedlora.driver.collapse import OVERFIT, detect
+from sfedlora.driver.experiment import run
 
 ACC = "personal_accuracy_mean"
 
@@ -149,7 +149,7 @@ def test_auroc_scores_the_margin_and_ignores_a_bias_toward_one_label(tiny_config
     while its accuracy drops to the prior; hand-computed on four examples."""
     from sfedlora.data import load_task
     from sfedlora.data.encoding import Encoded
-    from sfedlora.evaluation import summarise
+    from sfedlora.federated.evaluation import summarise
     from sfedlora.tasks import get_task
 
     cfg = tiny_config()

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from sfedlora.data import load_task
+from sfedlora.driver.experiment import run
+from sfedlora.engine.workers import ClientWorkers, worker_count
 from sfedlora.errors import SfedloraError
-from sfedlora.experiment import run
-from sfedlora.federation import build_federation
-from sfedlora.workers import ClientWorkers, worker_count
+from sfedlora.federated.federation import build_federation
 
 
 def _pid(fed, k):
@@ -85,7 +85,7 @@ def test_workers_give_the_same_run_as_one_process(tiny_config, method):
 
 
 def test_freed_memory_is_handed_back_only_once_it_outgrows_the_live_heap(monkeypatch):
-    import sfedlora.workers as workers
+    import sfedlora.engine.workers as workers
 
     class Libc:
         def __init__(self, live, free):

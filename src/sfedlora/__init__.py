@@ -1,9 +1,9 @@
 """sfedlora: stable federated fine-tuning of language models with LoRA (SFed-LoRA)."""
 
 from .config import RunConfig, load_config
-from .experiment import run
-from .methods import METHODS, PRESETS, aggregate, get_method
-from .scaling import gamma
+from .driver.experiment import run
+from .federated.methods import METHODS, PRESETS, aggregate, get_method
+from .lora.scaling import gamma
 
 __version__ = "0.1.0"
 __all__ = [

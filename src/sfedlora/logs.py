@@ -34,7 +34,7 @@ def round_lines(record: dict, key: str | None, every_round: bool) -> list[str]:
     """What a round prints: drop-outs, and the loss with the headline metric ``key`` where
     it was evaluated (None: every personalised mean), every round with ``every_round``
     (for logs, where no progress bar shows)."""
-    from .evaluation import higher_is_better
+    from .federated.evaluation import higher_is_better
 
     lines = []
     if record["dropped"]:

@@ -13,7 +13,7 @@ from pydantic import (
     field_validator,
 )
 
-from ..scaling import ScalingRule
+from ..lora.scaling import ScalingRule
 
 
 class _Section(BaseModel):

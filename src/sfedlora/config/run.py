@@ -9,8 +9,8 @@ from pydantic import (
     model_validator,
 )
 
-from ..methods import PRESETS
-from ..scaling import power_rule
+from ..federated.methods import PRESETS
+from ..lora.scaling import power_rule
 from .federation import (
     EvalConfig,
     FaultConfig,

@@ -2,7 +2,7 @@
 
 The node's ``partition-id`` (node config) says which client it is. The config comes with
 every message, so a node needs nothing but the package and the data. A node builds only
-its own client (:func:`sfedlora.federation.build_node`); training and scoring are the
+its own client (:func:`sfedlora.federated.federation.build_node`); training and scoring are the
 simulator's own :func:`client_round` and :func:`client_scores`.
 """
 
@@ -15,11 +15,11 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from ..client import client_round
 from ..data import load_task
 from ..errors import SfedloraError
-from ..evaluation import client_scores, outputs_of
-from ..federation import Node, build_node
+from ..federated.client import client_round
+from ..federated.evaluation import client_scores, outputs_of
+from ..federated.federation import Node, build_node
 from ..logs import quiet_libraries
 from .node_state import load_state_file, local_data, save_state_file, state_file
 from .records import (

@@ -23,9 +23,9 @@ from pathlib import Path
 import yaml
 
 from ..config import RunConfig, dump_config
+from ..driver.experiment import resume_config
+from ..driver.rundir import check_run_dir, default_run_name
 from ..errors import SfedloraError
-from ..experiment import resume_config
-from ..rundir import check_run_dir, default_run_name
 from .credentials import make_node_key, make_tls
 from .server_app import check_runnable
 

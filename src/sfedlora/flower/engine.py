@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import RunConfig
+from ..driver.experiment import RunResult, resume_config
 from ..errors import SfedloraError
-from ..experiment import RunResult, resume_config
 from .deploy import prepare
 from .server_app import check_runnable, make_server_app
 

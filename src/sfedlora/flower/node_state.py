@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from ..client import ClientState
 from ..config import DataConfig
+from ..driver.rundir import atomic_write
 from ..errors import SfedloraError
-from ..rundir import atomic_write
+from ..federated.client import ClientState
 
 log = logging.getLogger("sfedlora")
 

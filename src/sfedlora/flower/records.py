@@ -15,16 +15,16 @@ import torch
 import yaml
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from ..client import ClientResult, ClientState
 from ..config import RunConfig, build_config, dump_config
-from ..wire import pack, unpack
+from ..federated.client import ClientResult, ClientState
+from ..federated.wire import pack, unpack
 
 CONFIG = "sfedlora"  # ConfigRecord: the run's config and key, the client asked, the round
 DOWNLOAD = "download"  # ArrayRecord: the server's global tensors
 UPDATE = "update"  # ArrayRecord: what the method uploads
 RESULT = "result"  # MetricRecord: training statistics (or evaluation scores)
 STATE_TENSORS = "sfedlora.tensors"
-STATE_META = "sfedlora.client"
+STATE_META = "sfedlora.federated.client"
 
 
 def tensors_record(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
@@ -39,7 +39,7 @@ def request(
     cfg_text: str, run: str, client: int, round_: int, download: dict[str, torch.Tensor], finish: bool = False
 ) -> RecordDict:
     """A server → client message body: the config (so a fresh node needs nothing else), the
-    run's key (:func:`sfedlora.rundir.run_key`: what the node keys its saved state by), the
+    run's key (:func:`sfedlora.driver.rundir.run_key`: what the node keys its saved state by), the
     client index the server expects at that node, the round, and the download. ``finish``
     marks the query that ends the run (the node saves, and maybe sends, its adapter)."""
     meta = {"config": cfg_text, "run": run, "client": client, "round": round_, "finish": int(finish)}

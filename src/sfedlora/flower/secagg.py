@@ -31,7 +31,7 @@ from flwr.common import (
 )
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
-from ..client import ClientResult
+from ..federated.client import ClientResult
 from .records import result_stats
 
 FITINS_CONFIG = "fitins.config"  # how a legacy FitIns record says it is one

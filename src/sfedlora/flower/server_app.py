@@ -1,13 +1,13 @@
 """The Flower ServerApp: the simulator's server side, with messages instead of calls.
 
-The run is :func:`sfedlora.experiment.run` with Flower's rounds in place of the embedded
+The run is :func:`sfedlora.driver.experiment.run` with Flower's rounds in place of the embedded
 ones: same sampling, checks, aggregation and records (:func:`conclude_round`), same run
 directory. Clients the server cannot reach, or that stay silent past
 ``flower.round_timeout``, count as dropped; the round goes on with the others.
 
 The server's side is checkpointed after every round, so a ServerApp started again with
 ``resume`` (a new Flower run) continues the run; each SuperNode keeps its client's state
-under its ``state-dir``, keyed by the run's key (:func:`sfedlora.rundir.run_key`), which every
+under its ``state-dir``, keyed by the run's key (:func:`sfedlora.driver.rundir.run_key`), which every
 message carries.
 """
 
@@ -23,13 +23,13 @@ from flwr.common import log as flwr_log
 from flwr.serverapp import Grid, ServerApp
 
 from ..config import RunConfig, load_config
+from ..driver.experiment import RunResult, run
+from ..driver.rundir import run_key
 from ..errors import SfedloraError
-from ..evaluation import evaluate
-from ..experiment import RunResult, run
-from ..federation import Federation
+from ..federated.evaluation import evaluate
+from ..federated.federation import Federation
+from ..federated.server import Inbox, conclude_round, expected_update, nbytes, sample_clients
 from ..logs import quiet_libraries, round_lines
-from ..rundir import run_key
-from ..server import Inbox, conclude_round, expected_update, nbytes, sample_clients
 from .records import (
     CONFIG,
     RESULT,
@@ -54,7 +54,7 @@ def check_runnable(cfg: RunConfig) -> None:
 
 
 class FlowerRounds:
-    """The rounds of a run played over a Flower ``Grid``: a :class:`sfedlora.runtime.Runtime`."""
+    """The rounds of a run played over a Flower ``Grid``: a :class:`sfedlora.federated.runtime.Runtime`."""
 
     clients_here = False  # each client's state lives on its SuperNode
 

@@ -16,7 +16,7 @@ import torch
 from ..config import EvalConfig, RunConfig
 from ..data import TaskData
 from ..errors import SfedloraError
-from ..models import Compute
+from ..lora.models import Compute
 
 
 class Task:
@@ -110,7 +110,7 @@ class Task:
         its outputs as this task does (an exported model)."""
         return {}
 
-    # The trivial predictor a run must beat on :meth:`judged_metric` (sfedlora.collapse).
+    # The trivial predictor a run must beat on :meth:`judged_metric` (sfedlora.driver.collapse).
     trivial_name: ClassVar[str] = "the model before training"
 
     def judged_metric(self, judged_on: str) -> str:

@@ -9,10 +9,10 @@ from ..data import TaskData
 from ..data.examples import CAUSAL_LM
 from ..data.lm import IGNORE, LMEncoded, encode_lm
 from ..errors import SfedloraError
-from ..lm_eval import lm_scores
-from ..models import Compute, build_causal_lm
-from ..tiny_llama import TINY_LLAMA, tiny_llama_dir
+from ..lora.models import Compute, build_causal_lm
+from ..lora.tiny_llama import TINY_LLAMA, tiny_llama_dir
 from .base import Task, register
+from .lm_eval import lm_scores
 
 
 def quantization_kwargs(quantization: str, compute: Compute) -> dict:

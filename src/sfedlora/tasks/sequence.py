@@ -9,7 +9,7 @@ from ..config import EvalConfig, RunConfig
 from ..data import TaskData
 from ..data.encoding import Encoded, collate, encode, length_batches
 from ..data.examples import CLASSIFICATION, REGRESSION
-from ..models import Compute, build_classifier
+from ..lora.models import Compute, build_classifier
 from .base import Task, register
 
 

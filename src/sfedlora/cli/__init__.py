@@ -1,0 +1,5 @@
+"""The ``sfedlora`` command line."""
+
+from .main import app
+
+__all__ = ["app"]

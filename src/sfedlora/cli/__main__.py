@@ -1,0 +1,5 @@
+"""``python -m sfedlora.cli``: the same command as ``sfedlora``."""
+
+from .main import app
+
+app()

@@ -1,0 +1,262 @@
+"""One federated run from a config to a finished run directory: what ``sfedlora run`` calls."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..config import RunConfig, load_config, result_differences
+from ..data import load_task
+from ..engine.simulator import Simulator
+from ..errors import SfedloraError
+from ..federated.evaluation import best_of, higher_is_better, outputs_of
+from ..federated.federation import Federation, build_federation
+from ..federated.runtime import Runtime, play
+from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
+from .collapse import COLLAPSED, OVERFIT, judge
+from .rundir import (
+    MetricsWriter,
+    RunLock,
+    check_run_dir,
+    create_run_dir,
+    jsonable,
+    truncate_metrics,
+    write_json,
+)
+from .tracking import Trackers, check_installed, open_trackers
+
+log = logging.getLogger("sfedlora")
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    records: list[dict]
+    summary: dict
+
+
+def _record_key(fed: Federation, metric: str) -> str:
+    """Where ``metric`` is in a round's record: the personalised models' mean, or the global model's."""
+    return f"personal_{metric}_mean" if fed.cfg.eval.personalised else f"global_{metric}"
+
+
+def headline(fed: Federation) -> str:
+    """The metrics-record key a run is judged by: the task's metric (personalised mean)."""
+    return _record_key(fed, "local_accuracy" if fed.cfg.eval.judged_on == "local" else fed.metric)
+
+
+def collapse_metric(fed: Federation) -> str:
+    """The metrics-record key the collapse rule compares with the task's trivial predictor."""
+    return _record_key(fed, fed.task.judged_metric(fed.cfg.eval.judged_on))
+
+
+def trivial_score(fed: Federation) -> float | None:
+    """The score of the task's trivial predictor on the collapse metric: the majority class
+    (of the dev set, or of each evaluated client's own labels), the constant mean, or the
+    model before training (scored here once, only for the tasks that need it)."""
+
+    def initial() -> dict[str, float]:
+        return fed.task.scores(outputs_of(fed, fed.initial), fed.eval_data)
+
+    cfg = fed.cfg.eval
+    return fed.task.trivial_score(
+        fed.eval_data, fed.histograms[fed.evaluated_clients], cfg.judged_on, initial
+    )
+
+
+def save_adapters(fed: Federation, run_dir: Path, clients_here: bool = True) -> list[Path]:
+    """The global adapter and/or every client's personalised adapter, in PEFT format;
+    with mixed ranks each client's at its own rank and γ (the global one at the highest).
+    Without the clients here, only what the server holds (with mixed ranks and no local
+    tensors that includes every client's adapter: a cut of the global one)."""
+    targets: list[tuple[str, int | None]] = []
+    if not fed.method.has_local_state():
+        targets.append(("global", None))
+    if fed.client_models_differ() and (clients_here or not fed.method.has_local_state()):
+        targets += [(f"client_{k:02d}", k) for k in range(len(fed.clients))]
+    return [
+        fed.ranks.save(
+            fed.model,
+            fed.params,
+            fed.global_tensors() if k is None else fed.personal_tensors(k),
+            k,
+            run_dir / "adapters" / name,
+        )
+        for name, k in targets
+    ]
+
+
+def partition_report(fed: Federation) -> dict:
+    return {
+        "sizes": fed.client_sizes.tolist(),
+        "label_histograms": fed.histograms.tolist(),
+    }
+
+
+def resume_config(run_dir: Path, cfg: RunConfig | None) -> RunConfig:
+    """The config a resumed run goes on with: its own, or ``cfg`` where that changes no result."""
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        raise SfedloraError(
+            f"{run_dir} is not a run directory (no config.yaml): pass the directory a run wrote"
+        )
+    saved = load_config(saved_path)
+    if cfg is not None:
+        differing = result_differences(saved, cfg)
+        if differing:
+            raise SfedloraError(
+                f"cannot resume {run_dir} with a config that changes results: {', '.join(differing)} differ "
+                "(resume with the run's own config, or start a new run)"
+            )
+    if (run_dir / "summary.json").is_file():
+        raise SfedloraError(f"{run_dir} already finished (it has summary.json): there is nothing to resume")
+    return saved if cfg is None else cfg
+
+
+def run(
+    cfg: RunConfig | None,
+    on_start: Callable[[Federation, Path], None] | None = None,
+    on_record: Callable[[dict], None] | None = None,
+    resume: str | Path | None = None,
+    runtime: Runtime | None = None,
+) -> RunResult:
+    """Run ``cfg``, writing everything into a new run directory: on the embedded simulator,
+    or on ``runtime`` (Flower passes its own).
+
+    With ``resume``, continue that run directory from its last checkpoint instead (``cfg``
+    may then be None; if given, it must not differ from the run's own in a way that
+    changes results).
+    """
+    start = time.perf_counter()
+    runtime = runtime or Simulator()
+    if resume is not None:
+        run_dir = Path(resume)
+        cfg = resume_config(run_dir, cfg)
+    else:
+        run_dir = check_run_dir(cfg)
+    runtime.check(cfg)
+    check_installed(cfg.report_to)
+    fed = build_federation(cfg, load_task(cfg.data, seed=cfg.seed))
+    if resume is None:
+        create_run_dir(run_dir, cfg)
+    with RunLock(run_dir):
+        if resume is not None:
+            load_checkpoint(fed, run_dir, runtime.clients_here)
+            records = truncate_metrics(run_dir, fed.round)
+        else:
+            write_json(run_dir / "partition.json", partition_report(fed))
+            records = []
+        if on_start:
+            on_start(fed, run_dir)
+        settings = _collapse_settings(fed)
+        with open_trackers(cfg, run_dir, fed.round) as trackers:
+            _play(fed, runtime, run_dir, records, on_record, settings, trackers)
+        clients_here = runtime.finish(fed)
+        if cfg.save_adapters:
+            save_adapters(fed, run_dir, clients_here)
+        summary = run_summary(fed, records, settings, time.perf_counter() - start)
+        write_json(run_dir / "summary.json", summary)
+        # Finished: nothing left to resume, and client states of a large model are big.
+        (run_dir / CHECKPOINT).unlink(missing_ok=True)
+    return RunResult(run_dir, records, summary)
+
+
+def _play(
+    fed: Federation,
+    runtime: Runtime,
+    run_dir: Path,
+    records: list[dict],
+    on_record,
+    settings: dict,
+    trackers: Trackers,
+) -> None:
+    """The rounds: each record flagged for collapse where it shows, logged, tracked, checkpointed."""
+    cfg = fed.cfg
+    flagged = any("collapse" in r or "overfit" in r for r in records)  # a resumed run flagged it already
+    writer = MetricsWriter(run_dir / "metrics.jsonl")
+    try:
+        for record in play(fed, runtime):
+            record = jsonable(record)
+            records.append(record)
+            verdict = None if flagged else judge(records, settings)
+            if verdict is not None:
+                flagged = True
+                overfit = verdict.kind == OVERFIT
+                record["overfit" if overfit else "collapse"] = verdict.reason
+                what = "not generalising" if overfit else "training collapsed"
+                log.warning(
+                    "round %d: %s%s: %s%s",
+                    verdict.round,
+                    what,
+                    "" if verdict.final else " so far",
+                    verdict.reason,
+                    "" if verdict.final else " (judged again over the whole run in summary.json)",
+                )
+            writer.write(record)
+            trackers.log(record)
+            last = fed.round == cfg.federation.rounds
+            # Without the clients here, every round: a SuperNode keeps only the states that a
+            # replay of the one round after the checkpoint needs.
+            if fed.round % cfg.checkpoint_every == 0 or last or not runtime.clients_here:
+                save_checkpoint(fed, run_dir, runtime.clients_here)
+            if on_record:
+                on_record(record)
+    finally:
+        writer.close()
+
+
+def _collapse_settings(fed: Federation) -> dict:
+    """What the collapse rule judges a run by, as summary.json records it (:func:`collapse.judge`)."""
+    trivial = trivial_score(fed)
+    return {
+        "collapse_metric": collapse_metric(fed),
+        "trivial_predictor": fed.task.trivial_name,
+        "trivial_score": trivial,
+        "collapse_margin": None if trivial is None else fed.task.collapse_margin(fed.eval_data, trivial),
+        "rounds": fed.cfg.federation.rounds,
+    }
+
+
+def run_summary(fed: Federation, records: list[dict], settings: dict, seconds: float) -> dict:
+    """What ``summary.json`` says of a finished run."""
+    cfg = fed.cfg
+    key = headline(fed)
+    scores = [r[key] for r in records if r.get(key) is not None]
+    verdict = judge(records, settings)
+    collapse = verdict if verdict is not None and verdict.kind == COLLAPSED else None
+    overfit = verdict if verdict is not None and verdict.kind == OVERFIT else None
+    summary = {
+        "method": cfg.method,
+        "scaling": cfg.scaling,
+        "gamma": fed.gamma,
+        **fed.ranks.summary(),
+        "metric": key,
+        "final": scores[-1] if scores else None,
+        "best": best_of(scores, key) if scores else None,
+        "higher_is_better": higher_is_better(key),
+        **settings,
+        "collapsed": collapse is not None,
+        "collapse_round": collapse.round if collapse else None,
+        "collapse_reason": collapse.reason if collapse else None,
+        "overfit": overfit is not None,
+        "overfit_reason": overfit.reason if overfit else None,
+        "wall_seconds": seconds,
+    }
+    if fed.client_tests is not None and fed.task.has_classes:
+        # The client-local protocol's trivial predictor: each client answers its own training
+        # data's majority label. Under a label skew it scores high with nothing learned.
+        summary["client_test_majority_accuracy"] = float(
+            np.mean([np.mean(t.labels == h.argmax()) for t, h in zip(fed.client_tests, fed.histograms)])
+        )
+    if fed.privacy is not None:
+        summary.update(
+            epsilon=records[-1].get("epsilon_max") if records else 0.0,
+            delta=fed.privacy.delta,
+            noise_multiplier=float(fed.privacy.noise_multiplier.max()),
+        )
+    return summary

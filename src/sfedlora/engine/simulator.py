@@ -1,0 +1,99 @@
+"""The embedded runtime: one frozen base model in this process, every client's state beside it.
+
+A round samples clients, hands each its download, trains them through the round executor
+(one after another, or in worker processes), injects the faults the config asks for and
+concludes the round with the server step every runtime shares.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+from ..config import RunConfig
+from ..errors import SfedloraError
+from ..federated.evaluation import evaluate
+from ..federated.federation import Federation
+from ..federated.robust import corrupt
+from ..federated.runtime import play
+from ..federated.server import Inbox, conclude_round, expected_update, sample_clients
+from .executors import Executor, InProcess, make_executor
+
+
+def run_round(fed: Federation, executor: Executor | None = None) -> dict:
+    """The next communication round; returns its metrics record (without evaluation).
+
+    Sampled clients download the global tensors, train (through ``executor``; without one,
+    here, one after another) and reply;
+    faults are injected as the config asks; :func:`conclude_round` checks and averages
+    the replies.
+    """
+    start = time.perf_counter()
+    faults = fed.cfg.faults
+    round_ = fed.round + 1
+    inbox = Inbox(sample_clients(fed))
+    expected = expected_update(fed, round_)
+    # Every fault is drawn before any client trains, so they do not depend on where clients train.
+    draws = [
+        (fed.fault_rng.random(), fed.fault_rng.random(), str(fed.fault_rng.choice(faults.bad_kinds)))
+        for _ in inbox.clients
+    ]
+    training = []
+    for k, (u_drop, u_bad, kind) in zip(inbox.clients, draws):
+        download = fed.download(k)
+        inbox.sent(download)
+        if u_drop < faults.dropout:
+            fed.clients[k].tensors.update({n: t.clone() for n, t in download.items()})
+            inbox.dropped.append(k)
+        else:
+            training.append((k, download, u_bad < faults.bad_update, kind))
+    # Lazily: a per-client executor reads each client's old state only when its turn comes,
+    # and it is dropped once replaced.
+    executor = executor or InProcess(fed)
+    outcomes = executor.train(((k, fed.clients[k], d) for k, d, _, _ in training), round_)
+    for (k, _, bad, kind), outcome in zip(training, outcomes):
+        fed.clients[k] = outcome.state
+        update = outcome.update
+        if bad and outcome.result is not None:
+            update = corrupt(update, fed.ranks.view(expected, k), kind, fed.fault_rng)
+            inbox.injected.append({"client": k, "kind": kind})
+        inbox.receive(k, outcome.result, update)
+    return conclude_round(fed, round_, inbox, start)
+
+
+class Simulator:
+    """The embedded runtime, for :func:`sfedlora.federated.runtime.play`."""
+
+    clients_here = True
+
+    def __init__(self) -> None:
+        self.executor: Executor | None = None
+
+    def check(self, cfg: RunConfig) -> None:
+        if cfg.privacy.secagg:
+            raise SfedloraError(
+                "privacy.secagg needs the Flower runtime (sfedlora run --runtime flower): "
+                "in the embedded simulator the server holds every client's state anyway"
+            )
+
+    def start(self, fed: Federation) -> None:
+        self.executor = make_executor(fed)
+
+    def play_round(self, fed: Federation) -> dict:
+        return run_round(fed, self.executor)
+
+    def evaluate(self, fed: Federation) -> dict:
+        return evaluate(fed, executor=self.executor)
+
+    def finish(self, fed: Federation) -> bool:
+        return True  # every client's state is here
+
+    def close(self) -> None:
+        if self.executor is not None:
+            self.executor.close()
+            self.executor = None
+
+
+def simulate(fed: Federation) -> Iterator[dict]:
+    """The remaining rounds of ``fed`` on the embedded runtime, each round's record as it ends."""
+    return play(fed, Simulator())

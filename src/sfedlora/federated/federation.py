@@ -1,0 +1,142 @@
+"""The federation's state: the shared model and every client's data and state, plus the
+server's tensors and the run's random streams. Built once from the config; mutated by the
+server step (:func:`sfedlora.federated.server.conclude_round`) and saved by :mod:`sfedlora.driver.checkpoint`.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..config import RunConfig
+from ..data import TaskData
+from ..privacy import PrivacyPlan
+from .client import ClientState, new_client_state, offload_state
+from .methods import select
+from .shared import (
+    ClientSpec,
+    Shared,
+    build_shared,
+    client_dp,
+    client_parts,
+    privacy_plan,
+    split_clients,
+    split_test,
+)
+
+
+def client_seed(cfg: RunConfig, k: int) -> int:
+    """The seed of client ``k``'s own random stream (batch order, dropout)."""
+    return cfg.seed * 100_003 + k + 1
+
+
+@dataclass
+class Federation(Shared):
+    """Everything the embedded runtime holds: the shared parts, every client, the server."""
+
+    server: dict[str, torch.Tensor]  # latest aggregate of every global tensor
+    clients: list[ClientState]
+    client_data: list  # each client's training data, encoded by the task
+    client_sizes: np.ndarray
+    histograms: np.ndarray  # per client: label counts (classification), else its size
+    sampler: np.random.Generator  # which clients take part in each round
+    fault_rng: np.random.Generator  # injected faults (drop-outs, bad updates), apart from sampling
+    round: int = 0  # rounds completed
+    privacy: PrivacyPlan | None = None  # the DP mechanism (None without DP)
+    dp_ledger: np.ndarray | None = (
+        None  # DP steps (dp=client) or releases (dp=server) each client is charged for
+    )
+    dp_rng: np.random.Generator | None = None  # the server's DP noise (dp=server)
+    client_tests: list | None = None  # each client's own test share (eval.client_test_fraction), encoded
+
+    def client(self, k: int) -> ClientSpec:
+        return ClientSpec(
+            k, self.client_data[k], int(self.client_sizes[k]), client_dp(self.cfg, self.privacy, k)
+        )
+
+    def download(self, k: int) -> dict[str, torch.Tensor]:
+        """What the server sends client ``k``: the global tensors, cut to the client's rank."""
+        return self.ranks.view(self.method.download(self.server), k)
+
+    def personal_tensors(self, k: int) -> dict[str, torch.Tensor]:
+        """Client ``k``'s model: its own tensors with the server's global ones on top."""
+        return {**self.clients[k].tensors, **self.ranks.view(self.server, k)}
+
+    def client_models_differ(self) -> bool:
+        """Whether clients' models differ: local tensors, or each client at its own rank."""
+        return self.method.has_local_state() or self.ranks.mixed
+
+    def global_tensors(self) -> dict[str, torch.Tensor]:
+        return {**self.initial, **self.server}
+
+    @functools.cached_property
+    def evaluated_clients(self) -> list[int]:
+        """The clients whose personalised models are scored: every client, or ``eval.clients``
+        of them drawn once from the seed (its own stream, so sampling and faults are unchanged)."""
+        n, k = len(self.clients), self.cfg.eval.clients
+        if k is None or k >= n:
+            return list(range(n))
+        return sorted(int(i) for i in np.random.default_rng([self.cfg.seed, 4]).choice(n, k, replace=False))
+
+
+def build_federation(cfg: RunConfig, data: TaskData) -> Federation:
+    """The federation of ``cfg`` on ``data``: one shared model, every client's data and state."""
+    shared = build_shared(cfg, data)
+    parts, tests = zip(*client_parts(cfg, data.train.labels))
+    train = shared.task.encode(data.train, shared.tokenizer, cfg.model.max_length, "training")
+    sizes = np.array([len(p) for p in parts])
+    # With secure_noise the server's noise is seeded by the OS, so the config cannot replay it.
+    dp_rng = np.random.default_rng(None if cfg.privacy.secure_noise else [cfg.seed, 3])
+    return Federation(
+        **vars(shared),
+        # On a GPU run the server's tensors live with the clients' updates, in host memory.
+        server=shared.compute.offload(select(shared.initial, shared.method.global_kinds)),
+        clients=[
+            offload_state(
+                new_client_state(shared.ranks.view(shared.initial, k), client_seed(cfg, k)), shared.compute
+            )
+            for k in range(cfg.federation.n_clients)
+        ],
+        client_data=[train.subset(p) for p in parts],
+        client_tests=[train.subset(t) for t in tests] if cfg.eval.client_test_fraction else None,
+        client_sizes=sizes,
+        histograms=shared.task.histograms(data.train.labels, parts),
+        sampler=np.random.default_rng([cfg.seed, 1]),
+        fault_rng=np.random.default_rng([cfg.seed, 2]),
+        privacy=privacy_plan(cfg, sizes),
+        dp_ledger=np.zeros(len(parts), dtype=np.int64),
+        dp_rng=dp_rng,
+    )
+
+
+@dataclass
+class Node:
+    """What one Flower SuperNode holds: the shared parts and its own client, nothing of the others."""
+
+    shared: Shared
+    client: ClientSpec
+    histogram: np.ndarray  # its training data's label counts (its size, without classes)
+    fresh: ClientState  # its state before its first round
+
+
+def build_node(cfg: RunConfig, data: TaskData, k: int, local: bool = False) -> Node:
+    """Client ``k`` of ``cfg``: only its own partition is encoded, only its state is built,
+    so a node's memory and start-up do not grow with the number of clients. With ``local``,
+    ``data`` is the node's own (all of it is the client's), not the run's whole dataset."""
+    shared = build_shared(cfg, data)
+    part = (
+        split_test(cfg, np.arange(len(data.train)), k)[0]
+        if local
+        else split_clients(cfg, data.train.labels)[k]
+    )
+    train = shared.task.encode(data.train.subset(part), shared.tokenizer, cfg.model.max_length, "training")
+    sizes = np.array([len(part)])
+    return Node(
+        shared=shared,
+        client=ClientSpec(k, train, len(part), client_dp(cfg, privacy_plan(cfg, sizes), 0)),
+        histogram=shared.task.histograms(data.train.labels, [part])[0],
+        fresh=new_client_state(shared.ranks.view(shared.initial, k), client_seed(cfg, k)),
+    )

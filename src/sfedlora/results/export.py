@@ -1,0 +1,38 @@
+"""``sfedlora export``: a finished run's personalised (or global) model as a plain Hugging Face
+model directory (merged weights, head included) or as a PEFT adapter directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..data.glue import class_names
+from ..errors import SfedloraError
+from .finished import load_model, open_run
+
+
+def export(run_dir: str | Path, out: str | Path, client: int | None = None, merge: bool = False) -> Path:
+    """Write client ``client``'s model (None: the global one) of the finished run in ``run_dir``
+    to ``out``, with its tokenizer.
+
+    With ``merge`` the adapter is merged into the base weights (the task head, which PEFT keeps
+    in ``modules_to_save``, comes along): ``transformers.pipeline(task, model=out)`` loads it.
+    Without, ``out`` is a PEFT adapter directory for the run's base model.
+    """
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SfedloraError(f"{out} already exists and is not an empty directory: choose another OUT")
+    run = open_run(run_dir)
+    model, tokenizer = load_model(run, client)
+    # The length the model was trained and scored at: pipelines truncate to it with truncation=True.
+    tokenizer.model_max_length = run.cfg.model.max_length
+    if merge:
+        model = model.merge_and_unload()
+        for key, value in run.task.hf_config().items():
+            setattr(model.config, key, value)
+        names = class_names(run.cfg.data)
+        if names and len(names) == model.config.num_labels:
+            model.config.id2label = dict(enumerate(names))
+            model.config.label2id = {name: i for i, name in enumerate(names)}
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
