@@ -17,8 +17,9 @@ from sfedlora.data.answers import exact_match, final_number
 from sfedlora.data.lm import ALPACA_TEMPLATE_NO_INPUT, GSM8K_TEMPLATE, IGNORE, LMExamples, encode_lm
 from sfedlora.driver.experiment import run
 from sfedlora.federated.evaluation import best_of, higher_is_better, summarise
-from sfedlora.lora.models import lm_target_modules, load_tokenizer, lora_scalings
+from sfedlora.lora.models import lm_target_modules, load_tokenizer
 from sfedlora.lora.tiny_llama import tiny_llama_dir
+from sfedlora.peft import layer_gammas
 
 GSM8K_TEST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k" / "test.jsonl"
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -249,9 +250,8 @@ def test_tiny_llama_federated_run_writes_a_run_directory_whose_adapters_reload(l
     assert loaded and all(
         torch.count_nonzero(p) for n, p in loaded.items() if "lora_B" in n
     )  # trained B, not its zero init
-    assert lora_scalings(model) and lora_scalings(model) == pytest.approx(
-        [16 * np.sqrt(2 / 4)] * len(lora_scalings(model))
-    )
+    gammas = list(layer_gammas(model).values())
+    assert gammas and gammas == pytest.approx([16 * np.sqrt(2 / 4)] * len(gammas))
     targets = {n.split(".")[-4] for n in loaded}
     assert targets == {"q_proj", "k_proj", "v_proj", "o_proj"}
 

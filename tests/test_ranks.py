@@ -19,8 +19,9 @@ from sfedlora.federated.client import client_round
 from sfedlora.federated.federation import build_federation
 from sfedlora.federated.methods import aggregate, tensor_kind
 from sfedlora.federated.ranks import RankPlan, aggregate_rows, client_gammas, holders, pad, truncate
-from sfedlora.lora.models import lora_scalings, resolve_model_path
+from sfedlora.lora.models import resolve_model_path
 from sfedlora.lora.scaling import power_rule
+from sfedlora.peft import layer_gammas
 
 A = "base_model.model.layer.0.query.lora_A.default.weight"  # (r × d_in)
 B = "base_model.model.layer.0.query.lora_B.default.weight"  # (d_out × r)
@@ -117,7 +118,8 @@ def test_a_power_rule_plan_realises_each_clients_gamma():
     expected = [16 * 3**0.75 / 2**0.25, 16 * 2**0.75 / 4**0.25, 16 / 8**0.25]
     assert plan.gammas == pytest.approx(expected, rel=1e-12)
     for k, r in enumerate([2, 4, 8]):
-        assert plan.peft_kwargs(k) == {"lora_alpha": pytest.approx(expected[k] * r), "use_rslora": False}
+        config = plan.lora_config(k)
+        assert (config.r, config.lora_alpha, config.use_rslora) == (r, pytest.approx(expected[k] * r), False)
         assert plan.layer_gamma(k) == pytest.approx(plan.gammas[k], rel=1e-15)
 
 
@@ -170,7 +172,8 @@ def test_a_client_receives_and_sends_only_rows_within_its_rank(tiny_config, meth
         ]
         assert changed  # it trained its own rows
     # The model ran each client at its own γ; the shared model now holds the last one's.
-    assert lora_scalings(fed.model) == pytest.approx([fed.ranks.gammas[2]] * len(lora_scalings(fed.model)))
+    gammas = list(layer_gammas(fed.model).values())
+    assert gammas == pytest.approx([fed.ranks.gammas[2]] * len(gammas))
 
 
 def test_a_round_aggregates_rows_over_their_holders(tiny_config):
@@ -223,7 +226,7 @@ def test_a_mixed_rank_run_writes_a_peft_adapter_per_client_at_its_rank(tiny_conf
         assert json.loads((path / "adapter_config.json").read_text())["r"] == r
         base = AutoModelForSequenceClassification.from_pretrained(resolve_model_path("minilm"), num_labels=2)
         reloaded = PeftModel.from_pretrained(base, path).eval()
-        scalings = lora_scalings(reloaded)
+        scalings = list(layer_gammas(reloaded).values())
         assert scalings and scalings == pytest.approx([g] * len(scalings), rel=1e-9)
         shapes = {n: tuple(p.shape) for n, p in reloaded.named_parameters() if ".lora_" in n}
         assert shapes and all(s[0] == r for n, s in shapes.items() if ".lora_A." in n)

@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 from sfedlora.cli import app
 from sfedlora.config import build_config
 from sfedlora.errors import SfedloraError
-from sfedlora.lora.models import build_classifier, lora_scalings
+from sfedlora.lora.models import build_classifier
 from sfedlora.lora.scaling import (
     NAMED,
     check_realised,
@@ -17,6 +17,7 @@ from sfedlora.lora.scaling import (
     peft_scaling_kwargs,
     power_rule,
 )
+from sfedlora.peft import layer_gammas
 from sfedlora.results.grid import cell_name, cell_overrides, grid_cells
 from sfedlora.results.sweep import load_sweep, run_sweep
 
@@ -131,7 +132,7 @@ def test_peft_kwargs_reproduce_gamma(rule):
 )
 def test_every_lora_layer_of_the_built_model_has_scaling_gamma(rule, rank, n):
     model, _ = build_classifier("minilm", 2, rank, 16.0, rule, n)
-    scalings = lora_scalings(model)
+    scalings = list(layer_gammas(model).values())
     assert len(scalings) == 12  # query and value in each of MiniLM's 6 layers
     assert all(s == pytest.approx(gamma(rule, 16.0, rank, n), rel=1e-12) for s in scalings)
 
@@ -140,7 +141,11 @@ def test_every_lora_layer_of_the_built_model_has_scaling_gamma(rule, rank, n):
 def test_a_built_model_of_a_named_rule_has_the_layers_of_its_point(name):
     named, _ = build_classifier("minilm", 2, 6, 16.0, name, 7)
     point, _ = build_classifier("minilm", 2, 6, 16.0, power_rule(*NAMED[name]), 7)
-    assert lora_scalings(named) == lora_scalings(point) == [gamma(name, 16.0, 6, 7)] * 12
+    assert (
+        list(layer_gammas(named).values())
+        == list(layer_gammas(point).values())
+        == [gamma(name, 16.0, 6, 7)] * 12
+    )
 
 
 def test_the_config_selects_the_power_rule():

@@ -38,7 +38,8 @@ from pathlib import Path
 import torch
 
 from ..lora.models import set_gamma, write_tensors
-from ..lora.scaling import check_realised, gamma, peft_gamma, peft_scaling_kwargs
+from ..lora.scaling import check_realised, gamma
+from ..peft import config_gamma, lora_config
 from .methods import aggregate, tensor_kind
 
 # The rank dimension of each kind of LoRA tensor: A is (r × d_in), B is (d_out × r).
@@ -200,18 +201,24 @@ class RankPlan:
     def rank_of(self, k: int | None) -> int:
         return self.global_rank if k is None else self.ranks[k]
 
-    def peft_kwargs(self, k: int | None) -> dict:
-        """The LoraConfig scaling settings of client ``k`` (None: the global model) at its rank."""
+    def lora_config(self, k: int | None):
+        """The ``LoraConfig`` of client ``k`` (None: the global model) at its rank: its scaling is
+        what the layers run with (:meth:`use`) and what its saved adapter loads with (:meth:`save`)."""
         k = self.top if k is None else k
-        return peft_scaling_kwargs(self.rule, self.alpha, self.ranks[k], self.holders[k])
+        return lora_config(self.ranks[k], self.alpha, self.holders[k], self.rule)
 
     def gamma_of(self, k: int | None) -> float:
         """The rule's γ for client ``k`` (None: the global model), as reported."""
         return self.gammas[self.top if k is None else k]
 
     def layer_gamma(self, k: int | None) -> float:
-        """The γ PEFT computes from :meth:`peft_kwargs`: what the layers run with and load with."""
-        return peft_gamma(self.peft_kwargs(k), self.rank_of(k))
+        """The γ PEFT computes from :meth:`lora_config`: what the layers run with and load with."""
+        return self._layer_gammas[self.top if k is None else k]
+
+    @functools.cached_property
+    def _layer_gammas(self) -> tuple[float, ...]:
+        # Read on every client's turn: the LoraConfig of each client built once.
+        return tuple(config_gamma(self.lora_config(k)) for k in range(len(self.ranks)))
 
     def view(self, tensors: Mapping[str, torch.Tensor], k: int | None) -> dict[str, torch.Tensor]:
         """What client ``k`` (None: the global model) holds of full-rank ``tensors``."""
@@ -267,25 +274,26 @@ class RankPlan:
         """Save client ``k``'s adapter (None: the global one) in PEFT format at its own rank."""
         self.load(model, params, tensors, k)
         model.save_pretrained(path)
-        write_adapter_scaling(path, self.rank_of(k), self.peft_kwargs(k))
+        write_adapter_scaling(path, self.lora_config(k))
         return path
 
 
-def write_adapter_scaling(path: Path, rank: int, kwargs: dict) -> None:
-    """Make a saved PEFT adapter a rank-``rank`` adapter with the scaling settings ``kwargs``.
+def write_adapter_scaling(path: Path, config) -> None:
+    """Make a saved PEFT adapter one of the rank and scaling of ``config`` (a ``LoraConfig``).
 
-    The shared model saves at r_max; a client's adapter is its first ``rank`` rows of A and
-    columns of B, and its config says r = rank with the client's own lora_alpha, so that PEFT
+    The shared model saves at r_max; a client's adapter is its first ``config.r`` rows of A and
+    columns of B, and its config says that rank with the client's own lora_alpha, so that PEFT
     computes exactly this client's γ when it loads it.
     """
     from safetensors.torch import load_file, save_file
 
+    rank = config.r
     weights = Path(path) / "adapter_model.safetensors"
     state = load_file(weights)
     if any(rank_axis(n) is not None and t.shape[rank_axis(n)] > rank for n, t in state.items()):
         cut = {n: truncate({n: t}, rank)[n].contiguous() for n, t in state.items()}
         save_file(cut, weights, metadata={"format": "pt"})
     config_path = Path(path) / "adapter_config.json"
-    config = json.loads(config_path.read_text())
-    config.update({"r": rank, **kwargs})
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+    saved = json.loads(config_path.read_text())
+    saved.update({key: getattr(config, key) for key in ("r", "lora_alpha", "use_rslora")})
+    config_path.write_text(json.dumps(saved, indent=2, sort_keys=True))

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..errors import SfedloraError
-from .scaling import check_realised, peft_scaling_kwargs
+from ..peft import check_model, lora_config
 
 MINILM = "minilm"
 
@@ -76,24 +76,25 @@ def _with_lora(
 ):
     """``base`` with a LoRA adapter whose scaling is ``gamma(rule, alpha, rank, n_clients)``,
     checked layer by layer."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    lora_config = LoraConfig(
+    config = lora_config(
+        rank,
+        alpha,
+        n_clients,
+        rule,
         task_type=task_type,
-        r=rank,
         lora_dropout=dropout,
         target_modules=target_modules,
         modules_to_save=modules_to_save,
-        **peft_scaling_kwargs(rule, alpha, rank, n_clients),
     )
     try:
-        model = get_peft_model(base, lora_config)
+        model = get_peft_model(base, config)
     except ValueError as err:
         raise SfedloraError(
             f"cannot put LoRA on {name_or_path!r}: {str(err).splitlines()[0]} (set model.target_modules)"
         ) from None
-    for value in set(lora_scalings(model)):
-        check_realised(rule, alpha, rank, n_clients, value)
+    check_model(model, alpha, n_clients, rule)
     return model
 
 
@@ -245,13 +246,6 @@ def enable_gradient_checkpointing(model) -> None:
     model.base_model.model.config.use_cache = (
         False  # a KV cache is useless in training and clashes with checkpointing
     )
-
-
-def lora_scalings(model) -> list[float]:
-    """The effective γ of every LoRA layer in ``model``."""
-    from peft.tuners.lora import LoraLayer
-
-    return [m.scaling[a] for m in model.modules() if isinstance(m, LoraLayer) for a in m.scaling]
 
 
 def set_gamma(model, value: float) -> None:

@@ -96,10 +96,16 @@ def peft_gamma(kwargs: dict, rank: int) -> float:
     return kwargs["lora_alpha"] / rank
 
 
+def realises(rule: str, alpha: float, rank: int, n_clients: float, realised: float) -> bool:
+    """Whether ``realised`` (a γ PEFT computes) is the rule's γ up to float rounding."""
+    expected = gamma(rule, alpha, rank, n_clients)
+    return abs(realised - expected) <= 1e-9 * max(1.0, expected)
+
+
 def check_realised(rule: str, alpha: float, rank: int, n_clients: float, realised: float) -> None:
     """Raise unless ``realised`` (a γ PEFT computes) is the rule's γ up to float rounding."""
-    expected = gamma(rule, alpha, rank, n_clients)
-    if abs(realised - expected) > 1e-9 * max(1.0, expected):
+    if not realises(rule, alpha, rank, n_clients, realised):
+        expected = gamma(rule, alpha, rank, n_clients)
         raise RuntimeError(
             f"PEFT did not realise γ={expected} (got {realised}); is this PEFT version supported?"
         )
