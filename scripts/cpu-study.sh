@@ -10,5 +10,7 @@ jobs=${JOBS:-2} out=${OUT:-runs}
 sfedlora sweep configs/cpu-study/stability.yaml --name cpu-study --jobs "$jobs" --set "output_dir=$out" --grid "clients=20 rank=512"
 sfedlora sweep configs/cpu-study/stability.yaml --name cpu-study --jobs "$jobs" --set "output_dir=$out"
 sfedlora sweep configs/cpu-study/adapter-only.yaml --name cpu-study-adapter-only --jobs "$jobs" --set "output_dir=$out"
-sfedlora report "$out/cpu-study"
-sfedlora report "$out/cpu-study-adapter-only"
+# Each sweep's record (every finished run's config, metrics and summary) is what
+# docs/results/cpu-study/ keeps of it: its tables and figures regenerate from the record.
+sfedlora report "$out/cpu-study" --record "$out/cpu-study/record.json.gz"
+sfedlora report "$out/cpu-study-adapter-only" --record "$out/cpu-study-adapter-only/record.json.gz"

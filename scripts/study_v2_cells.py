@@ -13,12 +13,13 @@ toward its client's label does not move it; it scores what the model knows of se
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
-import yaml
+
+from sfedlora.results.record import read_record as read_file
+from sfedlora.results.record import read_run
 
 RATES = [0.05, 0.2, 0.8]
 TARGET = 0.80  # the budget part's question: does dev AUROC reach it within 40 rounds?
@@ -37,10 +38,9 @@ DEV_AUROC = "personal_auroc_mean"
 
 
 def _row(run_dir: Path) -> dict:
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    run = read_run(run_dir)
+    cfg, records, summary = run.config, run.metrics, run.summary
     evals = [r for r in records if r.get(CLIENT_TEST) is not None]
-    summary = json.loads((run_dir / "summary.json").read_text())
     lora, fed = cfg["lora"], cfg["federation"]
     majority = summary.get("client_test_majority_accuracy")
     norms = {k: [r[k] for r in records if r.get(k) is not None] for k in ("grad_norm_A", "grad_norm_B")}
@@ -83,7 +83,7 @@ def _row(run_dir: Path) -> dict:
 
 def read_record(path: Path) -> list[dict]:
     """The cells a report recorded (``cells.json``), or none where there is no record yet."""
-    return json.loads(Path(path).read_text()) if Path(path).is_file() else []
+    return read_file(path) if Path(path).is_file() else []
 
 
 def load_part(out: Path, prefix: str, record: list[dict] = ()) -> list[dict]:

@@ -3,13 +3,14 @@ scripts/study_v2_cells.py)."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 from study_v2_cells import HEADLINE, PRIOR_GAP, RATES, TARGET, best_lr, group, load_part, read_record, score
 from study_v2_figures import curve_figure, exponent_figure, rank_figure
+
+from sfedlora.results.record import write_record
 
 
 def _ms(values: list[float]) -> str:
@@ -202,4 +203,4 @@ def report(out: Path, to: Path) -> None:
         md.append("")
         exponent_figure(cells, to / f"exponents_r{r}_n{n}.png", f"γ = α·N^a/r^b, r = {r}, N = {n}")
     (to / "tables.md").write_text("\n".join(md) + "\n")
-    (to / "cells.json").write_text(json.dumps([r for rows in parts.values() for r in rows], indent=1) + "\n")
+    write_record(to / "cells.json", [r for rows in parts.values() for r in rows])

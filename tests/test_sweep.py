@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 from sfedlora.cli import app
 from sfedlora.errors import SfedloraError
 from sfedlora.results.grid import cell_name, cell_overrides, grid_cells, parse_grid
+from sfedlora.results.record import read_run
 from sfedlora.results.sweep import load_sweep, run_sweep
 from sfedlora.results.sweep_summary import cell_row
 
@@ -49,7 +50,8 @@ def test_rounds_to_target_is_the_first_evaluation_that_reaches_it(tmp_path, metr
     summary = {"metric": metric, "final": scores[-1], "best": scores[-1], "wall_seconds": 1.0}
     summary |= {"collapse_metric": metric, "trivial_score": None, "rounds": 4}
     (tmp_path / "summary.json").write_text(json.dumps(summary))
-    assert cell_row({"rank": 4}, tmp_path, target)["rounds_to_target"] == reached
+    (tmp_path / "config.yaml").write_text("method: sfed-lora\n")
+    assert cell_row(read_run(tmp_path, {"rank": 4}), target)["rounds_to_target"] == reached
 
 
 def test_a_bad_cell_is_named_before_anything_runs(tmp_path):
@@ -132,6 +134,24 @@ def test_two_by_two_sweep_resumes_and_reports(tiny_overrides, tmp_path):
         assert (sweep_dir / "plots" / f"{stem}.png").stat().st_size > 5000
     md = (sweep_dir / "report.md").read_text()
     assert "![metric_vs_round](plots/metric_vs_round.png)" in md and "| fedsa-lora | 2 |" in md
+
+    # The sweep's record alone gives the same tables, and the figures asked for.
+    published = tmp_path / "published"
+    published.mkdir()
+    result = runner.invoke(
+        app, ["report", str(sweep_dir), "--only", "", "--record", str(published / "s.json.gz")]
+    )
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["report", str(published / "s.json.gz"), "--only", "heatmap"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in published.iterdir()) == [
+        "heatmap.png",
+        "s.json.gz",
+        "summary.csv",
+        "summary.md",
+    ]
+    for table in ("summary.md", "summary.csv"):
+        assert (published / table).read_text() == (sweep_dir / table).read_text()
 
 
 def test_a_sweep_directory_holding_another_sweep_is_refused(tiny_overrides, tmp_path):

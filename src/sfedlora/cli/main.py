@@ -238,18 +238,6 @@ def sweep(
     console.print(f"summary: {sweep_dir / 'summary.csv'}, {sweep_dir / 'summary.md'}")
 
 
-@app.command()
-def report(path: Path = typer.Argument(..., help="A run directory or a sweep directory.")) -> None:
-    """Render plots (PNG and PDF) and report.md for a finished run or a sweep."""
-    from ..results.report import report as render
-
-    try:
-        out = render(path)
-    except SfedloraError as err:
-        _fail(str(err))
-    console.print(f"report: {out}")
-
-
 register_result_commands(app, _fail, console)
 
 flower_app = typer.Typer(help="Run on Flower's Deployment Engine (SuperLink and SuperNodes).")

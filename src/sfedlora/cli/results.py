@@ -1,4 +1,5 @@
-"""The commands on a finished run's models: ``sfedlora export`` and ``sfedlora evaluate``."""
+"""The commands on finished runs: ``sfedlora report`` (tables and figures), ``sfedlora export``
+and ``sfedlora evaluate`` (a run's models)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,34 @@ RunArg = typer.Argument(..., help="A finished run directory.")
 
 def register_result_commands(app: typer.Typer, fail: Callable[[str], None], console: Console) -> None:
     """Add the commands to ``app``; ``fail`` prints a one-line error and exits 2."""
+
+    @app.command()
+    def report(
+        path: Path = typer.Argument(..., help="A run directory, a sweep directory or a sweep's record file."),
+        only: str | None = typer.Option(
+            None,
+            "--only",
+            help="Just these figures, comma-separated names (heatmap_lr-0.2,metric_vs_round_lr-0.2); "
+            "'' for none.",
+        ),
+        record: Path | None = typer.Option(
+            None,
+            "--record",
+            help="Also write the sweep's record to this file (JSON; gzipped if it ends in .gz): every "
+            "finished run's config, metrics and summary, from which this report regenerates.",
+        ),
+    ) -> None:
+        """Render tables and figures for a finished run, a sweep, or a sweep's record.
+
+        A run or sweep directory gets plots/ (PNG and PDF) and report.md; a record gets
+        summary.md, summary.csv and PNG figures beside it."""
+        from ..results.report import report as render
+
+        try:
+            out = render(path, None if only is None else set(only.split(",")), record)
+        except SfedloraError as err:
+            fail(str(err))
+        console.print(f"report: {out}" + (f", record: {record}" if record else ""))
 
     @app.command("export")
     def export_model(

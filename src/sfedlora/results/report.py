@@ -1,4 +1,4 @@
-"""Plots and a markdown report for a run or a sweep (``sfedlora report DIR``).
+"""Plots and a markdown report for a run, a sweep or a sweep's record (``sfedlora report PATH``).
 
 Sweep figures (PNG and PDF, mean ± std band over seeds):
 - ``metric_vs_round``: one panel per method (columns) and client count (rows), a line per rank;
@@ -10,6 +10,7 @@ With per-client ranks (``lora.client_ranks``) as an axis, a line (and a heatmap 
 a rank setting: ``8`` for one rank, ``2+8+32`` for clients of ranks 2, 8 and 32.
 Axes beyond method, rank, client ranks, clients and seed (learning rate, optimizer, ...) give one set of
 figures per combination, named after it.
+A sweep's record (:mod:`sfedlora.results.record`) gives the same tables and figures as its directory.
 """
 
 from __future__ import annotations
@@ -19,17 +20,17 @@ import json
 from pathlib import Path
 
 import numpy as np
-import yaml
 from matplotlib.ticker import MaxNLocator
 
-from ..config import build_config
 from ..driver.rundir import read_metrics
 from ..errors import SfedloraError
 from ..federated.evaluation import higher_is_better
-from .grid import ALIASES, cell_name, grid_cells, value_text
-from .sweep_summary import last_value
+from .grid import ALIASES, value_text
+from .record import Run, Sweep, open_sweep, sweep_record, write_record
+from .sweep_summary import last_value, write_summary
 
 PANEL_KEYS = ("method", "rank", "client_ranks", "clients", "seed")
+FORMATS = ("png", "pdf")
 
 
 def _canonical(key: str) -> str:
@@ -40,10 +41,18 @@ def _canonical(key: str) -> str:
     )
 
 
-def _rank_setting(by_role: dict, base: dict) -> str:
-    """A cell's ranks as a line label: ``8``, or ``2+8+32`` when clients have their own."""
-    listed = by_role.get("client_ranks", base["lora"]["client_ranks"])
-    return value_text(listed) if listed is not None else str(by_role.get("rank", base["lora"]["rank"]))
+def _panel(run: Run, role: dict) -> tuple:
+    """Where a run goes in the figures: its method, client count and rank setting (a line
+    label: ``8``, or ``2+8+32`` when clients have their own ranks)."""
+    by_role = {role[k]: v for k, v in run.cell.items()}
+    cfg = run.config
+    listed = by_role.get("client_ranks", cfg["lora"].get("client_ranks"))
+    ranks = value_text(listed) if listed is not None else str(by_role.get("rank", cfg["lora"]["rank"]))
+    return (
+        by_role.get("method", cfg["method"]),
+        by_role.get("clients", cfg["federation"]["n_clients"]),
+        ranks,
+    )
 
 
 def _rank_order(label: str) -> tuple:
@@ -61,8 +70,8 @@ def _series(runs: list[list[dict]], key: str) -> tuple[np.ndarray, np.ndarray, n
     return np.array(rounds), values.mean(0), values.std(0)
 
 
-def _save(fig, out_dir: Path, stem: str) -> list[Path]:
-    paths = [out_dir / f"{stem}.png", out_dir / f"{stem}.pdf"]
+def _save(fig, out_dir: Path, stem: str, formats=FORMATS) -> list[Path]:
+    paths = [out_dir / f"{stem}.{f}" for f in formats]
     for p in paths:
         fig.savefig(p, dpi=120 if p.suffix == ".png" else None, bbox_inches="tight")
     return paths
@@ -179,75 +188,82 @@ def _heatmap(plt, values: dict[tuple, list], methods, clients, ranks, metric: st
     return fig
 
 
-def plot_sweep(sweep_dir: Path, out_dir: Path) -> list[Path]:
+def plot_sweep(sweep: Sweep, out_dir: Path, only: set[str] | None = None, formats=FORMATS) -> list[Path]:
+    """The sweep's figures (see the module's docstring); ``only``: just the figures of these names."""
     plt = _plt()
-    spec = yaml.safe_load((sweep_dir / "sweep.yaml").read_text())
-    base, grid = build_config(spec["base"]).model_dump(mode="json"), spec["grid"]
+    grid = sweep.grid
     role = {k: _canonical(k) for k in grid}
     extra = [k for k in grid if role[k] not in PANEL_KEYS]
-    finished = []
-    for cell in grid_cells(grid):
-        run_dir = sweep_dir / "runs" / cell_name(cell)
-        if (run_dir / "summary.json").is_file():
-            by_role = {role[k]: v for k, v in cell.items()}
-            finished.append(
-                (cell, by_role, read_metrics(run_dir), json.loads((run_dir / "summary.json").read_text()))
-            )
-    if not finished:
-        raise SfedloraError(f"{sweep_dir} has no finished runs to report")
-    metric = finished[0][3]["metric"]
+    metric = sweep.runs[0].summary["metric"]
     paths = []
+
+    def wanted(stem: str) -> bool:
+        return only is None or stem in only
+
+    def save(fig, stem: str) -> None:
+        paths.extend(_save(fig, out_dir, stem, formats))
+        plt.close(fig)
+
     for combo in itertools.product(*(grid[k] for k in extra)):
-        chosen = [f for f in finished if all(f[0][k] == v for k, v in zip(extra, combo))]
+        chosen = [run for run in sweep.runs if all(run.cell[k] == v for k, v in zip(extra, combo))]
         if not chosen:  # a partial sweep: nothing finished at this combination yet
             continue
         suffix = "".join(f"_{k.split('.')[-1]}-{value_text(v)}" for k, v in zip(extra, combo))
-        methods = list(dict.fromkeys(f[1].get("method", base["method"]) for f in chosen))
-        clients = list(dict.fromkeys(f[1].get("clients", base["federation"]["n_clients"]) for f in chosen))
-        ranks = sorted({_rank_setting(f[1], base) for f in chosen}, key=_rank_order)
+        # A panel's method, client count and ranks: the cell's where the grid varies them, the
+        # run's resolved config where it does not.
+        panels = [(run, _panel(run, role)) for run in chosen]
+        methods = list(dict.fromkeys(key[0] for _, key in panels))
+        clients = list(dict.fromkeys(key[1] for _, key in panels))
+        ranks = sorted({key[2] for _, key in panels}, key=_rank_order)
         runs_by_cell: dict[tuple, list] = {}
         finals: dict[tuple, list] = {}
-        for _, by_role, records, summary in chosen:
-            key = (
-                by_role.get("method", base["method"]),
-                by_role.get("clients", base["federation"]["n_clients"]),
-                _rank_setting(by_role, base),
-            )
-            runs_by_cell.setdefault(key, []).append(records)
-            finals.setdefault(key, []).append(summary["final"])
+        for run, key in panels:
+            runs_by_cell.setdefault(key, []).append(run.metrics)
+            finals.setdefault(key, []).append(run.summary["final"])
         for key, title, log_y in [
             (metric, f"{metric} vs round", False),
             ("train_loss", "training loss vs round", False),
             ("grad_norm_A", "A-gradient norm vs round", True),
             ("grad_norm_B", "B-gradient norm vs round", True),
         ]:
-            fig = _grid_figure(
-                plt, runs_by_cell, methods, clients, ranks, key, title + suffix.replace("_", " "), log_y
-            )
             stem = "metric_vs_round" if key == metric else key.replace("train_loss", "train_loss_vs_round")
-            paths += _save(fig, out_dir, stem + suffix)
-            plt.close(fig)
+            if wanted(stem + suffix):
+                fig = _grid_figure(
+                    plt, runs_by_cell, methods, clients, ranks, key, title + suffix.replace("_", " "), log_y
+                )
+                save(fig, stem + suffix)
         losses = {
             key: [last_value(recs, "train_loss") for recs in runs] for key, runs in runs_by_cell.items()
         }
         for key, values, stem in [(metric, finals, "heatmap"), ("train_loss", losses, "heatmap_train_loss")]:
-            fig = _heatmap(plt, values, methods, clients, ranks, key)
-            paths += _save(fig, out_dir, stem + suffix)
-            plt.close(fig)
+            if wanted(stem + suffix):
+                save(_heatmap(plt, values, methods, clients, ranks, key), stem + suffix)
     return paths
 
 
-def report(path: str | Path) -> Path:
-    """Render the plots and ``report.md`` for a run directory or a sweep directory."""
-    path = Path(path)
-    if (path / "sweep.yaml").is_file():
-        from .sweep_summary import write_summary
+def report(path: str | Path, only: set[str] | None = None, record: str | Path | None = None) -> Path:
+    """Render the tables and figures of a run directory, a sweep directory or a sweep's record.
 
-        spec = yaml.safe_load((path / "sweep.yaml").read_text())
-        write_summary(path, spec["grid"], spec.get("target"))
+    A run or a sweep directory gets ``plots/`` (PNG and PDF) and ``report.md``, a sweep its
+    ``summary.csv`` and ``summary.md`` too. A record file gets ``summary.csv``, ``summary.md``
+    and PNG figures beside it: the layout a study publishes in docs/results/. ``only``: just
+    the figures of these names; ``record``: also write the sweep's record to that file.
+    """
+    path = Path(path)
+    if path.is_file() or (path / "sweep.yaml").is_file():
+        sweep = open_sweep(path)
+        if not sweep.runs:
+            raise SfedloraError(f"{path} has no finished runs to report")
+        if record is not None:
+            write_record(record, sweep_record(sweep))
+        if path.is_file():
+            write_summary(sweep, path.parent)
+            plot_sweep(sweep, path.parent, only, formats=("png",))
+            return path.parent / "summary.md"
+        write_summary(sweep, path)
         out_dir = path / "plots"
         out_dir.mkdir(exist_ok=True)
-        pngs = [p for p in plot_sweep(path, out_dir) if p.suffix == ".png"]
+        pngs = [p for p in plot_sweep(sweep, out_dir, only) if p.suffix == ".png"]
         body = (path / "summary.md").read_text()
     elif (path / "summary.json").is_file():
         out_dir = path / "plots"
@@ -256,7 +272,9 @@ def report(path: str | Path) -> Path:
         summary = json.loads((path / "summary.json").read_text())
         body = f"# Run {path.name}\n\n" + "\n".join(f"- **{k}**: {v}" for k, v in summary.items()) + "\n"
     else:
-        raise SfedloraError(f"{path} is neither a finished run (summary.json) nor a sweep (sweep.yaml)")
+        raise SfedloraError(
+            f"{path} is neither a finished run (summary.json), a sweep (sweep.yaml) nor a sweep's record file"
+        )
     figures = "\n".join(f"![{p.stem}](plots/{p.name})" for p in pngs)
     out = path / "report.md"
     out.write_text(body + "\n## Figures\n\n" + figures + "\n")

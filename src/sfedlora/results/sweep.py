@@ -26,6 +26,7 @@ from ..config import apply_overrides, build_config, read_yaml_mapping
 from ..driver.rundir import RunLock
 from ..errors import SfedloraError
 from .grid import cell_name, cell_overrides, grid_cells, hashable, parse_grid
+from .record import read_sweep
 from .sweep_summary import write_summary
 
 log = logging.getLogger("sfedlora")
@@ -173,7 +174,8 @@ def run_sweep(
             futures = {pool.submit(_run_cell, base, cell, str(runs_dir), threads): cell for cell in cells}
             for future in as_completed(futures):
                 finished(futures[future], future.result, False)
-    write_summary(sweep_dir, summary_grid, target)
+    # sweep.yaml, written above, holds summary_grid and target.
+    write_summary(read_sweep(sweep_dir), sweep_dir)
     if failed:
         raise SfedloraError(
             f"{len(failed)} of {len(cells)} cells failed (the others finished and are summarised), "

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import csv
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 
 from ..driver.collapse import COLLAPSED, OVERFIT, judge
-from ..driver.rundir import read_metrics
 from ..federated.evaluation import higher_is_better
-from .grid import ALIASES, cell_name, grid_cells, hashable, value_text
+from .grid import ALIASES, hashable, value_text
+from .record import Run, Sweep
 
 
 def last_value(records: list[dict], key: str):
@@ -20,10 +19,9 @@ def last_value(records: list[dict], key: str):
     return next((r[key] for r in reversed(records) if r.get(key) is not None), None)
 
 
-def cell_row(cell: dict, run_dir: Path, target: float | None = None) -> dict:
+def cell_row(run: Run, target: float | None = None) -> dict:
     """One summary row: the cell's values and what its run reached."""
-    summary = json.loads((run_dir / "summary.json").read_text())
-    records = read_metrics(run_dir)
+    summary, records = run.summary, run.metrics
     metric = summary["metric"]
     evals = [r for r in records if r.get(metric) is not None]
     higher = higher_is_better(metric)
@@ -37,7 +35,7 @@ def cell_row(cell: dict, run_dir: Path, target: float | None = None) -> dict:
     )
     verdict = judge(records, summary)
     return {
-        **cell,
+        **run.cell,
         "metric": metric,
         "final": summary["final"],
         "best": summary["best"],
@@ -62,16 +60,13 @@ def _mean_std(values: list) -> str:
     return f"{np.mean(xs):.4f}" if len(xs) == 1 else f"{np.mean(xs):.4f} ± {np.std(xs, ddof=1):.4f}"
 
 
-def write_summary(sweep_dir: Path, grid: dict, target: float | None = None) -> list[dict]:
-    """``summary.csv`` (a row per finished cell) and ``summary.md`` (mean ± std over seeds)."""
-    rows = []
-    for cell in grid_cells(grid):
-        run_dir = sweep_dir / "runs" / cell_name(cell)
-        if (run_dir / "summary.json").is_file():
-            rows.append(cell_row(cell, run_dir, target))
+def write_summary(sweep: Sweep, out_dir: Path) -> list[dict]:
+    """``out_dir/summary.csv`` (a row per finished cell) and ``summary.md`` (mean ± std over seeds)."""
+    rows = [cell_row(run, sweep.target) for run in sweep.runs]
+    grid = sweep.grid
     if not rows:
         return rows
-    with (sweep_dir / "summary.csv").open("w", newline="") as f:
+    with (out_dir / "summary.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
@@ -91,7 +86,7 @@ def write_summary(sweep_dir: Path, grid: dict, target: float | None = None) -> l
         "wall_seconds",
     ]
     lines = [
-        f"# Sweep summary: {sweep_dir.name}",
+        f"# Sweep summary: {sweep.name}",
         "",
         f"{len(rows)} finished runs; mean ± std over seeds (n = runs per row).",
         "",
@@ -110,7 +105,7 @@ def write_summary(sweep_dir: Path, grid: dict, target: float | None = None) -> l
         tallies = [f"{collapsed}/{len(members)}", f"{overfit}/{len(members)}"]
         lines.append("| " + " | ".join(cells + tallies) + " |")
     lines += _learning_rate_views(rows, grid)
-    (sweep_dir / "summary.md").write_text("\n".join(lines) + "\n")
+    (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
     return rows
 
 
