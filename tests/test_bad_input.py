@@ -84,6 +84,18 @@ CASES = {
         "config federation.rounds: Input should be greater than or equal to 1 (got 0)",
     ),
     "not a number": (lambda t: ["--set", "train.lr=fast"], "config train.lr: Input should be a valid number"),
+    "non-finite number": (
+        lambda t: ["--set", "train.lr=inf"],
+        "config train.lr: must be a finite number, not inf or nan; `sfedlora config` shows its default",
+    ),
+    "non-finite number in file": (
+        lambda t: yaml_file(t, "lora:\n  alpha: .nan\n"),
+        "config lora.alpha: must be a finite number, not inf or nan",
+    ),
+    "negative seed": (
+        lambda t: ["--set", "seed=-1"],
+        "config seed: Input should be greater than or equal to 0",
+    ),
     "unknown choice": (
         lambda t: ["--set", "train.optimizer=adam"],
         "config train.optimizer: Input should be 'sgd' or 'adamw'",

@@ -40,6 +40,8 @@ def _format_validation_error(err: ValidationError) -> str:
     first = err.errors()[0]
     where = ".".join(str(p) for p in first["loc"])
     msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "finite_number":
+        msg = "must be a finite number, not inf or nan; `sfedlora config` shows its default"
     if first["type"] == "extra_forbidden":
         return f"unknown config key {where!r}; `sfedlora config` lists the valid keys"
     got = f" (got {first['input']!r})" if "input" in first and not isinstance(first["input"], dict) else ""

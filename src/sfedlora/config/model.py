@@ -17,7 +17,8 @@ from ..lora.scaling import ScalingRule
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # No setting means anything at inf or nan: refused at load, not deep inside a run.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):

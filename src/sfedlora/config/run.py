@@ -27,7 +27,7 @@ from .privacy import PrivacyConfig
 class RunConfig(_Section):
     name: str | None = Field(None, description="Run name; the run directory is <output_dir>/<name>.")
     output_dir: str = Field("runs", description="Parent directory of run directories.")
-    seed: int = Field(0, description="Seeds data split, initialisation, sampling and client RNGs.")
+    seed: int = Field(0, ge=0, description="Seeds data split, initialisation, sampling and client RNGs.")
     checkpoint_every: int = Field(
         1, ge=1, description="Write a resumable checkpoint every k rounds (removed once the run finishes)."
     )
