@@ -37,8 +37,7 @@ def register_result_commands(app: typer.Typer, fail: Callable[[str], None], cons
     ) -> None:
         """Render tables and figures for a finished run, a sweep, or a sweep's record.
 
-        A run or sweep directory gets plots/ (PNG and PDF) and report.md; a record gets
-        summary.md, summary.csv and PNG figures beside it."""
+        Into plots/ (PNG and PDF) and report.md for a directory; beside the file for a record."""
         from ..results.report import report as render
 
         try:
