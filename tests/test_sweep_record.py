@@ -81,3 +81,8 @@ def test_a_damaged_record_is_one_error_line(tmp_path):
     result = runner.invoke(app, ["report", str(tmp_path / "summary.json")])
     assert result.exit_code == 2
     assert "summary.json is not a sweep's record (no sweep, spec, config, runs)" in result.output
+    result = runner.invoke(
+        app, ["report", str(tmp_path / "s/runs/rank-4"), "--record", str(tmp_path / "x.json")]
+    )
+    assert result.exit_code == 2 and "is a single run, and --record writes a sweep's" in result.output
+    assert not (tmp_path / "x.json").exists()

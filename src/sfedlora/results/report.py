@@ -266,6 +266,10 @@ def report(path: str | Path, only: set[str] | None = None, record: str | Path | 
         pngs = [p for p in plot_sweep(sweep, out_dir, only) if p.suffix == ".png"]
         body = (path / "summary.md").read_text()
     elif (path / "summary.json").is_file():
+        if record is not None:
+            raise SfedloraError(
+                f"{path} is a single run, and --record writes a sweep's: give its sweep directory"
+            )
         out_dir = path / "plots"
         out_dir.mkdir(exist_ok=True)
         pngs = [p for p in plot_run(path, out_dir) if p.suffix == ".png"]
