@@ -17,7 +17,8 @@ SCALE = 1e6
 
 
 def check_update(update: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> str | None:
-    """Why ``update`` cannot be averaged with tensors shaped like ``reference``, or None."""
+    """Why ``update`` cannot be averaged with tensors like ``reference`` (names, shapes, dtypes,
+    finiteness), or None."""
     if set(update) != set(reference):
         missing = sorted(set(reference) - set(update))
         extra = sorted(set(update) - set(reference))
@@ -26,6 +27,8 @@ def check_update(update: Mapping[str, torch.Tensor], reference: Mapping[str, tor
         if not isinstance(t, torch.Tensor) or t.shape != reference[name].shape:
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             return f"wrong shape {got} for {name}, expected {tuple(reference[name].shape)}"
+        if t.dtype != reference[name].dtype:  # averaging would silently cast it
+            return f"wrong dtype {t.dtype} for {name}, expected {reference[name].dtype}"
         if not torch.isfinite(t).all():
             return f"non-finite values in {name}"
     return None
