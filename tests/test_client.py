@@ -69,7 +69,7 @@ def test_clients_not_sampled_keep_their_state(tiny_config):
     before = [{n: t.clone() for n, t in c.tensors.items()} for c in fed.clients]
     rec = run_round(fed)
     (k,) = rec["clients"]
-    assert fed.gamma == pytest.approx(16 * (1 / 4) ** 0.5)  # N = 1 update averaged per round
+    assert fed.ranks.gamma() == pytest.approx(16 * (1 / 4) ** 0.5)  # N = 1 update averaged per round
     for j, c in enumerate(fed.clients):
         same = all(torch.equal(before[j][n], c.tensors[n]) for n in c.tensors)
         assert same == (j != k)

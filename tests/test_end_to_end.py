@@ -13,8 +13,9 @@ from sfedlora.config import load_config
 from sfedlora.data import load_task
 from sfedlora.data.encoding import collate
 from sfedlora.driver.experiment import run, save_adapters
-from sfedlora.engine.simulator import simulate
+from sfedlora.engine.simulator import Simulator
 from sfedlora.federated.federation import build_federation
+from sfedlora.federated.runtime import play
 from sfedlora.lora.models import resolve_model_path, write_tensors
 
 ROUND_KEYS = {
@@ -128,7 +129,7 @@ def test_saved_adapter_reloads_with_peft_and_gives_the_same_logits(tiny_config, 
 
     cfg = tiny_config(f"method={method}", "train.lr=0.01")
     fed = build_federation(cfg, load_task(cfg.data, seed=cfg.seed))
-    for _ in simulate(fed):
+    for _ in play(fed, Simulator(), tmp_path):
         pass
     paths = save_adapters(fed, tmp_path)
     assert [p.name for p in paths] == expected

@@ -86,6 +86,9 @@ def test_flower_simulation_matches_the_embedded_simulator(tiny_config, tiny_over
 def test_injected_faults_and_a_simulator_checkpoint_are_refused_on_flower(tiny_config, interrupted_run):
     with pytest.raises(SfedloraError, match="faults.dropout and faults.bad_update inject faults"):
         run_simulation(tiny_config("faults.dropout=0.5"))
+    # Held-out client shares are scored where the clients' states live, which a Flower server is not.
+    with pytest.raises(SfedloraError, match="eval.client_test_fraction holds out a share"):
+        run_simulation(tiny_config("eval.client_test_fraction=0.1"))
     # The embedded simulator's checkpoint holds client states that no SuperNode has.
     run_dir = interrupted_run("embedded")
     result = CliRunner().invoke(app, ["run", "--runtime", "flower", "--resume", run_dir])

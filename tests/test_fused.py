@@ -13,7 +13,7 @@ from sfedlora.engine.fused import micro_batches
 from sfedlora.engine.simulator import run_round
 from sfedlora.engine.stacked import StackedOptimizer
 from sfedlora.errors import SfedloraError
-from sfedlora.federated.evaluation import evaluate
+from sfedlora.federated.evaluation import ScoredHere, evaluate
 from sfedlora.federated.federation import build_federation
 
 SGD = ("model.precision=fp32", "train.optimizer=sgd", "train.lr=0.05", "simulator.fused_tokens=96")
@@ -35,7 +35,7 @@ def both(cfg, rounds=2):
         fed = federation(cfg)
         executor = engine(fed)
         records.append([run_round(fed, executor) for _ in range(rounds)])
-        records[-1].append(evaluate(fed, executor=executor))
+        records[-1].append(evaluate(fed, ScoredHere(executor)))
         feds.append(fed)
     return (*feds, *records)
 
@@ -219,7 +219,7 @@ def test_fused_engine_split_between_worker_processes(tiny_config):
     workers = Fused(b, 2)
     try:
         record = run_round(b, workers)
-        scores = evaluate(b, executor=workers)
+        scores = evaluate(b, ScoredHere(workers))
     finally:
         workers.close()
     assert record["aggregated"] == 4 and "personal_accuracy_mean" in scores

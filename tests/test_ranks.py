@@ -18,7 +18,7 @@ from sfedlora.errors import SfedloraError
 from sfedlora.federated.client import client_round
 from sfedlora.federated.federation import build_federation
 from sfedlora.federated.methods import aggregate, tensor_kind
-from sfedlora.federated.ranks import RankPlan, aggregate_rows, client_gammas, holders, pad, truncate
+from sfedlora.federated.ranks import RankPlan, aggregate_rows, holders, pad, truncate
 from sfedlora.lora.models import resolve_model_path
 from sfedlora.lora.scaling import power_rule
 from sfedlora.peft import layer_gammas
@@ -87,7 +87,8 @@ def test_truncate_and_pad_cut_rows_of_a_and_columns_of_b():
     ],
 )
 def test_gamma_per_client_against_hand_computed(rule, expected):
-    assert client_gammas(rule, 16.0, [2, 4, 8], n_sampled=3) == pytest.approx(expected, rel=1e-12)
+    plan = RankPlan.build(rule, 16.0, 8, [2, 4, 8], n_clients=3, n_sampled=3)
+    assert [plan.gamma(k) for k in range(3)] == pytest.approx(expected, rel=1e-12)
 
 
 def test_holder_counts_with_partial_participation():
@@ -95,32 +96,30 @@ def test_holder_counts_with_partial_participation():
     # round with k sampled, k plus the other one's chance of being a holder, (m_k − 1) / 3.
     assert holders([2, 4, 8, 8], n_sampled=2) == pytest.approx([2, 1 + 2 / 3, 1 + 1 / 3, 1 + 1 / 3])
     assert holders([8, 8, 8], n_sampled=3) == (3, 3, 3)  # one rank: n_k = N
-    assert client_gammas("sfed", 16.0, [8] * 5, n_sampled=5)[0] == pytest.approx(16 * math.sqrt(5 / 8))
+    plan = RankPlan.build("sfed", 16.0, 8, [8] * 5, n_clients=5, n_sampled=5)
+    assert plan.gamma(0) == pytest.approx(16 * math.sqrt(5 / 8))
 
 
 def test_unset_client_ranks_keep_the_uniform_plan():
     plan = RankPlan.build("sfed", 16.0, 8, None, n_clients=3, n_sampled=3)
-    assert (
-        not plan.mixed
-        and plan.ranks == (8, 8, 8)
-        and plan.global_gamma == pytest.approx(16 * math.sqrt(3 / 8))
-    )
+    assert not plan.mixed and plan.ranks == (8, 8, 8) and plan.gamma() == pytest.approx(16 * math.sqrt(3 / 8))
     assert plan.record([0, 1]) == {} and plan.summary() == {}
     plan = RankPlan.build("sfed", 16.0, 8, [2, 4], n_clients=3, n_sampled=3)
     assert plan.ranks == (2, 4, 2)  # cycled
-    assert plan.gammas == pytest.approx([16 * math.sqrt(3 / 2), 16 * math.sqrt(1 / 4), 16 * math.sqrt(3 / 2)])
-    assert plan.global_rank == 4 and plan.global_gamma == plan.gammas[1]
+    gammas = [plan.gamma(k) for k in range(3)]
+    assert gammas == pytest.approx([16 * math.sqrt(3 / 2), 16 * math.sqrt(1 / 4), 16 * math.sqrt(3 / 2)])
+    assert plan.global_rank == 4 and plan.gamma() == gammas[1]
 
 
 def test_a_power_rule_plan_realises_each_clients_gamma():
     # b = ¼ has no divisor in PEFT: each client's lora_alpha is γ_k·r_k, checked at build.
     plan = RankPlan.build(power_rule(0.75, 0.25), 16.0, 8, [2, 4, 8], n_clients=3, n_sampled=3)
     expected = [16 * 3**0.75 / 2**0.25, 16 * 2**0.75 / 4**0.25, 16 / 8**0.25]
-    assert plan.gammas == pytest.approx(expected, rel=1e-12)
+    assert [plan.gamma(k) for k in range(3)] == pytest.approx(expected, rel=1e-12)
     for k, r in enumerate([2, 4, 8]):
         config = plan.lora_config(k)
         assert (config.r, config.lora_alpha, config.use_rslora) == (r, pytest.approx(expected[k] * r), False)
-        assert plan.layer_gamma(k) == pytest.approx(plan.gammas[k], rel=1e-15)
+        assert plan.layer_gamma(k) == pytest.approx(plan.gamma(k), rel=1e-15)
 
 
 @pytest.mark.parametrize(
@@ -173,7 +172,7 @@ def test_a_client_receives_and_sends_only_rows_within_its_rank(tiny_config, meth
         assert changed  # it trained its own rows
     # The model ran each client at its own γ; the shared model now holds the last one's.
     gammas = list(layer_gammas(fed.model).values())
-    assert gammas == pytest.approx([fed.ranks.gammas[2]] * len(gammas))
+    assert gammas == pytest.approx([fed.ranks.gamma(2)] * len(gammas))
 
 
 def test_a_round_aggregates_rows_over_their_holders(tiny_config):

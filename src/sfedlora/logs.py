@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import warnings
 
+from .federated.record import Key
+
 
 def quiet_libraries() -> None:
     """Silence per-layer load reports and progress bars of transformers and datasets.
@@ -34,8 +36,6 @@ def round_lines(record: dict, key: str | None, every_round: bool) -> list[str]:
     """What a round prints: drop-outs, and the loss with the headline metric ``key`` where
     it was evaluated (None: every personalised mean), every round with ``every_round``
     (for logs, where no progress bar shows)."""
-    from .federated.evaluation import higher_is_better
-
     lines = []
     if record["dropped"]:
         lines.append(f"round {record['round']}: no reply from clients {record['dropped']}")
@@ -44,7 +44,7 @@ def round_lines(record: dict, key: str | None, every_round: bool) -> list[str]:
         scores = {
             k: v
             for k, v in record.items()
-            if k.startswith("personal_") and k.endswith("_mean") and v is not None
+            if (key_ := Key.parse(k)).scope == "personal" and key_.stat == "mean" and v is not None
         }
         line += "".join(f"  {k} {score_text(v)}" for k, v in scores.items())
         evaluated = bool(scores)
@@ -53,11 +53,8 @@ def round_lines(record: dict, key: str | None, every_round: bool) -> list[str]:
         if evaluated:
             line += f"  {key} {score_text(record[key])}"
             # The worst client: the lowest score, or the highest where lower is better (perplexity).
-            worst, word = (
-                (key.replace("_mean", "_min"), "min")
-                if higher_is_better(key)
-                else (key.replace("_mean", "_max"), "max")
-            )
+            worst_key = Key.parse(key).worst()
+            worst, word = str(worst_key), worst_key.stat
             if worst in record:
                 line += f"  ({word} over clients {score_text(record[worst])})"
     if every_round or evaluated:

@@ -105,7 +105,8 @@ def run(
             if plan.mixed
             else f"r={c.lora.rank}"
         )
-        gammas = f"γ={min(plan.gammas):.4g}..{max(plan.gammas):.4g}" if plan.mixed else f"γ={fed.gamma:.4g}"
+        every = [plan.gamma(k) for k in range(len(plan.ranks))]
+        gammas = f"γ={min(every):.4g}..{max(every):.4g}" if plan.mixed else f"γ={plan.gamma():.4g}"
         console.print(
             f"[bold]{c.method}[/] · {c.data.task} · {c.model.name_or_path} · {ranks} "
             f"· {c.federation.n_clients} clients ({fed.n_sampled} per round) · {c.scaling} {gammas}"

@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..federated.evaluation import higher_is_better
+from ..federated.record import TRAIN_LOSS, Key
 
 COLLAPSED, OVERFIT = "collapsed", "overfit"
 
@@ -45,12 +45,6 @@ class Collapse:
 
 def _finite(x) -> bool:
     return x is not None and math.isfinite(x)
-
-
-def constant_key(metric: str) -> str:
-    """The record key saying whether the models behind ``metric`` predict one value only."""
-    prefix, _, _ = metric.partition("_")
-    return f"{prefix}_constant_predictions" + ("_mean" if metric.endswith("_mean") else "")
 
 
 def detect(
@@ -72,7 +66,7 @@ def detect(
     for r in records:
         trained = len(r.get("clients", [])) - len(r.get("dropped", []))
         restored = any(x["reason"].startswith("non-finite training loss") for x in r.get("rejected", []))
-        if restored or (trained > 0 and not _finite(r.get("train_loss"))):
+        if restored or (trained > 0 and not _finite(r.get(TRAIN_LOSS))):
             return Collapse(r["round"], "non-finite training loss")
         g = r.get("grad_norm_A")
         if (
@@ -86,9 +80,9 @@ def detect(
         return Collapse(
             both[0]["round"], f"A-gradient norm below {grad_ratio:g} of B's from the start", final=False
         )
-    losses = [r["train_loss"] for r in records if _finite(r.get("train_loss"))]
+    losses = [r[TRAIN_LOSS] for r in records if _finite(r.get(TRAIN_LOSS))]
     late = [r for r in records if r["round"] > total_rounds / 3]
-    late_losses = [r["train_loss"] for r in late if _finite(r.get("train_loss"))]
+    late_losses = [r[TRAIN_LOSS] for r in late if _finite(r.get(TRAIN_LOSS))]
     learned = bool(losses) and losses[-1] < overfit_fraction * losses[0]
     kind = OVERFIT if learned else COLLAPSED
     why = (
@@ -97,7 +91,7 @@ def detect(
         if learned
         else ""
     )
-    key = constant_key(metric)
+    key = str(Key.parse(metric).constant())
     stretch = []  # the evaluations since the last one with a model that did not predict one value
     for r in records:
         if key in r:
@@ -114,7 +108,7 @@ def detect(
     if trivial is None:
         return None
     judged = [r for r in late if metric in r]
-    higher = higher_is_better(metric)
+    higher = Key.parse(metric).higher_is_better
 
     def trivial_at_best(x) -> bool:
         return not _finite(x) or (x <= trivial + margin if higher else x >= trivial - margin)

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..config import RunConfig, load_config, result_differences
 from ..data import load_task
 from ..engine.simulator import Simulator
 from ..errors import SfedloraError
-from ..federated.evaluation import best_of, higher_is_better, outputs_of
-from ..federated.federation import Federation, build_federation
+from ..federated.evaluation import outputs_of
+from ..federated.federation import Federation, ServerState
+from ..federated.record import best_of, higher_is_better, score_key
 from ..federated.runtime import Runtime, play
 from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from .collapse import COLLAPSED, OVERFIT, judge
@@ -40,22 +42,18 @@ class RunResult:
     summary: dict
 
 
-def _record_key(fed: Federation, metric: str) -> str:
-    """Where ``metric`` is in a round's record: the personalised models' mean, or the global model's."""
-    return f"personal_{metric}_mean" if fed.cfg.eval.personalised else f"global_{metric}"
-
-
-def headline(fed: Federation) -> str:
+def headline(fed: ServerState) -> str:
     """The metrics-record key a run is judged by: the task's metric (personalised mean)."""
-    return _record_key(fed, "local_accuracy" if fed.cfg.eval.judged_on == "local" else fed.metric)
+    metric = "local_accuracy" if fed.cfg.eval.judged_on == "local" else fed.metric
+    return score_key(metric, fed.cfg.eval.personalised)
 
 
-def collapse_metric(fed: Federation) -> str:
+def collapse_metric(fed: ServerState) -> str:
     """The metrics-record key the collapse rule compares with the task's trivial predictor."""
-    return _record_key(fed, fed.task.judged_metric(fed.cfg.eval.judged_on))
+    return score_key(fed.task.judged_metric(fed.cfg.eval.judged_on), fed.cfg.eval.personalised)
 
 
-def trivial_score(fed: Federation) -> float | None:
+def trivial_score(fed: ServerState) -> float | None:
     """The score of the task's trivial predictor on the collapse metric: the majority class
     (of the dev set, or of each evaluated client's own labels), the constant mean, or the
     model before training (scored here once, only for the tasks that need it)."""
@@ -69,43 +67,43 @@ def trivial_score(fed: Federation) -> float | None:
     )
 
 
-def save_adapters(fed: Federation, run_dir: Path, clients_here: bool = True) -> list[Path]:
-    """The global adapter and/or every client's personalised adapter, in PEFT format;
-    with mixed ranks each client's at its own rank and γ (the global one at the highest).
-    Without the clients here, only what the server holds (with mixed ranks and no local
-    tensors that includes every client's adapter: a cut of the global one)."""
-    targets: list[tuple[str, int | None]] = []
+def save_adapters(
+    fed: ServerState, run_dir: Path, personal: dict[int, dict[str, torch.Tensor]] | None = None
+) -> list[Path]:
+    """The global adapter and/or the clients' personalised adapters (``personal``, by client;
+    by default every client's in ``fed``), in PEFT format; with mixed ranks each client's at
+    its own rank and γ (the global one at the highest)."""
+    if personal is None:
+        personal = {k: fed.personal_tensors(k) for k in range(fed.n_clients)}
+    targets: list[tuple[str, int | None, dict]] = []
     if not fed.method.has_local_state():
-        targets.append(("global", None))
-    if fed.client_models_differ() and (clients_here or not fed.method.has_local_state()):
-        targets += [(f"client_{k:02d}", k) for k in range(len(fed.clients))]
+        targets.append(("global", None, fed.global_tensors()))
+    if fed.client_models_differ():
+        targets += [(f"client_{k:02d}", k, tensors) for k, tensors in sorted(personal.items())]
     return [
-        fed.ranks.save(
-            fed.model,
-            fed.params,
-            fed.global_tensors() if k is None else fed.personal_tensors(k),
-            k,
-            run_dir / "adapters" / name,
-        )
-        for name, k in targets
+        fed.ranks.save(fed.model, fed.params, tensors, k, run_dir / "adapters" / name)
+        for name, k, tensors in targets
     ]
 
 
-def partition_report(fed: Federation) -> dict:
+def partition_report(fed: ServerState) -> dict:
     return {
         "sizes": fed.client_sizes.tolist(),
         "label_histograms": fed.histograms.tolist(),
     }
 
 
-def resume_config(run_dir: Path, cfg: RunConfig | None) -> RunConfig:
-    """The config a resumed run goes on with: its own, or ``cfg`` where that changes no result."""
+def resume_config(run_dir: Path, cfg: RunConfig | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """The config a resumed run goes on with, for every runtime: its own (``config.yaml``, with
+    ``overrides`` where given), or ``cfg``, where either changes no result."""
     saved_path = run_dir / "config.yaml"
     if not saved_path.is_file():
         raise SfedloraError(
             f"{run_dir} is not a run directory (no config.yaml): pass the directory a run wrote"
         )
     saved = load_config(saved_path)
+    if cfg is None and overrides:
+        cfg = load_config(saved_path, list(overrides))
     if cfg is not None:
         differing = result_differences(saved, cfg)
         if differing:
@@ -120,7 +118,7 @@ def resume_config(run_dir: Path, cfg: RunConfig | None) -> RunConfig:
 
 def run(
     cfg: RunConfig | None,
-    on_start: Callable[[Federation, Path], None] | None = None,
+    on_start: Callable[[ServerState, Path], None] | None = None,
     on_record: Callable[[dict], None] | None = None,
     resume: str | Path | None = None,
     runtime: Runtime | None = None,
@@ -141,12 +139,12 @@ def run(
         run_dir = check_run_dir(cfg)
     runtime.check(cfg)
     check_installed(cfg.report_to)
-    fed = build_federation(cfg, load_task(cfg.data, seed=cfg.seed))
+    fed = runtime.federation(cfg, load_task(cfg.data, seed=cfg.seed))
     if resume is None:
         create_run_dir(run_dir, cfg)
     with RunLock(run_dir):
         if resume is not None:
-            load_checkpoint(fed, run_dir, runtime.clients_here)
+            load_checkpoint(fed, run_dir)
             records = truncate_metrics(run_dir, fed.round)
         else:
             write_json(run_dir / "partition.json", partition_report(fed))
@@ -156,9 +154,9 @@ def run(
         settings = _collapse_settings(fed)
         with open_trackers(cfg, run_dir, fed.round) as trackers:
             _play(fed, runtime, run_dir, records, on_record, settings, trackers)
-        clients_here = runtime.finish(fed)
+        personal = runtime.finish(fed)
         if cfg.save_adapters:
-            save_adapters(fed, run_dir, clients_here)
+            save_adapters(fed, run_dir, personal)
         summary = run_summary(fed, records, settings, time.perf_counter() - start)
         write_json(run_dir / "summary.json", summary)
         # Finished: nothing left to resume, and client states of a large model are big.
@@ -167,7 +165,7 @@ def run(
 
 
 def _play(
-    fed: Federation,
+    fed: ServerState,
     runtime: Runtime,
     run_dir: Path,
     records: list[dict],
@@ -180,7 +178,7 @@ def _play(
     flagged = any("collapse" in r or "overfit" in r for r in records)  # a resumed run flagged it already
     writer = MetricsWriter(run_dir / "metrics.jsonl")
     try:
-        for record in play(fed, runtime):
+        for record in play(fed, runtime, run_dir):
             record = jsonable(record)
             records.append(record)
             verdict = None if flagged else judge(records, settings)
@@ -200,17 +198,15 @@ def _play(
             writer.write(record)
             trackers.log(record)
             last = fed.round == cfg.federation.rounds
-            # Without the clients here, every round: a SuperNode keeps only the states that a
-            # replay of the one round after the checkpoint needs.
-            if fed.round % cfg.checkpoint_every == 0 or last or not runtime.clients_here:
-                save_checkpoint(fed, run_dir, runtime.clients_here)
+            if fed.round % cfg.checkpoint_every == 0 or last or runtime.checkpoint_due(fed):
+                save_checkpoint(fed, run_dir)
             if on_record:
                 on_record(record)
     finally:
         writer.close()
 
 
-def _collapse_settings(fed: Federation) -> dict:
+def _collapse_settings(fed: ServerState) -> dict:
     """What the collapse rule judges a run by, as summary.json records it (:func:`collapse.judge`)."""
     trivial = trivial_score(fed)
     return {
@@ -222,7 +218,7 @@ def _collapse_settings(fed: Federation) -> dict:
     }
 
 
-def run_summary(fed: Federation, records: list[dict], settings: dict, seconds: float) -> dict:
+def run_summary(fed: ServerState, records: list[dict], settings: dict, seconds: float) -> dict:
     """What ``summary.json`` says of a finished run."""
     cfg = fed.cfg
     key = headline(fed)
@@ -233,7 +229,7 @@ def run_summary(fed: Federation, records: list[dict], settings: dict, seconds: f
     summary = {
         "method": cfg.method,
         "scaling": cfg.scaling,
-        "gamma": fed.gamma,
+        "gamma": fed.ranks.gamma(),
         **fed.ranks.summary(),
         "metric": key,
         "final": scores[-1] if scores else None,
@@ -247,7 +243,7 @@ def run_summary(fed: Federation, records: list[dict], settings: dict, seconds: f
         "overfit_reason": overfit.reason if overfit else None,
         "wall_seconds": seconds,
     }
-    if fed.client_tests is not None and fed.task.has_classes:
+    if isinstance(fed, Federation) and fed.client_tests is not None and fed.task.has_classes:
         # The client-local protocol's trivial predictor: each client answers its own training
         # data's majority label. Under a label skew it scores high with nothing learned.
         summary["client_test_majority_accuracy"] = float(

@@ -228,14 +228,16 @@ def counts(cfg: RunConfig) -> dict:
 
 def plan(cfg: RunConfig) -> Plan:
     """What ``cfg`` needs on its compute device and in host memory, as printable lines."""
+    from ..engine.executors import engine_rule
+    from ..federated.ranks import assign_ranks
     from ..federated.shared import method_of
-    from ..lora.models import _fast_bf16
+    from ..lora.models import auto_device, auto_precision
 
     c = counts(cfg)
     m, lora, train, fed = cfg.model, cfg.lora, cfg.train, cfg.federation
-    device = m.device if m.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    device = m.device if m.device != "auto" else auto_device()
     gpu = device.startswith("cuda")
-    precision = m.precision if m.precision != "auto" else "bf16" if gpu or _fast_bf16("cpu") else "fp32"
+    precision = m.precision if m.precision != "auto" else auto_precision(device)
     a = 4 if precision == "fp32" else 2
     storage = a if c["causal"] and gpu and m.quantization == "none" else 4
     base = base_bytes(
@@ -244,17 +246,15 @@ def plan(cfg: RunConfig) -> Plan:
 
     adapter = c["per_rank"] * lora.rank + c["head"]  # the shared model's adapter, at full rank
     moments = optimizer_moments(train.optimizer, train.momentum)
-    ranks = [
-        (lora.client_ranks or [lora.rank])[k % len(lora.client_ranks or [1])] for k in range(fed.n_clients)
-    ]
+    ranks = assign_ranks(lora.client_ranks, fed.n_clients, lora.rank)
     kept = moments if train.optimizer_state == "persistent" else 0  # optimizer state kept between rounds
     states = sum(4 * (1 + kept) * (c["per_rank"] * r + c["head"]) for r in ranks)
     # Trained in place: the adapter, its gradients and moments; plus the run's initial adapter.
     training = 4 * adapter * (3 + moments)
     sim, length = cfg.simulator, m.max_length
-    # As executors.auto_engine and check_fused choose (local_epochs: taken as more than one step).
-    one_step = cfg.federation.local_steps == 1
-    fused = sim.engine == "fused" or (sim.engine == "auto" and precision != "fp16" and (gpu or one_step))
+    # local_epochs: taken as more than one step (the client sizes are not known here).
+    steps = 1 if cfg.federation.local_steps == 1 else 2
+    fused = (sim.engine if sim.engine != "auto" else engine_rule(device, precision, steps)) == "fused"
     rows = max(sim.fused_tokens, length) // length if fused else train.batch_size
     tokens = rows * length
     lora_act = {

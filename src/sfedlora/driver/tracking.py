@@ -19,8 +19,7 @@ from typing import ClassVar, Protocol
 
 from ..config import RunConfig
 from ..errors import SfedloraError
-
-EVAL_PREFIXES = ("global_", "personal_")
+from ..federated.record import Key
 
 
 def scalars(record: dict) -> dict[str, float]:
@@ -29,7 +28,7 @@ def scalars(record: dict) -> dict[str, float]:
     for key, value in record.items():
         if key == "round" or isinstance(value, bool) or not isinstance(value, int | float):
             continue  # lists of clients, rejection reasons, collapse verdicts: not curves
-        out[f"{'eval' if key.startswith(EVAL_PREFIXES) else 'server'}/{key}"] = value
+        out[f"{'eval' if Key.parse(key).is_score else 'server'}/{key}"] = value
     for stats in record.get("client_stats", ()):
         for name, value in stats.items():
             if name != "client":

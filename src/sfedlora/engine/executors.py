@@ -132,17 +132,27 @@ def fused_runs(fed) -> bool:
     return True
 
 
+def engine_rule(device: str, precision: str, most_steps: int) -> str:
+    """``simulator.engine: auto`` from what is known before a model is built (``sfedlora plan``
+    asks it too): the fused engine on a GPU (it keeps the device busy with many small clients)
+    and, on a CPU, where clients take one local step a round: there a client's batch cannot be
+    grouped by length and sorting across clients removes the padding (2-3x per round); with more
+    steps per round the per-client workers were faster (benchmarks/README.md). The fused engine
+    has no fp16 loss scaling."""
+    if precision == "fp16":
+        return "per-client"
+    if device != "cpu":
+        return "fused"
+    return "fused" if most_steps == 1 else "per-client"
+
+
 def auto_engine(fed) -> str:
-    """``simulator.engine: auto``: the fused engine on a GPU (it keeps the device busy with many
-    small clients) and, on a CPU, where clients take one local step a round: there a client's
-    batch cannot be grouped by length and sorting across clients removes the padding (2-3x per
-    round); with more steps per round the per-client workers were faster (benchmarks/README.md)."""
+    """``simulator.engine: auto`` for a built federation: :func:`engine_rule`, where the fused
+    engine can run the model at all."""
     if not fused_runs(fed):
         return "per-client"
-    if fed.compute.device != "cpu":
-        return "fused"
     most = max(client_steps(fed.cfg, int(n)) for n in fed.client_sizes)
-    return "fused" if most == 1 else "per-client"
+    return engine_rule(fed.compute.device, fed.compute.precision, most)
 
 
 def make_executor(fed) -> Executor:

@@ -8,14 +8,16 @@ concludes the round with the server step every runtime shares.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from pathlib import Path
+
+import torch
 
 from ..config import RunConfig
+from ..data import TaskData
 from ..errors import SfedloraError
-from ..federated.evaluation import evaluate
-from ..federated.federation import Federation
+from ..federated.evaluation import ScoredHere, evaluate
+from ..federated.federation import Federation, build_federation
 from ..federated.robust import corrupt
-from ..federated.runtime import play
 from ..federated.server import Inbox, conclude_round, expected_update, sample_clients
 from .executors import Executor, InProcess, make_executor
 
@@ -62,9 +64,8 @@ def run_round(fed: Federation, executor: Executor | None = None) -> dict:
 
 
 class Simulator:
-    """The embedded runtime, for :func:`sfedlora.federated.runtime.play`."""
-
-    clients_here = True
+    """The embedded runtime, for :func:`sfedlora.federated.runtime.play`: every client's state
+    is in this process, so every checkpoint holds it."""
 
     def __init__(self) -> None:
         self.executor: Executor | None = None
@@ -76,24 +77,25 @@ class Simulator:
                 "in the embedded simulator the server holds every client's state anyway"
             )
 
-    def start(self, fed: Federation) -> None:
+    def federation(self, cfg: RunConfig, data: TaskData) -> Federation:
+        return build_federation(cfg, data)
+
+    def start(self, fed: Federation, run_dir: Path) -> None:
         self.executor = make_executor(fed)
 
     def play_round(self, fed: Federation) -> dict:
         return run_round(fed, self.executor)
 
     def evaluate(self, fed: Federation) -> dict:
-        return evaluate(fed, executor=self.executor)
+        return evaluate(fed, ScoredHere(self.executor))
 
-    def finish(self, fed: Federation) -> bool:
-        return True  # every client's state is here
+    def checkpoint_due(self, fed: Federation) -> bool:
+        return False  # checkpoint_every decides
+
+    def finish(self, fed: Federation) -> dict[int, dict[str, torch.Tensor]]:
+        return {k: fed.personal_tensors(k) for k in range(fed.n_clients)}
 
     def close(self) -> None:
         if self.executor is not None:
             self.executor.close()
             self.executor = None
-
-
-def simulate(fed: Federation) -> Iterator[dict]:
-    """The remaining rounds of ``fed`` on the embedded runtime, each round's record as it ends."""
-    return play(fed, Simulator())

@@ -35,6 +35,15 @@ class ClientState:
     optimizer: dict | None = None
     steps: int = 0  # local steps taken so far; drives a persistent learning-rate schedule
 
+    def state_dict(self) -> dict:
+        """Plain tensors, dicts and numbers: what a checkpoint, a node's state file and a
+        ClientApp's ``Context.state`` keep of a client (:meth:`from_state_dict` reads it)."""
+        return {"tensors": self.tensors, "rng": self.rng, "optimizer": self.optimizer, "steps": self.steps}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> ClientState:
+        return cls(state["tensors"], state["rng"], state["optimizer"], int(state["steps"]))
+
 
 @dataclass
 class ClientResult:

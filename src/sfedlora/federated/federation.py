@@ -1,6 +1,8 @@
-"""The federation's state: the shared model and every client's data and state, plus the
-server's tensors and the run's random streams. Built once from the config; mutated by the
-server step (:func:`sfedlora.federated.server.conclude_round`) and saved by :mod:`sfedlora.driver.checkpoint`.
+"""The federation's state. :class:`ServerState` is what a run's server holds in every runtime
+(the shared model, the global tensors, the run's random streams); :class:`Federation` adds
+every client's data and state, as the embedded runtime holds them; :class:`Node` is what one
+Flower SuperNode holds. Built once from the config; mutated by the server step
+(:func:`sfedlora.federated.server.conclude_round`) and saved by :mod:`sfedlora.driver.checkpoint`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from .shared import (
     Shared,
     build_shared,
     client_dp,
+    client_models_differ,
     client_parts,
     privacy_plan,
     split_clients,
@@ -33,14 +36,13 @@ def client_seed(cfg: RunConfig, k: int) -> int:
     return cfg.seed * 100_003 + k + 1
 
 
-@dataclass
-class Federation(Shared):
-    """Everything the embedded runtime holds: the shared parts, every client, the server."""
+@dataclass(kw_only=True)
+class ServerState(Shared):
+    """What a run's server holds in every runtime: the shared parts, the global tensors and the
+    run's random streams, each client's size and label histogram, never a client's state."""
 
     server: dict[str, torch.Tensor]  # latest aggregate of every global tensor
-    clients: list[ClientState]
-    client_data: list  # each client's training data, encoded by the task
-    client_sizes: np.ndarray
+    client_sizes: np.ndarray  # each client's example count: its weight in the mean
     histograms: np.ndarray  # per client: label counts (classification), else its size
     sampler: np.random.Generator  # which clients take part in each round
     fault_rng: np.random.Generator  # injected faults (drop-outs, bad updates), apart from sampling
@@ -50,24 +52,22 @@ class Federation(Shared):
         None  # DP steps (dp=client) or releases (dp=server) each client is charged for
     )
     dp_rng: np.random.Generator | None = None  # the server's DP noise (dp=server)
-    client_tests: list | None = None  # each client's own test share (eval.client_test_fraction), encoded
 
-    def client(self, k: int) -> ClientSpec:
-        return ClientSpec(
-            k, self.client_data[k], int(self.client_sizes[k]), client_dp(self.cfg, self.privacy, k)
-        )
+    @property
+    def n_clients(self) -> int:
+        return len(self.client_sizes)
 
     def download(self, k: int) -> dict[str, torch.Tensor]:
         """What the server sends client ``k``: the global tensors, cut to the client's rank."""
         return self.ranks.view(self.method.download(self.server), k)
 
-    def personal_tensors(self, k: int) -> dict[str, torch.Tensor]:
-        """Client ``k``'s model: its own tensors with the server's global ones on top."""
-        return {**self.clients[k].tensors, **self.ranks.view(self.server, k)}
+    def served_tensors(self, k: int) -> dict[str, torch.Tensor]:
+        """Client ``k``'s model as the server alone knows it: the initial adapter with the
+        global tensors on top, at the client's rank (its model, where it keeps nothing local)."""
+        return {**self.ranks.view(self.initial, k), **self.ranks.view(self.server, k)}
 
     def client_models_differ(self) -> bool:
-        """Whether clients' models differ: local tensors, or each client at its own rank."""
-        return self.method.has_local_state() or self.ranks.mixed
+        return client_models_differ(self.cfg)
 
     def global_tensors(self) -> dict[str, torch.Tensor]:
         return {**self.initial, **self.server}
@@ -76,10 +76,87 @@ class Federation(Shared):
     def evaluated_clients(self) -> list[int]:
         """The clients whose personalised models are scored: every client, or ``eval.clients``
         of them drawn once from the seed (its own stream, so sampling and faults are unchanged)."""
-        n, k = len(self.clients), self.cfg.eval.clients
+        n, k = self.n_clients, self.cfg.eval.clients
         if k is None or k >= n:
             return list(range(n))
         return sorted(int(i) for i in np.random.default_rng([self.cfg.seed, 4]).choice(n, k, replace=False))
+
+    def state_dict(self) -> dict:
+        """The server's mutable state, for a checkpoint (:mod:`sfedlora.driver.checkpoint`)."""
+        return {
+            "round": self.round,
+            "server": self.server,
+            "sampler": self.sampler.bit_generator.state,
+            "fault_rng": self.fault_rng.bit_generator.state,
+            "dp_ledger": torch.from_numpy(self.dp_ledger),
+            "dp_rng": self.dp_rng.bit_generator.state,
+            # Nodes with their own data report their sizes, which later rounds weight by.
+            "client_sizes": torch.from_numpy(self.client_sizes),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` saved (its shape checked by the caller)."""
+        self.round = state["round"]
+        self.server = self.compute.offload(state["server"])
+        self.sampler.bit_generator.state = state["sampler"]
+        self.fault_rng.bit_generator.state = state["fault_rng"]
+        if "dp_ledger" in state:  # checkpoints from before DP have neither
+            self.dp_ledger = state["dp_ledger"].cpu().numpy()
+            self.dp_rng.bit_generator.state = state["dp_rng"]
+        # Checkpoints from before Flower resume have no sizes: the config's are theirs.
+        if "client_sizes" in state:
+            self.client_sizes = state["client_sizes"].cpu().numpy()
+
+
+@dataclass(kw_only=True)
+class Federation(ServerState):
+    """Everything the embedded runtime holds: the server's state and every client's."""
+
+    clients: list[ClientState]
+    client_data: list  # each client's training data, encoded by the task
+    client_tests: list | None = None  # each client's own test share (eval.client_test_fraction), encoded
+
+    def client(self, k: int) -> ClientSpec:
+        return ClientSpec(
+            k, self.client_data[k], int(self.client_sizes[k]), client_dp(self.cfg, self.privacy, k)
+        )
+
+    def personal_tensors(self, k: int) -> dict[str, torch.Tensor]:
+        """Client ``k``'s model: its own tensors with the server's global ones on top."""
+        return {**self.clients[k].tensors, **self.ranks.view(self.server, k)}
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "clients": [c.state_dict() for c in self.clients]}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.clients = [offload_state(ClientState.from_state_dict(c), self.compute) for c in state["clients"]]
+
+
+def server_parts(cfg: RunConfig, shared: Shared, labels: np.ndarray, parts: list[np.ndarray]) -> dict:
+    """The server's side of a new run: the initial global tensors, sizes, histograms, streams."""
+    sizes = np.array([len(p) for p in parts])
+    # With secure_noise the server's noise is seeded by the OS, so the config cannot replay it.
+    dp_rng = np.random.default_rng(None if cfg.privacy.secure_noise else [cfg.seed, 3])
+    return dict(
+        **vars(shared),
+        # On a GPU run the server's tensors live with the clients' updates, in host memory.
+        server=shared.compute.offload(select(shared.initial, shared.method.global_kinds)),
+        client_sizes=sizes,
+        histograms=shared.task.histograms(labels, parts),
+        sampler=np.random.default_rng([cfg.seed, 1]),
+        fault_rng=np.random.default_rng([cfg.seed, 2]),
+        privacy=privacy_plan(cfg, sizes),
+        dp_ledger=np.zeros(len(parts), dtype=np.int64),
+        dp_rng=dp_rng,
+    )
+
+
+def build_server(cfg: RunConfig, data: TaskData) -> ServerState:
+    """The server of ``cfg`` on ``data``, for a runtime whose clients live elsewhere (Flower):
+    no client's data is encoded and no client's state is built."""
+    shared = build_shared(cfg, data)
+    return ServerState(**server_parts(cfg, shared, data.train.labels, split_clients(cfg, data.train.labels)))
 
 
 def build_federation(cfg: RunConfig, data: TaskData) -> Federation:
@@ -87,13 +164,8 @@ def build_federation(cfg: RunConfig, data: TaskData) -> Federation:
     shared = build_shared(cfg, data)
     parts, tests = zip(*client_parts(cfg, data.train.labels))
     train = shared.task.encode(data.train, shared.tokenizer, cfg.model.max_length, "training")
-    sizes = np.array([len(p) for p in parts])
-    # With secure_noise the server's noise is seeded by the OS, so the config cannot replay it.
-    dp_rng = np.random.default_rng(None if cfg.privacy.secure_noise else [cfg.seed, 3])
     return Federation(
-        **vars(shared),
-        # On a GPU run the server's tensors live with the clients' updates, in host memory.
-        server=shared.compute.offload(select(shared.initial, shared.method.global_kinds)),
+        **server_parts(cfg, shared, data.train.labels, list(parts)),
         clients=[
             offload_state(
                 new_client_state(shared.ranks.view(shared.initial, k), client_seed(cfg, k)), shared.compute
@@ -102,13 +174,6 @@ def build_federation(cfg: RunConfig, data: TaskData) -> Federation:
         ],
         client_data=[train.subset(p) for p in parts],
         client_tests=[train.subset(t) for t in tests] if cfg.eval.client_test_fraction else None,
-        client_sizes=sizes,
-        histograms=shared.task.histograms(data.train.labels, parts),
-        sampler=np.random.default_rng([cfg.seed, 1]),
-        fault_rng=np.random.default_rng([cfg.seed, 2]),
-        privacy=privacy_plan(cfg, sizes),
-        dp_ledger=np.zeros(len(parts), dtype=np.int64),
-        dp_rng=dp_rng,
     )
 
 

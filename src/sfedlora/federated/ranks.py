@@ -69,11 +69,6 @@ def holders(ranks: Sequence[int], n_sampled: int) -> tuple[float, ...]:
     return tuple(1.0 + (n_sampled - 1) * (sum(1 for s in ranks if s >= r) - 1) / max(1, n - 1) for r in ranks)
 
 
-def client_gammas(rule: str, alpha: float, ranks: Sequence[int], n_sampled: int) -> tuple[float, ...]:
-    """γ_k of every client: the rule at the client's own rank and holder count n_k."""
-    return tuple(gamma(rule, alpha, r, n) for r, n in zip(ranks, holders(ranks, n_sampled)))
-
-
 def truncate(tensors: Mapping[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
     """The rank-``rank`` part of an adapter: the first rows of each A, columns of each B."""
     out = {}
@@ -185,13 +180,8 @@ class RankPlan:
         return max(range(len(self.ranks)), key=lambda k: self.ranks[k])
 
     @functools.cached_property
-    def gammas(self) -> tuple[float, ...]:
-        """γ_k of every client: the rule at the client's own rank and holder count n_k."""
+    def _gammas(self) -> tuple[float, ...]:
         return tuple(gamma(self.rule, self.alpha, r, n) for r, n in zip(self.ranks, self.holders))
-
-    @property
-    def global_gamma(self) -> float:
-        return self.gamma_of(None)
 
     @property
     def global_rank(self) -> int:
@@ -207,12 +197,14 @@ class RankPlan:
         k = self.top if k is None else k
         return lora_config(self.ranks[k], self.alpha, self.holders[k], self.rule)
 
-    def gamma_of(self, k: int | None) -> float:
-        """The rule's γ for client ``k`` (None: the global model), as reported."""
-        return self.gammas[self.top if k is None else k]
+    def gamma(self, k: int | None = None) -> float:
+        """γ_k of client ``k``, the rule at its own rank and holder count n_k (None: the global
+        model's): the one way to read γ."""
+        return self._gammas[self.top if k is None else k]
 
     def layer_gamma(self, k: int | None) -> float:
-        """The γ PEFT computes from :meth:`lora_config`: what the layers run with and load with."""
+        """The γ PEFT computes from :meth:`lora_config` (equal to :meth:`gamma` up to float
+        rounding, checked at :meth:`build`): what the layers are written with, not for reading."""
         return self._layer_gammas[self.top if k is None else k]
 
     @functools.cached_property
@@ -257,11 +249,11 @@ class RankPlan:
             return {}
         return {
             "client_ranks": [self.ranks[k] for k in clients],
-            "client_gammas": [self.gammas[k] for k in clients],
+            "client_gammas": [self.gamma(k) for k in clients],
         }
 
     def summary(self) -> dict:
-        return {"client_ranks": list(self.ranks), "client_gammas": list(self.gammas)} if self.mixed else {}
+        return {"client_ranks": list(self.ranks), "client_gammas": list(self._gammas)} if self.mixed else {}
 
     def save(
         self,

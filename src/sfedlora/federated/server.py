@@ -17,7 +17,7 @@ import torch
 
 from ..privacy import user_level_mean
 from .client import ClientResult
-from .federation import Federation
+from .federation import ServerState
 from .robust import change_norm, check_update, norm_outliers
 
 log = logging.getLogger("sfedlora")
@@ -62,6 +62,7 @@ class Inbox:
     dropped: list[int] = field(default_factory=list)  # no reply
     rejected: list[dict] = field(default_factory=list)  # refused before the checks, with a reason
     injected: list[dict] = field(default_factory=list)
+    sizes: dict[int, int] = field(default_factory=dict)  # example counts the clients reported
     bytes_up: int = 0
     bytes_down: int = 0
     # SecAgg+: the server never sees an update, only the new tensors the securely summed
@@ -79,18 +80,21 @@ class Inbox:
             self.rejected.append({"client": k, "reason": DIVERGED})
             return False
         self.results.append((k, result))
+        if result.examples:
+            # A client that holds its own data (a node with a data-dir) says how much it has.
+            self.sizes[k] = result.examples
         if update is not None:
             self.bytes_up += nbytes(update)
             self.updates.append((k, update))
         return True
 
 
-def expected_update(fed: Federation, round_: int) -> dict[str, torch.Tensor]:
+def expected_update(fed: ServerState, round_: int) -> dict[str, torch.Tensor]:
     """The server's current value of every tensor clients upload in ``round_``."""
     return {n: fed.server[n] for n in fed.method.upload(fed.initial, round_)}
 
 
-def conclude_round(fed: Federation, round_: int, inbox: Inbox, start: float) -> dict:
+def conclude_round(fed: ServerState, round_: int, inbox: Inbox, start: float) -> dict:
     """Server side of a round, for every runtime: refuse malformed, non-finite and
     (optionally) outlying replies, average the rest, and return the round's record.
 
@@ -98,6 +102,8 @@ def conclude_round(fed: Federation, round_: int, inbox: Inbox, start: float) -> 
     """
     cfg = fed.cfg
     min_replies = cfg.server.min_replies
+    for k, n in inbox.sizes.items():
+        fed.client_sizes[k] = n
     expected = expected_update(fed, round_)
     replies, rejected = [], list(inbox.rejected)
     for k, update in inbox.updates:
@@ -158,7 +164,7 @@ def conclude_round(fed: Federation, round_: int, inbox: Inbox, start: float) -> 
         "grad_norm_B": _mean_of(trained, "B"),
         "client_stats": client_stats(inbox.results),
         "update_norm": update_norm,
-        "gamma": fed.gamma,
+        "gamma": fed.ranks.gamma(),
         **fed.ranks.record(inbox.clients),
         "aggregated": len(replies),
         "dropped": inbox.dropped,
@@ -172,7 +178,7 @@ def conclude_round(fed: Federation, round_: int, inbox: Inbox, start: float) -> 
 
 
 def server_aggregate(
-    fed: Federation,
+    fed: ServerState,
     updates: list[dict[str, torch.Tensor]],
     clients: list[int],
     expected: dict[str, torch.Tensor],
@@ -186,6 +192,6 @@ def server_aggregate(
     return fed.ranks.aggregate(updates, [float(fed.client_sizes[k]) for k in clients], clients, expected)
 
 
-def sample_clients(fed: Federation) -> list[int]:
+def sample_clients(fed: ServerState) -> list[int]:
     """The clients of the next round, drawn from the federation's seeded sampler."""
-    return np.sort(fed.sampler.choice(len(fed.clients), size=fed.n_sampled, replace=False)).tolist()
+    return np.sort(fed.sampler.choice(fed.n_clients, size=fed.n_sampled, replace=False)).tolist()

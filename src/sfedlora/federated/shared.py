@@ -46,11 +46,6 @@ class Shared:
         return self.cfg.federation.sampled_per_round()
 
     @property
-    def gamma(self) -> float:
-        """γ of the global model (with mixed ranks each client has its own: ``ranks.gammas``)."""
-        return self.ranks.global_gamma
-
-    @property
     def metric(self) -> str:
         return self.task.metric
 
@@ -112,6 +107,12 @@ def method_of(cfg: RunConfig) -> Method:
     """The federated method ``cfg`` names, with its head settings."""
     f = cfg.federation
     return get_method(cfg.method, local_head=f.local_head, head_probe_rounds=f.head_probe_rounds)
+
+
+def client_models_differ(cfg: RunConfig) -> bool:
+    """Whether the clients' models differ from each other (and from any global one): local
+    tensors, or each client at its own rank."""
+    return method_of(cfg).has_local_state() or cfg.lora.client_ranks is not None
 
 
 def build_shared(cfg: RunConfig, data: TaskData) -> Shared:

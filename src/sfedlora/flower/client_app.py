@@ -73,10 +73,6 @@ def partition_id(context: Context, n_clients: int) -> int:
     return k
 
 
-def _setup(msg: Message, context: Context, training: bool = False):
-    return _check_node(read_request(msg), context, training)
-
-
 def _check_node(req: Request, context: Context, training: bool = False):
     """This node's client and the state the request builds on, checked against the request."""
     k = partition_id(context, req.cfg.federation.n_clients)

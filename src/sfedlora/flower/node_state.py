@@ -56,8 +56,7 @@ def _read(path: Path) -> dict | None:
 
 
 def save_state_file(path: Path, run: str, client: int, round_: int, state: ClientState) -> None:
-    record = {"run": run, "client": client, "round": round_, "tensors": state.tensors, "rng": state.rng}
-    record.update(optimizer=state.optimizer, steps=state.steps)
+    record = {"run": run, "client": client, "round": round_, **state.state_dict()}
     current = _read(path)
     if current is not None and current.get("run") == run and current["round"] < round_:
         # Kept for a replay of this round by a resumed ServerApp. A crash before the new file
@@ -93,8 +92,7 @@ def load_state_file(path: Path, run: str, client: int, round_: int, training: bo
         )
     if not usable:  # a replay of the client's first round
         return None
-    s = usable[0]
-    return ClientState(s["tensors"], s["rng"], s["optimizer"], s["steps"])
+    return ClientState.from_state_dict(usable[0])
 
 
 def local_data(data: DataConfig, node_config) -> DataConfig | None:

@@ -102,21 +102,17 @@ def read_train_reply(msg: Message) -> tuple[ClientResult | None, dict[str, torch
 
 def save_state(state: RecordDict, client: ClientState) -> None:
     """Keep ``client`` in a ClientApp's ``Context.state`` until its next round."""
-    state[STATE_TENSORS] = tensors_record(client.tensors)
-    state[STATE_META] = ConfigRecord(
-        {
-            "rng": client.rng.numpy().tobytes(),
-            "steps": client.steps,
-            "optimizer": pack(client.optimizer),
-        }
-    )
+    rest = client.state_dict()
+    state[STATE_TENSORS] = tensors_record(rest.pop("tensors"))
+    # The node's own memory, never sent: packed whole (optimizer state is nested dicts).
+    state[STATE_META] = ConfigRecord({"state": pack(rest)})
 
 
 def load_state(state: RecordDict) -> ClientState | None:
     """The client state kept in ``Context.state``; None before the process's first round."""
     if STATE_TENSORS not in state:
         return None
-    meta = state.config_records[STATE_META]
-    optimizer = unpack(meta["optimizer"])
-    rng = torch.frombuffer(bytearray(meta["rng"]), dtype=torch.uint8).clone()
-    return ClientState(record_tensors(state.array_records[STATE_TENSORS]), rng, optimizer, int(meta["steps"]))
+    rest = unpack(state.config_records[STATE_META]["state"])
+    return ClientState.from_state_dict(
+        {"tensors": record_tensors(state.array_records[STATE_TENSORS]), **rest}
+    )

@@ -18,16 +18,18 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from flwr.app import Context, Message, MessageType
 from flwr.common import log as flwr_log
 from flwr.serverapp import Grid, ServerApp
 
 from ..config import RunConfig, load_config
-from ..driver.experiment import RunResult, run
+from ..data import TaskData
+from ..driver.experiment import RunResult, resume_config, run
 from ..driver.rundir import run_key
 from ..errors import SfedloraError
 from ..federated.evaluation import evaluate
-from ..federated.federation import Federation
+from ..federated.federation import ServerState, build_server
 from ..federated.server import Inbox, conclude_round, expected_update, nbytes, sample_clients
 from ..logs import quiet_libraries, round_lines
 from .records import (
@@ -51,25 +53,32 @@ def check_runnable(cfg: RunConfig) -> None:
             "faults.dropout and faults.bad_update inject faults in the embedded simulator only; "
             "on Flower faults are real (stop a SuperNode): set both to 0"
         )
+    if cfg.eval.client_test_fraction:
+        raise SfedloraError(
+            "eval.client_test_fraction holds out a share of each client's data, scored where the "
+            "client's state lives: the embedded simulator only; on Flower set it to 0"
+        )
 
 
 class FlowerRounds:
-    """The rounds of a run played over a Flower ``Grid``: a :class:`sfedlora.federated.runtime.Runtime`."""
-
-    clients_here = False  # each client's state lives on its SuperNode
+    """The rounds of a run played over a Flower ``Grid``: a :class:`sfedlora.federated.runtime.Runtime`.
+    The server holds the server's state only; each client's state lives on its SuperNode."""
 
     def __init__(self, grid: Grid):
         self.grid = grid
         self.nodes: dict[int, int] = {}  # client index → node id
-        self.key = ""  # the run's key: set with the run directory, before the first message
 
     def check(self, cfg: RunConfig) -> None:
         check_runnable(cfg)
-        self.cfg = cfg
-        self.text = config_text(cfg)
 
-    def start(self, fed: Federation) -> None:
-        self.nodes, durable = self.connect(len(fed.clients))
+    def federation(self, cfg: RunConfig, data: TaskData) -> ServerState:
+        return build_server(cfg, data)
+
+    def start(self, fed: ServerState, run_dir: Path) -> None:
+        self.cfg = fed.cfg
+        self.text = config_text(fed.cfg)
+        self.key = run_key(run_dir)  # every message carries it: a node keeps its state under it
+        self.nodes, durable = self.connect(fed.n_clients)
         amnesic = [k for k in self.nodes if not durable[k]]
         if fed.round and amnesic:
             raise SfedloraError(
@@ -78,33 +87,45 @@ class FlowerRounds:
                 "state-dir (--node-config \"partition-id=K state-dir='/var/sfedlora'\") from the run's start"
             )
 
-    def play_round(self, fed: Federation) -> dict:
+    def play_round(self, fed: ServerState) -> dict:
         return self.play_secure(fed) if self.cfg.privacy.secagg else self.play(fed)
 
-    def evaluate(self, fed: Federation) -> dict:
-        return evaluate(fed, personal=lambda: self.personal(fed))
+    def evaluate(self, fed: ServerState) -> dict:
+        return evaluate(fed, self)
 
-    def finish(self, fed: Federation) -> bool:
-        """End the run on every node (each saves its adapter where it keeps its state); with
-        ``flower.collect_adapters``, take every client's personalised adapter into ``fed``."""
+    def checkpoint_due(self, fed: ServerState) -> bool:
+        # Every round: a SuperNode keeps only the states that a replay of the one round after
+        # the checkpoint needs.
+        return True
+
+    def finish(self, fed: ServerState) -> dict[int, dict[str, torch.Tensor]]:
+        """End the run on every node (each saves its adapter where it keeps its state); the
+        personalised adapters the server can save: with ``flower.collect_adapters`` every
+        client's, sent by its node; else, where clients keep nothing local, those the server's
+        tensors make."""
         collect = self.cfg.flower.collect_adapters
-        clients = list(range(len(fed.clients)))
+        clients = list(range(fed.n_clients))
         replies = self.ask(
             MessageType.QUERY,
             clients,
             lambda k: request(self.text, self.key, k, fed.round, fed.download(k), finish=True),
             "finish",
         )
-        missing = []
+        missing, collected = [], {}
         for k, reply in replies.items():
             if isinstance(reply, str) or (collect and UPDATE not in reply.content.array_records):
                 missing.append(k)
                 log.warning("client %d (node %d) did not finish the run: %s", k, self.nodes[k], reply)
             elif collect:
-                fed.clients[k].tensors = record_tensors(reply.content.array_records[UPDATE])
+                own = record_tensors(reply.content.array_records[UPDATE])
+                collected[k] = {**own, **fed.ranks.view(fed.server, k)}
         if collect and missing:
             log.warning("personalised adapters not saved: clients %s did not send theirs", missing)
-        return collect and not missing
+        if collect and not missing:
+            return collected
+        if fed.method.has_local_state():
+            return {}
+        return {k: fed.served_tensors(k) for k in clients}
 
     def close(self) -> None:
         pass
@@ -169,7 +190,7 @@ class FlowerRounds:
         log.info("%d SuperNodes connected: %s", len(held), held)
         return held, durable
 
-    def play(self, fed: Federation) -> dict:
+    def play(self, fed: ServerState) -> dict:
         """One round: the simulator's, with messages instead of calls."""
         start = time.perf_counter()
         round_ = fed.round + 1
@@ -191,14 +212,10 @@ class FlowerRounds:
                 )
                 inbox.dropped.append(k)
                 continue
-            result, update = read_train_reply(reply)
-            if result is not None and result.examples:
-                # A node with its own data (node config data-dir) says how much it has.
-                fed.client_sizes[k] = result.examples
-            inbox.receive(k, result, update)
+            inbox.receive(k, *read_train_reply(reply))
         return conclude_round(fed, round_, inbox, start)
 
-    def play_secure(self, fed: Federation) -> dict:
+    def play_secure(self, fed: ServerState) -> dict:
         """One round inside Flower's SecAgg+ protocol: the server learns only the
         example-weighted mean of the sampled clients' changes (see :mod:`.secagg`)."""
         import flwr.compat.common.recorddict_compat as compat
@@ -255,9 +272,11 @@ class FlowerRounds:
             inbox.secure = ({n: expected[n] + change[n] for n in expected}, contributors)
         return conclude_round(fed, round_, inbox, start)
 
-    def personal(self, fed: Federation) -> list[dict[str, float]]:
-        """The scores of every reachable evaluated client's personalised model."""
-        clients = fed.evaluated_clients
+    def own_tests(self, fed: ServerState) -> tuple[list[dict[str, float]], list[int]]:
+        raise SfedloraError("eval.client_test_fraction needs the embedded simulator")  # check() refuses it
+
+    def dev(self, fed: ServerState, clients: list[int]) -> list[dict[str, float]]:
+        """The dev-set scores of each reachable client's personalised model, scored on its node."""
         replies = self.ask(
             MessageType.EVALUATE,
             clients,
@@ -279,29 +298,21 @@ def run_on_grid(
     grid: Grid, cfg: RunConfig | None, on_start=None, on_record=None, resume: Path | None = None
 ) -> RunResult:
     """Run ``cfg`` (or resume the run directory ``resume``) over ``grid``."""
-    rounds = FlowerRounds(grid)
-
-    def started(fed: Federation, run_dir: Path) -> None:
-        rounds.key = run_key(run_dir)
-        if on_start:
-            on_start(fed, run_dir)
-
-    return run(cfg, on_start=started, on_record=on_record, resume=resume, runtime=rounds)
+    return run(cfg, on_start=on_start, on_record=on_record, resume=resume, runtime=FlowerRounds(grid))
 
 
-def settings_from_context(context: Context) -> tuple[RunConfig | None, Path | None]:
+def settings_from_context(context: Context) -> tuple[RunConfig, Path | None]:
     """The run's config and the run directory to resume, from the app's run config: ``config``
     (a YAML path, or empty for the defaults), ``overrides`` (``key=value`` pairs separated by
     spaces) and ``resume`` (a run directory on the server's machine, or empty). Resuming, the
     config is the run's own (``config.yaml``) unless ``config`` or ``overrides`` say otherwise."""
     path = str(context.run_config.get("config", "")) or None
     overrides = str(context.run_config.get("overrides", "")).split()
-    resume = Path(str(context.run_config.get("resume", ""))) if context.run_config.get("resume") else None
-    if resume is not None and path is None:
-        if not overrides:
-            return None, resume
-        path = resume / "config.yaml"
-    return load_config(path, overrides), resume
+    if not context.run_config.get("resume"):
+        return load_config(path, overrides), None
+    resume = Path(str(context.run_config["resume"]))
+    given = load_config(path, overrides) if path is not None else None
+    return resume_config(resume, given, overrides if path is None else ()), resume
 
 
 def make_server_app(

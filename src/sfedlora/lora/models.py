@@ -285,6 +285,19 @@ def _fast_bf16(device: str) -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def auto_device() -> str:
+    """``model.device: auto``: the GPU where PyTorch sees one."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def auto_precision(device: str) -> str:
+    """``model.precision: auto`` on ``device``: bf16 where its autocast is a speed-up, else fp32.
+    A CUDA device PyTorch does not see here (``sfedlora plan`` for another machine) is taken
+    to be bf16-capable."""
+    absent_gpu = device.startswith("cuda") and not torch.cuda.is_available()
+    return "bf16" if absent_gpu or _fast_bf16(device) else "fp32"
+
+
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -310,13 +323,13 @@ class Compute:
     @classmethod
     def resolve(cls, device: str, precision: str) -> Compute:
         if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+            device = auto_device()
         elif device.startswith("cuda") and not torch.cuda.is_available():
             raise SfedloraError(
                 f"model.device={device} but PyTorch sees no CUDA GPU: use model.device=cpu (or auto)"
             )
         if precision == "auto":
-            precision = "bf16" if _fast_bf16(device) else "fp32"
+            precision = auto_precision(device)
         if precision == "fp16" and not device.startswith("cuda"):
             raise SfedloraError(
                 "model.precision=fp16 needs a CUDA GPU: use model.precision=bf16 or fp32 on the CPU"

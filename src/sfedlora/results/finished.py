@@ -15,7 +15,7 @@ from pathlib import Path
 from ..config import RunConfig, load_config
 from ..data import TaskData, load_task
 from ..errors import SfedloraError
-from ..federated.shared import method_of, split_clients
+from ..federated.shared import client_models_differ, method_of, split_clients
 from ..lora.models import Compute
 from ..tasks import Task, get_task
 
@@ -38,9 +38,7 @@ class FinishedRun:
         return not method_of(self.cfg).has_local_state()
 
     def client_models_differ(self) -> bool:
-        """Whether clients' models differ from each other (and from any global one): local
-        tensors, or each client at its own rank."""
-        return not self.has_global_model() or self.cfg.lora.client_ranks is not None
+        return client_models_differ(self.cfg)
 
     def histograms(self):
         """Each client's training label counts (its size, without classes), as the run split them."""
