@@ -37,7 +37,7 @@ from sfedlora.data import load_task
 from sfedlora.engine.simulator import run_round
 from sfedlora.engine.workers import ClientWorkers
 from sfedlora.federated.client import train_client
-from sfedlora.federated.evaluation import evaluate
+from sfedlora.federated.evaluation import ScoredHere, evaluate
 from sfedlora.federated.federation import build_federation
 from sfedlora.federated.methods import aggregate
 from sfedlora.lora.models import trainable_parameters
@@ -190,7 +190,7 @@ def main() -> None:
             personal = {}
             for name, w in [("one_process", None), (f"{threads}_workers", workers)]:
                 start = time.perf_counter()
-                evaluate(fed, executor=w)
+                evaluate(fed, ScoredHere(w))
                 personal[name] = time.perf_counter() - start
             results["evaluation"] = {
                 "one_model_s": one,
