@@ -16,7 +16,7 @@ from sfedlora.data import load_task, size_partition
 from sfedlora.data.answers import exact_match, final_number
 from sfedlora.data.lm import ALPACA_TEMPLATE_NO_INPUT, GSM8K_TEMPLATE, IGNORE, LMExamples, encode_lm
 from sfedlora.driver.experiment import run
-from sfedlora.federated.record import best_of, higher_is_better, summarise
+from sfedlora.federated.keys import best_of, higher_is_better, summarise
 from sfedlora.lora.models import lm_target_modules, load_tokenizer
 from sfedlora.lora.tiny_llama import tiny_llama_dir
 from sfedlora.peft import layer_gammas

@@ -149,7 +149,7 @@ def test_auroc_scores_the_margin_and_ignores_a_bias_toward_one_label(tiny_config
     while its accuracy drops to the prior; hand-computed on four examples."""
     from sfedlora.data import load_task
     from sfedlora.data.encoding import Encoded
-    from sfedlora.federated.record import summarise
+    from sfedlora.federated.keys import summarise
     from sfedlora.tasks import get_task
 
     cfg = tiny_config()

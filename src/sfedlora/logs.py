@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import warnings
 
-from .federated.record import Key
+from .federated.keys import Key
 
 
 def quiet_libraries() -> None:

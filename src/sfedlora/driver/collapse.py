@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..federated.record import TRAIN_LOSS, Key
+from ..federated.keys import TRAIN_LOSS, Key
 
 COLLAPSED, OVERFIT = "collapsed", "overfit"
 

@@ -17,7 +17,7 @@ from ..engine.simulator import Simulator
 from ..errors import SfedloraError
 from ..federated.evaluation import outputs_of
 from ..federated.federation import Federation, ServerState
-from ..federated.record import best_of, higher_is_better, score_key
+from ..federated.keys import best_of, higher_is_better, score_key
 from ..federated.runtime import Runtime, play
 from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from .collapse import COLLAPSED, OVERFIT, judge

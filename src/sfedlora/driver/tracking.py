@@ -19,7 +19,7 @@ from typing import ClassVar, Protocol
 
 from ..config import RunConfig
 from ..errors import SfedloraError
-from ..federated.record import Key
+from ..federated.keys import Key
 
 
 def scalars(record: dict) -> dict[str, float]:

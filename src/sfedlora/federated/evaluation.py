@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .federation import Federation, ServerState
-from .record import Key, scoped, summarise
+from .keys import Key, scoped, summarise
 from .shared import Shared
 
 

@@ -24,7 +24,7 @@ from matplotlib.ticker import MaxNLocator
 
 from ..driver.rundir import read_metrics
 from ..errors import SfedloraError
-from ..federated.record import higher_is_better
+from ..federated.keys import higher_is_better
 from .grid import ALIASES, value_text
 from .record import Run, Sweep, open_sweep, sweep_record, write_record
 from .sweep_summary import last_value, write_summary

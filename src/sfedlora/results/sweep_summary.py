@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..driver.collapse import COLLAPSED, OVERFIT, judge
-from ..federated.record import higher_is_better
+from ..federated.keys import higher_is_better
 from .grid import ALIASES, hashable, value_text
 from .record import Run, Sweep
 
