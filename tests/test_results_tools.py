@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from typer.testing import CliRunner
 
 from sfedlora.cli import app
@@ -197,6 +198,52 @@ def test_exported_client_model_scores_in_a_pipeline_as_the_run_scored_it(trained
     batch = pipe.tokenizer(dev.texts[:8], truncation=True, padding=True, return_tensors="pt")
     with torch.no_grad():
         assert model(**batch).logits.numpy() == pytest.approx(logits[:8], abs=1e-5)
+
+
+def test_export_writes_a_model_card_and_pushes_through_huggingface_hub(trained, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    result, fed = trained
+    calls = []
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, *a, **kw: calls.append((a, kw)))
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, **kw: calls.append(kw))
+    out = tmp_path / "card"
+    pushed = runner.invoke(
+        app, ["export", str(result.run_dir), str(out), "--client", "1", "--push-to-hub", "me/m"]
+    )
+    assert pushed.exit_code == 0, pushed.output
+    assert calls == [
+        (("me/m",), {"repo_type": "model", "exist_ok": True}),
+        {"folder_path": str(out), "repo_id": "me/m", "repo_type": "model"},
+    ]
+    assert "uploaded to https://huggingface.co/me/m" in pushed.output
+
+    text = (out / "README.md").read_text()
+    _, header, body = text.split("---\n", 2)
+    assert yaml.safe_load(header) == {
+        "library_name": "peft",
+        "base_model": "sentence-transformers/all-MiniLM-L6-v2",
+        "pipeline_tag": "text-classification",
+        "tags": ["sfedlora", "federated-learning", "lora", "sfed-lora", "peft"],
+    }
+    assert "γ = α·N^0.5/r^0.5 = 13.8564" in body  # 16·√(3/4): N = 3 clients, r = 4
+    assert (
+        "| N (client updates averaged per round) | 3 of 3 clients |" in body
+        and "| LoRA rank r, α | 4, 16 |" in body
+    )
+    # The client's own dev scores, and the run's last evaluated mean.
+    last = result.records[-1]
+    row = f"| accuracy | {personal_accuracy(fed, 1)[0]:.4f} | {last['personal_accuracy_mean']:.4f} |"
+    assert row + f" {last['personal_accuracy_min']:.4f} |" in body
+    assert 'from_pretrained("sentence-transformers/all-MiniLM-L6-v2", num_labels=2)' in body
+
+    monkeypatch.undo()  # the real client: the Hub is unreachable here (offline or no network)
+    failed = runner.invoke(
+        app, ["export", str(result.run_dir), str(tmp_path / "o"), "--client", "0", "--push-to-hub", "me/m"]
+    )
+    written, error = failed.output.splitlines()  # the export is kept; its upload failed
+    assert failed.exit_code == 2 and error.startswith("error: could not push"), failed.output
+    assert "huggingface-cli upload me/m" in failed.output and (tmp_path / "o" / "README.md").is_file()
 
 
 def test_export_and_evaluate_refuse_what_they_cannot_do(trained, tmp_path):

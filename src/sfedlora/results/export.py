@@ -1,5 +1,5 @@
 """``sfedlora export``: a finished run's personalised (or global) model as a plain Hugging Face
-model directory (merged weights, head included) or as a PEFT adapter directory."""
+model directory (merged weights, head included) or as a PEFT adapter directory, with its model card."""
 
 from __future__ import annotations
 
@@ -7,12 +7,15 @@ from pathlib import Path
 
 from ..data.glue import class_names
 from ..errors import SfedloraError
+from .card import model_card
 from .finished import load_model, open_run
+from .rescore import model_scores
 
 
 def export(run_dir: str | Path, out: str | Path, client: int | None = None, merge: bool = False) -> Path:
     """Write client ``client``'s model (None: the global one) of the finished run in ``run_dir``
-    to ``out``, with its tokenizer.
+    to ``out``, with its tokenizer and a model card (README.md: the run's settings, the model's
+    scores on the run's dev set, how to load it).
 
     With ``merge`` the adapter is merged into the base weights (the task head, which PEFT keeps
     in ``modules_to_save``, comes along): ``transformers.pipeline(task, model=out)`` loads it.
@@ -23,6 +26,8 @@ def export(run_dir: str | Path, out: str | Path, client: int | None = None, merg
         raise SfedloraError(f"{out} already exists and is not an empty directory: choose another OUT")
     run = open_run(run_dir)
     model, tokenizer = load_model(run, client)
+    encoded = run.task.encode(run.data.eval, tokenizer, run.cfg.model.max_length, "evaluation")
+    scores = model_scores(run, model, tokenizer, client, encoded, run.histograms())
     # The length the model was trained and scored at: pipelines truncate to it with truncation=True.
     tokenizer.model_max_length = run.cfg.model.max_length
     if merge:
@@ -35,4 +40,6 @@ def export(run_dir: str | Path, out: str | Path, client: int | None = None, merg
             model.config.label2id = {name: i for i, name in enumerate(names)}
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    # In place of the template PEFT writes: how this model was trained, its scores, how to load it.
+    (out / "README.md").write_text(model_card(run, client, merge, scores), encoding="utf-8")
     return out

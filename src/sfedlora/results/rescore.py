@@ -53,6 +53,15 @@ def new_examples(run: FinishedRun, path: Path):
     return load_task(replaced, seed=run.cfg.seed).eval
 
 
+def model_scores(run: FinishedRun, model, tokenizer, k: int | None, encoded, histograms) -> dict[str, float]:
+    """Client ``k``'s model (None: the global one) scored on ``encoded`` as the run scores it
+    (a client also under its own label mix, from ``histograms``)."""
+    outputs = run.task.outputs(model, encoded, tokenizer, run.cfg.eval, run.compute)
+    if k is None:
+        return run.task.scores(outputs, encoded)
+    return run.task.client_scores(outputs, encoded, histograms[k])
+
+
 def evaluate_run(
     run_dir: str | Path, data: str | Path, client: int | None = None
 ) -> dict[str, dict[str, float]]:
@@ -76,11 +85,9 @@ def evaluate_run(
     histograms = run.histograms()
     scores: dict[str, dict[str, float]] = {}
     for k, model in models:
-        outputs = run.task.outputs(model, encoded, tokenizer, run.cfg.eval, run.compute)
-        if k is None:
-            scores["global"] = run.task.scores(outputs, encoded)
-        else:
-            scores[f"client {k}"] = run.task.client_scores(outputs, encoded, histograms[k])
+        scores["global" if k is None else f"client {k}"] = model_scores(
+            run, model, tokenizer, k, encoded, histograms
+        )
     clients = [s for name, s in scores.items() if name.startswith("client")]
     if len(clients) > 1:
         summary = summarise(clients)

@@ -29,6 +29,9 @@ class Task:
     # outputs are the logits of every dev example, which the fused engine can batch across models
     outputs_are_logits: ClassVar[bool] = False
     quantizes: ClassVar[bool] = False  # model.quantization can store its base in 4 or 8 bits
+    # How an exported model loads: transformers' pipeline task and auto class (its model card).
+    pipeline_tag: ClassVar[str]
+    auto_class: ClassVar[str]
 
     def __init__(self, data: TaskData):
         self.name = data.name
@@ -104,6 +107,10 @@ class Task:
     def histograms(self, labels: np.ndarray, parts: list[np.ndarray]) -> np.ndarray:
         """Per client: label counts where there are classes, else the example count."""
         return np.array([[len(p)] for p in parts])
+
+    def auto_kwargs(self) -> dict:
+        """What ``auto_class.from_pretrained`` needs besides the base model to load the run's base."""
+        return {}
 
     def hf_config(self) -> dict:
         """Settings the model's Hugging Face config needs for transformers' pipelines to read

@@ -39,6 +39,8 @@ def quantization_kwargs(quantization: str, compute: Compute) -> dict:
 @register
 class CausalLM(Task):
     kind = CAUSAL_LM
+    pipeline_tag = "text-generation"
+    auto_class = "AutoModelForCausalLM"
     has_head = False
     has_labels = False
     quantizes = True

@@ -47,6 +47,11 @@ class SequenceTask(Task):
 
     num_labels: int  # outputs of the head
     outputs_are_logits = True
+    pipeline_tag = "text-classification"
+    auto_class = "AutoModelForSequenceClassification"
+
+    def auto_kwargs(self) -> dict:
+        return {"num_labels": self.num_labels}
 
     def build_model(self, cfg: RunConfig, compute: Compute, n_sampled: int, data: TaskData):
         m, lora = cfg.model, cfg.lora
