@@ -11,7 +11,7 @@ import yaml
 
 from ..driver.rundir import read_metrics
 from ..errors import SfedloraError
-from ..federated.evaluation import higher_is_better
+from ..federated.keys import CONSTANT, Key
 from ..federated.methods import get_method
 from ..logs import score_text
 from ..lora.models import MINILM, looks_local
@@ -31,15 +31,12 @@ def base_model_id(name_or_path: str) -> str | None:
 
 def _score_table(scores: dict[str, float], last: dict) -> str:
     """This model's scores beside the run's last evaluation of all clients (and of the global model)."""
-    # constant_predictions is the collapse rule's 0/1 flag, not a score to read in a table.
-    metrics = [m for m in scores if m != "constant_predictions"]
+    metrics = [m for m in scores if m != CONSTANT]  # the collapse rule's 0/1 flag, not a score
     columns = {
         "this model": {m: scores[m] for m in metrics},
-        "run: clients' mean": {m: last.get(f"personal_{m}_mean") for m in metrics},
-        "run: worst client": {
-            m: last.get(f"personal_{m}_min" if higher_is_better(m) else f"personal_{m}_max") for m in metrics
-        },
-        "run: global model": {m: last.get(f"global_{m}") for m in metrics},
+        "run: clients' mean": {m: last.get(str(Key("personal", m, "mean"))) for m in metrics},
+        "run: worst client": {m: last.get(str(Key("personal", m, "mean").worst())) for m in metrics},
+        "run: global model": {m: last.get(str(Key("global", m))) for m in metrics},
     }
     columns = {name: col for name, col in columns.items() if any(v is not None for v in col.values())}
     lines = ["| metric | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
@@ -126,7 +123,7 @@ as {"merged weights" if merged else "a PEFT adapter"}.
 
 
 def _last_record(run_dir: Path) -> dict:
-    evaluated = [r for r in read_metrics(run_dir) if any(k.startswith(("personal_", "global_")) for k in r)]
+    evaluated = [r for r in read_metrics(run_dir) if any(Key.parse(k).is_score for k in r)]
     return evaluated[-1] if evaluated else {}
 
 
