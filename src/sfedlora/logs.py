@@ -8,23 +8,55 @@ import warnings
 from .federated.keys import Key
 
 
-def quiet_libraries() -> None:
+class quiet_libraries:  # noqa: N801 -- called like the function it was, and used with `with`
     """Silence per-layer load reports and progress bars of transformers and datasets.
 
-    Called by the CLI and by every sweep worker process (spawned workers start with the
-    libraries' defaults again).
+    Called, it silences them for the rest of the process: the CLI and every sweep worker or
+    Flower process (spawned processes start with the libraries' defaults again). Used as
+    ``with quiet_libraries():`` (as :func:`sfedlora.run` does), it puts back on exit every
+    setting it changed, so that a library call leaves its caller's logging as it found it.
     """
-    import datasets
-    import transformers
 
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    # Raised by transformers when PEFT builds the model; nothing a user of ours can act on.
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    # bitsandbytes (the quantization extra, imported by PEFT) tries to fetch an optional faster
-    # CPU 4-bit kernel from the Hub at import and warns when it cannot; its own kernel runs.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    _BNB = "bitsandbytes.backends.cpu.ops"
+
+    def __init__(self) -> None:
+        import datasets
+        import transformers
+
+        hf = transformers.utils.logging
+        self._saved = (
+            hf.get_verbosity(),
+            hf.is_progress_bar_enabled(),
+            datasets.is_progress_bar_enabled(),
+            logging.getLogger(self._BNB).level,
+        )
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        hf.set_verbosity_error()
+        hf.disable_progress_bar()
+        datasets.disable_progress_bars()
+        # Raised by transformers when PEFT builds the model; nothing a user of ours can act on.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        # bitsandbytes (the quantization extra, imported by PEFT) tries to fetch an optional faster
+        # CPU 4-bit kernel from the Hub at import and warns when it cannot; its own kernel runs.
+        logging.getLogger(self._BNB).setLevel(logging.ERROR)
+
+    def __enter__(self) -> quiet_libraries:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import datasets
+        import transformers
+
+        hf = transformers.utils.logging
+        verbosity, bars, dataset_bars, bnb_level = self._saved
+        hf.set_verbosity(verbosity)
+        if bars:
+            hf.enable_progress_bar()
+        if dataset_bars:
+            datasets.enable_progress_bars()
+        logging.getLogger(self._BNB).setLevel(bnb_level)
+        self._warnings.__exit__(*exc)
 
 
 def score_text(value) -> str:

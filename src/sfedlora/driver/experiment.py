@@ -19,6 +19,7 @@ from ..federated.evaluation import outputs_of
 from ..federated.federation import Federation, ServerState
 from ..federated.keys import best_of, higher_is_better, score_key
 from ..federated.runtime import Runtime, play
+from ..logs import quiet_libraries
 from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from .collapse import COLLAPSED, OVERFIT, judge
 from .rundir import (
@@ -129,7 +130,15 @@ def run(
     With ``resume``, continue that run directory from its last checkpoint instead (``cfg``
     may then be None; if given, it must not differ from the run's own in a way that
     changes results).
+
+    The libraries' load reports and progress bars stay silent during the run, as under the
+    CLI, and the caller's own logging settings are put back after it.
     """
+    with quiet_libraries():
+        return _run(cfg, on_start, on_record, resume, runtime)
+
+
+def _run(cfg, on_start, on_record, resume, runtime) -> RunResult:
     start = time.perf_counter()
     runtime = runtime or Simulator()
     if resume is not None:
