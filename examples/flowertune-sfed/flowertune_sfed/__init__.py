@@ -1,0 +1,1 @@
+"""flowertune-sfed: Flower's FlowerTune LLM app trained with SFed-LoRA."""
