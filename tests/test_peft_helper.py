@@ -1,12 +1,15 @@
 """``sfedlora.peft``: a LoraConfig realising a scaling rule in someone else's PEFT model, and its check."""
 
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
 from sfedlora.lora.scaling import power_rule
+from sfedlora.lora.tiny_llama import tiny_llama_config
 from sfedlora.peft import check_model, config_gamma, layer_gammas, lora_config
 
 
@@ -74,3 +77,16 @@ def test_the_config_refuses_scaling_settings_of_its_own():
         lora_config(8, 16, 0)
     with pytest.raises(ValueError, match="no LoRA layers"):
         check_model(TwoLayers(), alpha=16, n_clients=2)
+
+
+def test_the_documented_example_runs_on_a_llama():
+    from transformers import LlamaForCausalLM
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "own-pipeline.md").read_text()
+    example = re.findall(r"```python\n(.*?)```", page, re.S)[0]
+    assert len(example.strip().splitlines()) == 6  # two imports, a blank line, three calls
+    scope = {"base_model": LlamaForCausalLM(tiny_llama_config())}
+    exec(example, scope)
+    gammas = scope["check_model"](scope["model"], alpha=16, n_clients=10)
+    # q_proj and v_proj of 2 layers, each at 16·√(10/16) = 4·√10
+    assert list(gammas.values()) == pytest.approx([4 * math.sqrt(10)] * 4)

@@ -12,8 +12,8 @@ from sfedlora.flower.strategy import PartialFedAvg
 
 class FlowerTuneSfed(PartialFedAvg):
     """FedAvg over LoRA A only (each node keeps its B), with the server-side checks of
-    sfedlora; like Flower's FlowerTuneLlm, it tracks the bytes of the arrays sent each round.
-    Only A comes back from the nodes, so the upload is half of Flower's app's."""
+    sfedlora; like Flower's FlowerTuneLlm, it tracks the bytes of the arrays sent each round
+    (only A comes back from the nodes: B never leaves them)."""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
