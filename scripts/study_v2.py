@@ -49,6 +49,7 @@ from study_v2_report import report  # noqa: E402
 
 from sfedlora.config import read_yaml_mapping  # noqa: E402
 from sfedlora.config.federation import TrainConfig  # noqa: E402
+from sfedlora.errors import SfedloraError  # noqa: E402
 from sfedlora.results.grid import cell_name, grid_cells, hashable  # noqa: E402
 from sfedlora.results.sweep import cell_finished, run_sweep, threads_per_job  # noqa: E402
 
@@ -251,11 +252,15 @@ def main() -> None:
     # Seed 0 of every part first gives each claim an answer before any second seed runs.
     parser.add_argument("--seeds", default="0,1", help="the main grid's seeds to run now")
     args = parser.parse_args()
-    if args.command == "run":
-        seeds = [int(s) for s in args.seeds.split(",")]
-        run(args.parts.split(","), args.out, args.jobs, seeds, read_record(args.to / "cells.json"))
-    else:
-        report(args.out, args.to)
+    try:
+        if args.command == "run":
+            seeds = [int(s) for s in args.seeds.split(",")]
+            run(args.parts.split(","), args.out, args.jobs, seeds, read_record(args.to / "cells.json"))
+        else:
+            report(args.out, args.to)
+    except SfedloraError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sfedlora.errors import SfedloraError
 from sfedlora.results.record import read_record as read_file
 from sfedlora.results.record import read_run
 
@@ -35,6 +36,10 @@ HEADLINE = "client_test"
 CLIENT_TEST = "client_test_accuracy_mean"
 DEV = "personal_accuracy_mean"
 DEV_AUROC = "personal_auroc_mean"
+
+
+# What every row of the record holds that the scripts read by name.
+ROW_KEYS = frozenset({"sweep", "cell", "client_test"})
 
 
 def _row(run_dir: Path) -> dict:
@@ -83,7 +88,15 @@ def _row(run_dir: Path) -> dict:
 
 def read_record(path: Path) -> list[dict]:
     """The cells a report recorded (``cells.json``), or none where there is no record yet."""
-    return read_file(path) if Path(path).is_file() else []
+    if not Path(path).is_file():
+        return []
+    rows = read_file(path)
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and ROW_KEYS <= r.keys() for r in rows):
+        raise SfedloraError(
+            f"record {path} is not study v2's cells (rows each with {', '.join(sorted(ROW_KEYS))}): "
+            f"restore it (git checkout -- {path}) or write it again with scripts/study_v2.py report"
+        )
+    return rows
 
 
 def load_part(out: Path, prefix: str, record: list[dict] = ()) -> list[dict]:

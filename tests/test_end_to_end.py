@@ -85,12 +85,17 @@ def test_a_run_judged_on_local_label_mixes(tiny_config):
     )
     result = run(cfg)
     summary = result.summary
-    hist = np.array(json.loads((result.run_dir / "partition.json").read_text())["label_histograms"])
-    hist = hist[result.records[-1]["evaluated_clients"]]
+    every = np.array(json.loads((result.run_dir / "partition.json").read_text())["label_histograms"])
+    hist = every[result.records[-1]["evaluated_clients"]]
     assert summary["metric"] == summary["collapse_metric"] == "personal_local_accuracy_mean"
     # the baseline of an evaluated client that always answers its own majority label
     assert summary["trivial_score"] == pytest.approx(np.mean(hist.max(1) / hist.sum(1)))
     assert summary["final"] == result.records[-1]["personal_local_accuracy_mean"]
+    # The training loss's yardstick: each client's label entropy on its own training data, size-weighted.
+    p = every / every.sum(1, keepdims=True)
+    entropy = -(p * np.log(np.where(p > 0, p, 1))).sum(1)
+    assert summary["trivial_train_loss"] == pytest.approx(np.average(entropy, weights=every.sum(1)))
+    assert summary["trivial_train_predictor"] == "each client's label prior"
 
 
 def test_evaluating_a_sample_of_clients_scores_those_clients_only(tiny_config):

@@ -56,8 +56,10 @@ def test_a_run_directory_here_wins_over_its_recorded_row(tmp_path):
         "partition": {"kind": "dirichlet"},
     }
     (run / "config.yaml").write_text(yaml.safe_dump(config))
-    (run / "metrics.jsonl").write_text(json.dumps({"round": 2, "client_test_accuracy_mean": 0.95}) + "\n")
-    (run / "summary.json").write_text(json.dumps({"wall_seconds": 3.0, "client_test_majority_accuracy": 0.9}))
+    rounds = [{"round": 1}, {"round": 2, "client_test_accuracy_mean": 0.95}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rounds))
+    summary = {"metric": "personal_accuracy_mean", "wall_seconds": 3.0, "client_test_majority_accuracy": 0.9}
+    (run / "summary.json").write_text(json.dumps(summary))
     record = [
         {"sweep": "main-sfed-lora", "cell": "seed-0_clients-5_rank-8", "client_test": 0.5},
         {"sweep": "main-fedsa-lora", "cell": "seed-0_clients-5_rank-8", "client_test": 0.8},
@@ -87,3 +89,22 @@ def test_the_committed_record_names_every_cell_once():
     keys = [(r["sweep"], r["cell"]) for r in rows]
     assert len(rows) >= 76 and len(set(keys)) == len(keys)
     assert {r["sweep"].split("-")[0] for r in rows} >= {"budget", "probe", "tune", "main", "side"}
+
+
+@pytest.mark.parametrize(
+    "content", [b'[{"sweep": "main-x", "cell"', b'{"rows": []}', b'[{"sweep": "main-x"}]']
+)
+def test_a_damaged_or_foreign_record_ends_the_script_in_one_error_line(
+    tmp_path, monkeypatch, capsys, content
+):
+    """Cut short, of another shape, or rows of another version: one line, exit 2, the record untouched."""
+    (tmp_path / "cells.json").write_bytes(content)
+    monkeypatch.setattr(
+        sys, "argv", ["study_v2.py", "run", "--to", str(tmp_path), "--out", str(tmp_path / "o")]
+    )
+    with pytest.raises(SystemExit) as stop:
+        study_v2.main()
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("error: record ")
+    assert str(tmp_path / "cells.json") in err and "restore it" in err
+    assert (tmp_path / "cells.json").read_bytes() == content and not (tmp_path / "o").exists()

@@ -9,7 +9,7 @@ import pytest
 
 from sfedlora.config import build_config
 from sfedlora.data import bundled_sst2_dir
-from sfedlora.driver.collapse import OVERFIT, detect
+from sfedlora.driver.collapse import COLLAPSED, OVERFIT, detect
 from sfedlora.driver.experiment import run
 
 ACC = "personal_accuracy_mean"
@@ -52,13 +52,23 @@ def test_constant_predictions_at_the_end_are_flagged_but_not_at_the_start():
     assert detect(history([0.6, 0.7, 0.8, 0.8, 0.8, 0.8], constant=[1, 1, 0, 0, 0, 0]), ACC, 0.5, 6) is None
 
 
-def test_overfitting_is_reported_apart_from_collapse():
-    """Training loss 0.66 → 0.02 while held-out accuracy stays at the majority class."""
-    losses = [0.66, 0.4, 0.2, 0.08, 0.04, 0.02]
-    c = detect(history([0.5, 0.51, 0.5, 0.51, 0.52, 0.5], losses=losses), ACC, 0.5, 6)
-    assert c is not None and c.kind == OVERFIT and "overfitting" in c.reason
-    stuck = detect(history([0.5, 0.51, 0.5, 0.51, 0.52, 0.5]), ACC, 0.5, 6)
-    assert stuck is not None and stuck.kind != OVERFIT
+def test_overfitting_needs_a_training_loss_clearly_below_the_trivial_predictors():
+    """Held-out accuracy at the majority class: overfitting where the training loss went well
+    below the label prior's cross-entropy (0.69 on balanced labels), not learning where it
+    fell from a bad start only down to it."""
+    held_out = [0.5, 0.51, 0.5, 0.51, 0.52, 0.5]
+    fitted = detect(history(held_out, losses=[0.9, 0.6, 0.4, 0.2, 0.1, 0.05]), ACC, 0.5, 6, trivial_loss=0.69)
+    assert fitted.kind == OVERFIT and "overfitting" in fitted.reason
+    # Halved from its start, yet no better than answering the prior: the old rule called this overfitting.
+    prior = detect(history(held_out, losses=[1.5, 1.0, 0.8, 0.7, 0.69, 0.7]), ACC, 0.5, 6, trivial_loss=0.69)
+    assert prior.kind == COLLAPSED and prior.reason.endswith("(0.69): not learning")
+    # Just under the trivial loss (0.66 > 0.9 x 0.69) is not clearly below it.
+    near = detect(
+        history(held_out, losses=[0.7, 0.68, 0.67, 0.66, 0.66, 0.66]), ACC, 0.5, 6, trivial_loss=0.69
+    )
+    assert near.kind == COLLAPSED
+    # Without a trivial training loss (older summaries) nothing is called overfitting.
+    assert detect(history(held_out, losses=[0.9, 0.6, 0.4, 0.2, 0.1, 0.05]), ACC, 0.5, 6).kind == COLLAPSED
 
 
 def test_lower_is_better_metrics_are_judged_against_their_trivial_value():
@@ -76,9 +86,9 @@ def test_lower_is_better_metrics_are_judged_against_their_trivial_value():
     assert detect(h, "personal_perplexity_mean", 30.0, 3, 0.3) is None
 
 
-@pytest.fixture
-def regression_overrides(tmp_path):
-    """A regression task on SST-2 sentences (score 0.5 or 4.5, plus noise) in CSV files."""
+def regression_files(tmp_path, offset: float) -> list[str]:
+    """A regression task on SST-2 sentences (score offset or offset + 4, plus noise) in CSV
+    files, as overrides."""
     rng = np.random.default_rng(0)
     paths = []
     for split, n in (("train", 400), ("dev", 200)):
@@ -88,7 +98,7 @@ def regression_overrides(tmp_path):
             out = csv.writer(f)
             out.writerow(["sentence", "score"])
             out.writerows(
-                [r["sentence"], f"{4 * int(r['label']) + 0.5 + rng.normal(0, 0.3):.3f}"] for r in rows
+                [r["sentence"], f"{4 * int(r['label']) + offset + rng.normal(0, 0.3):.3f}"] for r in rows
             )
         paths.append(path)
     return [
@@ -114,14 +124,27 @@ def regression_overrides(tmp_path):
     ]
 
 
-def test_regression_driven_to_constant_predictions_is_flagged(regression_overrides):
-    """SGD at a learning rate far too high: the pooler saturates and every prediction is one value."""
-    summary = run(
-        build_config(overrides=[*regression_overrides, "train.optimizer=sgd", "train.lr=10"])
-    ).summary
+@pytest.fixture
+def regression_overrides(tmp_path):
+    return regression_files(tmp_path, 0.5)
+
+
+def test_a_regression_run_whose_loss_falls_only_to_the_label_variance_is_not_learning(tmp_path):
+    """Labels around 10.5 and a head that starts near 0: plain SGD brings the training loss down
+    from about 100 to near the label variance (what the constant mean scores on the training
+    data), more than halving it, while held-out correlation stays at chance. Not learning; the
+    rule that compared the loss with its own start called this overfitting."""
+    overrides = regression_files(tmp_path, 8.5)
+    result = run(build_config(overrides=[*overrides, "train.optimizer=sgd", "train.lr=0.2"]))
+    summary, losses = result.summary, [r["train_loss"] for r in result.records]
     assert summary["collapse_metric"] == "personal_pearson_mean"
     assert summary["trivial_predictor"] == "the constant mean predictor" and summary["trivial_score"] == 0.0
-    assert summary["collapsed"] and summary["collapse_reason"].startswith("predictions became constant")
+    variance = summary["trivial_train_loss"]
+    assert 3.5 < variance < 4.5  # labels 8.5 or 12.5 (+ noise), about half each
+    assert summary["trivial_train_predictor"] == "each client's label variance"
+    assert losses[0] > 10 * variance and losses[-1] < 2 * variance and losses[-1] < 0.5 * losses[0]
+    assert summary["collapsed"] and not summary["overfit"]
+    assert summary["collapse_reason"].endswith(f"on the training data ({variance:.3g}): not learning")
 
 
 def test_a_learning_regression_run_is_not_flagged(regression_overrides):
@@ -139,9 +162,13 @@ def test_a_causal_lm_that_does_not_learn_is_flagged_and_one_that_learns_is_not(l
     ).summary
     assert still["collapse_metric"] == "personal_perplexity_mean"
     assert still["collapsed"] and "no better than the model before training" in still["collapse_reason"]
+    assert still["collapse_reason"].endswith("not learning") and not still["overfit"]
     learning = run(build_config(overrides=[*lm_overrides, "name=learning", "federation.rounds=3"]))
     assert not learning.summary["collapsed"], learning.summary["collapse_reason"]
     assert learning.records[-1]["personal_perplexity_mean"] < 0.99 * learning.summary["trivial_score"]
+    # The model before training scores the same on the training data in both runs.
+    assert learning.summary["trivial_train_loss"] == pytest.approx(still["trivial_train_loss"])
+    assert still["trivial_train_predictor"] == "the model before training"
 
 
 def test_auroc_scores_the_margin_and_ignores_a_bias_toward_one_label(tiny_config):
@@ -167,3 +194,10 @@ def test_auroc_scores_the_margin_and_ignores_a_bias_toward_one_label(tiny_config
     assert "auroc" not in one_label  # nothing to rank
     assert one_label["mcc"] == 0.0 and one_label["accuracy"] == 1.0
     assert summarise([fair, one_label])["auroc_mean"] == pytest.approx(0.75)
+
+
+def test_the_label_priors_training_loss_is_each_clients_label_entropy_weighted_by_size():
+    """Client 0: 5 + 5 examples (ln 2 nats); client 1: 30 of one label (0 nats): (10 ln 2 + 0) / 40."""
+    from sfedlora.tasks.sequence import label_prior_loss
+
+    assert label_prior_loss(np.array([[5, 5], [30, 0]])) == pytest.approx(10 * np.log(2) / 40)

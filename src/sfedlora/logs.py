@@ -92,3 +92,13 @@ def round_lines(record: dict, key: str | None, every_round: bool) -> list[str]:
     if every_round or evaluated:
         lines.append(line)
     return lines
+
+
+def verdict_line(round_: int, overfit: bool, final: bool, reason: str) -> str:
+    """What the run log says when the collapse rule (:mod:`sfedlora.driver.collapse`) speaks:
+    overfitting (the training loss clearly below the trivial predictor's, held-out scores
+    trivial) or a collapse, so far or for good."""
+    what = "overfitting" if overfit else "training collapsed"
+    if final:
+        return f"round {round_}: {what}: {reason}"
+    return f"round {round_}: {what} so far: {reason} (judged again over the whole run in summary.json)"

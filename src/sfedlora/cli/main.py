@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from enum import StrEnum
 from pathlib import Path
@@ -20,6 +19,7 @@ from rich.progress import (
 from rich.table import Table
 
 from ..config import RunConfig, build_config, dump_config, load_config
+from ..driver.rundir import read_summary
 from ..errors import SfedloraError
 from ..logs import quiet_libraries, round_lines, score_text
 from .results import register_result_commands
@@ -226,7 +226,7 @@ def sweep(
     def on_cell(cell, run_dir, skipped):
         count["n"] += 1
         summary = run_dir / "summary.json"
-        final = json.loads(summary.read_text())["final"] if summary.is_file() else None
+        final = read_summary(run_dir)["final"] if summary.is_file() else None
         console.print(
             f"[{count['n']}/{total}] {cell_name(cell)}: "
             + ("already finished, skipped" if skipped else f"final {_fmt(final)}")
@@ -287,7 +287,7 @@ def flower_up(
         run_dir = up(cfg, workdir, timeout=timeout, on_record=on_record, resume=resume)
     except SfedloraError as err:
         _fail(str(err))
-    print_summary(json.loads((run_dir / "summary.json").read_text()), run_dir)
+    print_summary(read_summary(run_dir), run_dir)
 
 
 def _sweep_text(config: Path, overrides: list[str]) -> str:

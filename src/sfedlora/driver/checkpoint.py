@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import SfedloraError
+from ..errors import SfedloraError, reading
 from ..federated.federation import Federation, ServerState
 from .rundir import atomic_write
 
@@ -37,14 +37,13 @@ def load_checkpoint(fed: ServerState, run_dir: Path) -> None:
         raise SfedloraError(
             f"{run_dir} has no {CHECKPOINT}: it stopped before its first round ended; start it again instead"
         )
-    try:
+    with reading(path, "checkpoint", "the run cannot be resumed; start it again (or resume a copy of it)"):
         # Into host memory: between turns the clients' states and the server's tensors live there
         # (pinned on a GPU run, by Compute.offload, as the federation's builder puts them).
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a truncated or foreign file
-        raise SfedloraError(
-            f"checkpoint {path} cannot be read ({type(err).__name__}): the run cannot be resumed"
-        ) from None
+        missing = {"round", "server", "sampler", "fault_rng"} - set(state)
+        if missing:
+            raise KeyError(", ".join(sorted(missing)))
     if ("clients" in state) != isinstance(fed, Federation):
         wrote, fix = ("the embedded simulator", "without") if "clients" in state else ("Flower", "with")
         raise SfedloraError(f"checkpoint {path} was written by {wrote}: resume it {fix} --runtime flower")

@@ -18,11 +18,19 @@ A run is flagged as collapsed, at the first round where one of these holds:
    The trivial predictor is the task's (:meth:`sfedlora.tasks.Task.trivial_score`): the
    majority class, the constant mean (correlation 0), the model before training.
 
-Rules 4 and 5 judge held-out predictions. When the training loss meanwhile fell well below
-its start (under ``overfit_fraction`` of it), the adapter did train: the run is reported as
-**overfitting** (kind ``overfit``: not learning anything that generalises), apart from a
-collapse. Rules 2–5 need more history to be final; ``detect`` on a partial history says what
-is known so far, which is how the run log flags a collapse as it happens.
+Rules 3 and 5 judge held-out predictions; the training loss says why they stay trivial. The
+yardstick is what the task's trivial predictor scores **on the training data**
+(``trivial_loss``: each client's label variance for regression, its label prior's
+cross-entropy for classification, the model before training for a causal LM; see
+:meth:`sfedlora.tasks.Task.trivial_train_loss`). Only when the training loss of the last
+rounds (the mean of up to three) is clearly below it — under ``1 - loss_margin`` (0.9) of
+it — did the adapter learn something the held-out data does not reward: the run is reported
+as **overfitting** (kind ``overfit``), apart from a collapse. A training loss that falls only
+from a badly initialised head down to the trivial one is no learning: that run **collapsed**
+(not learning). Without a trivial training loss (summaries written before it was recorded)
+no run is called overfitting. Rules 2–5 need more history to be final; ``detect`` on a
+partial history says what is known so far, which is how the run log flags a collapse as it
+happens.
 """
 
 from __future__ import annotations
@@ -56,8 +64,10 @@ def detect(
     grad_fraction: float = 1e-3,
     grad_ratio: float = 1e-3,
     diverge_factor: float = 1.5,
-    overfit_fraction: float = 0.5,
     trivial_name: str = "the majority class",
+    trivial_loss: float | None = None,
+    loss_margin: float = 0.1,
+    trivial_loss_name: str = "the trivial predictor",
 ) -> Collapse | None:
     """The first collapse (or overfitting) in ``records`` (metrics.jsonl rows), or None."""
     first_grad = next(
@@ -83,14 +93,7 @@ def detect(
     losses = [r[TRAIN_LOSS] for r in records if _finite(r.get(TRAIN_LOSS))]
     late = [r for r in records if r["round"] > total_rounds / 3]
     late_losses = [r[TRAIN_LOSS] for r in late if _finite(r.get(TRAIN_LOSS))]
-    learned = bool(losses) and losses[-1] < overfit_fraction * losses[0]
-    kind = OVERFIT if learned else COLLAPSED
-    why = (
-        f" while the training loss fell from {losses[0]:.3g} to {losses[-1]:.3g}: not learning anything "
-        "that generalises (overfitting), not a collapse"
-        if learned
-        else ""
-    )
+    kind, why = _training_verdict(losses, trivial_loss, loss_margin, trivial_loss_name)
     key = str(Key.parse(metric).constant())
     stretch = []  # the evaluations since the last one with a model that did not predict one value
     for r in records:
@@ -124,9 +127,29 @@ def detect(
     return None
 
 
+def _training_verdict(
+    losses: list[float], trivial: float | None, margin: float, name: str
+) -> tuple[str, str]:
+    """Whether trivial held-out predictions mean overfitting (the training loss of the last
+    rounds clearly below the trivial predictor's on the training data) or not learning, and
+    the words that say so."""
+    if not losses or trivial is None:
+        return COLLAPSED, ""
+    recent = sum(losses[-3:]) / len(losses[-3:])
+    if recent < (1 - margin) * trivial:
+        return OVERFIT, (
+            f" while the training loss fell to {recent:.3g}, below {name} on the training data "
+            f"({trivial:.3g}): overfitting, not a collapse"
+        )
+    return COLLAPSED, (
+        f"; the training loss ({recent:.3g}) never went clearly below {name} on the training data "
+        f"({trivial:.3g}): not learning"
+    )
+
+
 def judge(records: list[dict], summary: dict) -> Collapse | None:
     """:func:`detect` with the settings a run's ``summary.json`` recorded (older runs wrote
-    ``majority_baseline`` and judged classification only)."""
+    ``majority_baseline`` and judged classification only, and recorded no trivial training loss)."""
     return detect(
         records,
         summary["collapse_metric"],
@@ -134,4 +157,6 @@ def judge(records: list[dict], summary: dict) -> Collapse | None:
         summary["rounds"],
         margin=summary.get("collapse_margin", 0.02),
         trivial_name=summary.get("trivial_predictor", "the majority class"),
+        trivial_loss=summary.get("trivial_train_loss"),
+        trivial_loss_name=summary.get("trivial_train_predictor", "the trivial predictor"),
     )

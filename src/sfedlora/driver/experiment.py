@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import RunConfig, load_config, result_differences
+from ..config import RunConfig, build_config, result_differences
 from ..data import load_task
 from ..engine.simulator import Simulator
 from ..errors import SfedloraError
@@ -19,7 +19,7 @@ from ..federated.evaluation import outputs_of
 from ..federated.federation import Federation, ServerState
 from ..federated.keys import best_of, higher_is_better, score_key
 from ..federated.runtime import Runtime, play
-from ..logs import quiet_libraries
+from ..logs import quiet_libraries, verdict_line
 from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from .collapse import COLLAPSED, OVERFIT, judge
 from .rundir import (
@@ -28,6 +28,7 @@ from .rundir import (
     check_run_dir,
     create_run_dir,
     jsonable,
+    read_run_config,
     truncate_metrics,
     write_json,
 )
@@ -68,6 +69,17 @@ def trivial_score(fed: ServerState) -> float | None:
     )
 
 
+def trivial_train_loss(fed: ServerState) -> float | None:
+    """The task's trivial predictor's loss on the clients' training data, the yardstick of
+    the training loss (:mod:`sfedlora.driver.collapse`). A server without the clients' data
+    (Flower) knows only their label counts: the tasks that need more give None there."""
+    return fed.task.trivial_train_loss(
+        fed.client_data if isinstance(fed, Federation) else None,
+        fed.histograms,
+        lambda data: outputs_of(fed, fed.initial, data=data),
+    )
+
+
 def save_adapters(
     fed: ServerState, run_dir: Path, personal: dict[int, dict[str, torch.Tensor]] | None = None
 ) -> list[Path]:
@@ -97,14 +109,9 @@ def partition_report(fed: ServerState) -> dict:
 def resume_config(run_dir: Path, cfg: RunConfig | None = None, overrides: Sequence[str] = ()) -> RunConfig:
     """The config a resumed run goes on with, for every runtime: its own (``config.yaml``, with
     ``overrides`` where given), or ``cfg``, where either changes no result."""
-    saved_path = run_dir / "config.yaml"
-    if not saved_path.is_file():
-        raise SfedloraError(
-            f"{run_dir} is not a run directory (no config.yaml): pass the directory a run wrote"
-        )
-    saved = load_config(saved_path)
+    saved = read_run_config(run_dir)
     if cfg is None and overrides:
-        cfg = load_config(saved_path, list(overrides))
+        cfg = build_config(saved.model_dump(mode="json"), list(overrides))
     if cfg is not None:
         differing = result_differences(saved, cfg)
         if differing:
@@ -195,15 +202,7 @@ def _play(
                 flagged = True
                 overfit = verdict.kind == OVERFIT
                 record["overfit" if overfit else "collapse"] = verdict.reason
-                what = "not generalising" if overfit else "training collapsed"
-                log.warning(
-                    "round %d: %s%s: %s%s",
-                    verdict.round,
-                    what,
-                    "" if verdict.final else " so far",
-                    verdict.reason,
-                    "" if verdict.final else " (judged again over the whole run in summary.json)",
-                )
+                log.warning(verdict_line(verdict.round, overfit, verdict.final, verdict.reason))
             writer.write(record)
             trackers.log(record)
             last = fed.round == cfg.federation.rounds
@@ -223,6 +222,8 @@ def _collapse_settings(fed: ServerState) -> dict:
         "trivial_predictor": fed.task.trivial_name,
         "trivial_score": trivial,
         "collapse_margin": None if trivial is None else fed.task.collapse_margin(fed.eval_data, trivial),
+        "trivial_train_predictor": fed.task.trivial_train_name,
+        "trivial_train_loss": trivial_train_loss(fed),
         "rounds": fed.cfg.federation.rounds,
     }
 

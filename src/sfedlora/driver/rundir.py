@@ -24,8 +24,10 @@ import uuid
 from datetime import datetime
 from pathlib import Path
 
-from ..config import RunConfig, dump_config
-from ..errors import SfedloraError
+import yaml
+
+from ..config import RunConfig, build_config, dump_config, read_yaml_mapping
+from ..errors import SfedloraError, reading
 
 
 def default_run_name(cfg: RunConfig) -> str:
@@ -138,9 +140,65 @@ class MetricsWriter:
         self._file.close()
 
 
+# How to recover a finished run's file that sfedlora cannot read back.
+RESTORE = "restore it from a copy, or run the run again"
+
+
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    with (Path(run_dir) / "metrics.jsonl").open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """metrics.jsonl's records: one JSON object per round, rounds 1, 2, ... in order."""
+    path = Path(run_dir) / "metrics.jsonl"
+    with reading(path, "metrics", RESTORE):
+        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        for i, record in enumerate(records, start=1):
+            if record["round"] != i:
+                raise ValueError(f"line {i} is round {record['round']}")
+    return records
+
+
+def read_json(path: Path, what: str, fix: str = RESTORE, key: str | None = None) -> dict:
+    """A JSON object sfedlora wrote (holding ``key``, where given)."""
+    with reading(path, what, fix):
+        obj = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(obj, dict) or (key is not None and key not in obj):
+            raise ValueError(f"no {key}")
+    return obj
+
+
+def read_summary(run_dir: str | Path) -> dict:
+    return read_json(Path(run_dir) / "summary.json", "summary", key="metric")
+
+
+def _flat_keys(tree: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for key, value in tree.items():
+        out |= _flat_keys(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}"}
+    return out
+
+
+def read_run_config(run_dir: str | Path) -> RunConfig:
+    """The run's own config.yaml. It holds every key (a run writes the resolved config), so a
+    key missing means a file cut short or written by an older sfedlora: refused, since
+    today's default may not be what the run used."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise SfedloraError(
+            f"{run_dir} is not a run directory (no config.yaml): pass the directory a run wrote"
+        )
+    tree = read_yaml_mapping(path)
+    try:
+        cfg = build_config(tree)
+    except SfedloraError as err:
+        raise SfedloraError(
+            f"run config {path} is damaged, truncated or from another version ({err}): {RESTORE}"
+        ) from None
+    missing = sorted(_flat_keys(yaml.safe_load(dump_config(cfg))) - _flat_keys(tree))
+    if missing:
+        keys = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
+        raise SfedloraError(
+            f"run config {path} lacks {keys}: it was cut short or written by an older sfedlora; "
+            f"{RESTORE} (or add the keys with the values the run used)"
+        )
+    return cfg
 
 
 def write_json(path: Path, obj) -> None:

@@ -26,7 +26,7 @@ import torch
 
 from ..config import DataConfig
 from ..driver.rundir import atomic_write
-from ..errors import SfedloraError
+from ..errors import SfedloraError, reading
 from ..federated.client import ClientState
 
 log = logging.getLogger("sfedlora")
@@ -47,12 +47,12 @@ def state_file(node_config) -> Path | None:
 def _read(path: Path) -> dict | None:
     if not path.is_file():
         return None
-    try:
-        return torch.load(path, weights_only=True)
-    except Exception as err:  # a foreign or damaged file
-        raise SfedloraError(
-            f"node state {path} cannot be read ({type(err).__name__}): delete it to start this client afresh"
-        ) from None
+    with reading(path, "node state", "delete it to start this client afresh"):
+        state = torch.load(path, weights_only=True)
+        missing = {"run", "client", "round", "tensors", "rng", "optimizer", "steps"} - set(state)
+        if missing:
+            raise KeyError(", ".join(sorted(missing)))
+    return state
 
 
 def save_state_file(path: Path, run: str, client: int, round_: int, state: ClientState) -> None:

@@ -12,9 +12,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import RunConfig, load_config
+from ..config import RunConfig
 from ..data import TaskData, load_task
-from ..errors import SfedloraError
+from ..driver.rundir import RESTORE, read_json, read_run_config
+from ..errors import SfedloraError, reading
 from ..federated.shared import client_models_differ, method_of, split_clients
 from ..lora.models import Compute
 from ..tasks import Task, get_task
@@ -61,10 +62,10 @@ class FinishedRun:
         self.check_client(k)
         saved = self.run_dir / "adapters"
         if k is not None and (saved / f"client_{k:02d}").is_dir():
-            return saved / f"client_{k:02d}"
+            return check_adapter(saved / f"client_{k:02d}")
         # Clients without local tensors and with one rank all run the global model.
         if (k is None or self.has_global_model()) and (saved / "global").is_dir():
-            return saved / "global"
+            return check_adapter(saved / "global")
         name = "global" if k is None else f"client_{k:02d}"
         raise SfedloraError(
             f"{self.run_dir} holds no adapter {saved / name}: the run had save_adapters=false, or ran on "
@@ -72,18 +73,26 @@ class FinishedRun:
         )
 
 
+def check_adapter(path: Path) -> Path:
+    """``path``, a saved adapter, once its config and its tensors' header read back (the
+    header lists every tensor's place in the file, so a file cut short fails here too)."""
+    from safetensors import safe_open
+
+    read_json(path / "adapter_config.json", "adapter config", key="peft_type")
+    weights = path / "adapter_model.safetensors"
+    with reading(weights, "adapter", RESTORE), safe_open(str(weights), "pt") as f:
+        f.keys()
+    return path
+
+
 def open_run(run_dir: str | Path) -> FinishedRun:
     """The finished run in ``run_dir``, refused if it is not one or has not finished."""
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise SfedloraError(
-            f"{run_dir} is not a run directory (no config.yaml): pass the directory a run wrote"
-        )
+    cfg = read_run_config(run_dir)
     if not (run_dir / "summary.json").is_file():
         raise SfedloraError(
             f"{run_dir} has not finished (no summary.json): continue it with sfedlora run --resume {run_dir}"
         )
-    cfg = load_config(run_dir / "config.yaml")
     data = load_task(cfg.data, seed=cfg.seed)
     task = get_task(data)
     return FinishedRun(run_dir, cfg, data, task, Compute.resolve(cfg.model.device, cfg.model.precision))
@@ -102,7 +111,9 @@ def load_model(run: FinishedRun, k: int | None):
 
     path = run.adapter_dir(k)
     base, tokenizer = base_model(run)
-    return PeftModel.from_pretrained(base, path).eval(), tokenizer
+    with reading(path, "adapter", RESTORE):
+        model = PeftModel.from_pretrained(base, path)
+    return model.eval(), tokenizer
 
 
 def client_models(run: FinishedRun, ks: Sequence[int | None]) -> tuple[object, Iterator]:
@@ -119,10 +130,12 @@ def _in_turn(base, ks: Sequence[int | None], paths: Sequence[Path]) -> Iterator:
     model, previous = None, None
     for i, (k, path) in enumerate(zip(ks, paths)):
         name = f"model_{i}"
-        if model is None:
-            model = PeftModel.from_pretrained(base, path, adapter_name=name)
-        else:
-            model.load_adapter(path, adapter_name=name)
+        with reading(path, "adapter", RESTORE):  # tensors of shapes the base does not have
+            if model is None:
+                model = PeftModel.from_pretrained(base, path, adapter_name=name)
+            else:
+                model.load_adapter(path, adapter_name=name)
+        if previous is not None:
             model.set_adapter(name)
             model.delete_adapter(previous)
         previous = name

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import yaml
 
-from ..driver.rundir import read_metrics
-from ..errors import SfedloraError
+from ..driver.rundir import RESTORE, read_json, read_metrics, read_summary
+from ..errors import SfedloraError, reading
 from .grid import cell_name, grid_cells
 
 
@@ -59,19 +59,33 @@ class Sweep:
 def read_run(run_dir: str | Path, cell: dict | None = None) -> Run:
     run_dir = Path(run_dir)
     partition = run_dir / "partition.json"
+    config = run_dir / "config.yaml"
+    with reading(config, "run config", RESTORE):
+        tree = yaml.safe_load(config.read_text(encoding="utf-8"))
+        if not isinstance(tree, dict):
+            raise ValueError("not a mapping")
     return Run(
         cell=cell or {},
-        config=yaml.safe_load((run_dir / "config.yaml").read_text()),
-        summary=json.loads((run_dir / "summary.json").read_text()),
+        config=tree,
+        summary=read_summary(run_dir),
         metrics=read_metrics(run_dir),
-        partition=json.loads(partition.read_text()) if partition.is_file() else None,
+        partition=read_json(partition, "partition") if partition.is_file() else None,
     )
+
+
+def read_sweep_spec(path: Path) -> dict:
+    """A sweep's sweep.yaml (its base config, grid and target), as `sfedlora sweep` wrote it."""
+    with reading(path, "sweep spec", "restore it from a copy, or start the sweep again under a new --name"):
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if not isinstance(spec, dict) or not isinstance(spec["grid"], dict):
+            raise ValueError("no grid")
+    return spec
 
 
 def read_sweep(sweep_dir: str | Path) -> Sweep:
     """A sweep directory's finished cells (summary.json written), in grid order."""
     sweep_dir = Path(sweep_dir)
-    spec = yaml.safe_load((sweep_dir / "sweep.yaml").read_text())
+    spec = read_sweep_spec(sweep_dir / "sweep.yaml")
     runs = [
         read_run(sweep_dir / "runs" / cell_name(cell), cell)
         for cell in grid_cells(spec["grid"])

@@ -16,13 +16,12 @@ A sweep's record (:mod:`sfedlora.results.record`) gives the same tables and figu
 from __future__ import annotations
 
 import itertools
-import json
 from pathlib import Path
 
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-from ..driver.rundir import read_metrics
+from ..driver.rundir import read_metrics, read_summary
 from ..errors import SfedloraError
 from ..federated.keys import higher_is_better
 from .grid import ALIASES, value_text
@@ -89,7 +88,7 @@ def _plt():
 def plot_run(run_dir: Path, out_dir: Path) -> list[Path]:
     plt = _plt()
     records = read_metrics(run_dir)
-    metric = json.loads((run_dir / "summary.json").read_text())["metric"]
+    metric = read_summary(run_dir)["metric"]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, keys, title in zip(
         axes,
@@ -270,10 +269,10 @@ def report(path: str | Path, only: set[str] | None = None, record: str | Path | 
             raise SfedloraError(
                 f"{path} is a single run, and --record writes a sweep's: give its sweep directory"
             )
+        summary, _ = read_summary(path), read_metrics(path)  # both read back before anything is written
         out_dir = path / "plots"
         out_dir.mkdir(exist_ok=True)
         pngs = [p for p in plot_run(path, out_dir) if p.suffix == ".png"]
-        summary = json.loads((path / "summary.json").read_text())
         body = f"# Run {path.name}\n\n" + "\n".join(f"- **{k}**: {v}" for k, v in summary.items()) + "\n"
     else:
         raise SfedloraError(

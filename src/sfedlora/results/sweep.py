@@ -26,7 +26,7 @@ from ..config import apply_overrides, build_config, read_yaml_mapping
 from ..driver.rundir import RunLock
 from ..errors import SfedloraError
 from .grid import cell_name, cell_overrides, grid_cells, hashable, parse_grid
-from .record import read_sweep
+from .record import read_sweep, read_sweep_spec
 from .sweep_summary import write_summary
 
 log = logging.getLogger("sfedlora")
@@ -134,7 +134,7 @@ def run_sweep(
     # shares its cells; the summary always covers the widest grid seen.
     summary_grid = grid
     if spec_path.is_file():
-        old = yaml.safe_load(spec_path.read_text())
+        old = read_sweep_spec(spec_path)
         stored = old.get("grid") or {}
         if old.get("base") != base or not (_within(grid, stored) or _within(stored, grid)):
             raise SfedloraError(

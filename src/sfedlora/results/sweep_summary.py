@@ -10,6 +10,7 @@ import numpy as np
 
 from ..driver.collapse import COLLAPSED, OVERFIT, judge
 from ..federated.keys import higher_is_better
+from ..tasks.sequence import Classification, label_prior_loss
 from .grid import ALIASES, hashable, value_text
 from .record import Run, Sweep
 
@@ -17,6 +18,22 @@ from .record import Run, Sweep
 def last_value(records: list[dict], key: str):
     """The last recorded (not None) value of ``key``."""
     return next((r[key] for r in reversed(records) if r.get(key) is not None), None)
+
+
+def _with_trivial_train_loss(summary: dict, partition: dict | None) -> dict:
+    """A classification run's summary written before the trivial training loss was recorded,
+    given it from the run's label histograms (the same number a run computes now), so that
+    its verdict tells overfitting from not learning as a new run's does."""
+    classification = (
+        "majority_baseline" in summary or summary.get("trivial_predictor") == "the majority class"
+    )
+    if "trivial_train_loss" in summary or not classification or not partition:
+        return summary
+    return {
+        **summary,
+        "trivial_train_loss": label_prior_loss(partition["label_histograms"]),
+        "trivial_train_predictor": Classification.trivial_train_name,
+    }
 
 
 def cell_row(run: Run, target: float | None = None) -> dict:
@@ -33,7 +50,7 @@ def cell_row(run: Run, target: float | None = None) -> dict:
         ),
         None,
     )
-    verdict = judge(records, summary)
+    verdict = judge(records, _with_trivial_train_loss(summary, run.partition))
     return {
         **run.cell,
         "metric": metric,

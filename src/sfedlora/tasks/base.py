@@ -135,6 +135,19 @@ class Task:
         """How much better than ``trivial`` a score must be to count as learning: 1% of it."""
         return 0.01 * abs(trivial)
 
+    # The trivial predictor's loss on the training data: the yardstick of the training loss
+    # (sfedlora.driver.collapse tells overfitting from not learning by it).
+    trivial_train_name: ClassVar[str] = "the model before training"
+
+    def trivial_train_loss(
+        self, parts: list | None, histograms: np.ndarray, initial: Callable[[object], dict[str, float]]
+    ) -> float | None:
+        """The trivial predictor's loss on the clients' training data ``parts`` (each weighted
+        by its size, as a round's ``train_loss`` is; ``histograms``: their label counts, or
+        sizes; None where the server does not hold the data). ``initial(data)`` is what the
+        model before training outputs on ``data``. None where it cannot be known."""
+        return None
+
 
 TASKS: dict[str, type[Task]] = {}
 

@@ -124,6 +124,17 @@ class CausalLM(Task):
     def scores(self, outputs: dict[str, float], data: LMEncoded) -> dict[str, float]:
         return dict(outputs)
 
+    def trivial_train_loss(self, parts: list[LMEncoded] | None, histograms, initial) -> float | None:
+        """The answer-token loss of the model before training on up to 256 training examples
+        taken evenly from the clients (the model is the same for every client); no answers are
+        generated for it."""
+        if parts is None:
+            return None
+        per_client = -(-256 // len(parts))
+        sample = LMEncoded.concat([p.subset(range(min(per_client, len(p)))) for p in parts])
+        sample.references = [None] * len(sample)
+        return initial(sample)["loss"]
+
     def judged_metric(self, judged_on: str) -> str:
         """Perplexity, whatever the headline: a causal LM that learns lowers it long before
         exact match of generated answers moves, so it separates learning from not."""

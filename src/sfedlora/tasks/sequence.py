@@ -42,6 +42,16 @@ def label_mix_accuracy(logits: np.ndarray, labels: np.ndarray, mix: np.ndarray) 
     return float(np.dot(weights, per_class))
 
 
+def label_prior_loss(histograms: np.ndarray) -> float:
+    """The cross-entropy of answering each client's own label frequencies on its own training
+    data (the entropy of its label counts, a row of ``histograms``), size-weighted over
+    clients: what a model that learned only its client's prior scores."""
+    counts = np.asarray(histograms, dtype=np.float64)
+    p = counts / counts.sum(axis=1, keepdims=True)
+    entropy = -(p * np.log(np.where(p > 0, p, 1.0))).sum(axis=1)
+    return float(np.average(entropy, weights=counts.sum(axis=1)))
+
+
 class SequenceTask(Task):
     """A classifier head on the base model's sequence representation."""
 
@@ -137,6 +147,11 @@ class Classification(SequenceTask):
             return float(np.mean(histograms.max(axis=1) / histograms.sum(axis=1)))
         return float(np.bincount(data.labels, minlength=self.classes).max() / len(data))
 
+    trivial_train_name = "each client's label prior"
+
+    def trivial_train_loss(self, parts: list[Encoded] | None, histograms: np.ndarray, initial=None) -> float:
+        return label_prior_loss(histograms)
+
 
 @register
 class Regression(SequenceTask):
@@ -180,3 +195,12 @@ class Regression(SequenceTask):
     def trivial_score(self, data: Encoded, histograms: np.ndarray, judged_on: str, initial=None) -> float:
         """Correlation of a constant prediction (the labels' mean, the least-squares constant): 0."""
         return 0.0
+
+    trivial_train_name = "each client's label variance"
+
+    def trivial_train_loss(self, parts: list[Encoded] | None, histograms: np.ndarray, initial=None):
+        """The mean squared error of predicting each client's own label mean on its own
+        training data (its label variance), size-weighted over clients."""
+        if parts is None:
+            return None
+        return float(np.average([np.var(d.labels) for d in parts], weights=histograms[:, 0]))
