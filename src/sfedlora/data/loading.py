@@ -103,6 +103,27 @@ def _task_data(
     return TaskData(name, train, evals, CLASSIFICATION, metric, n_labels)
 
 
+def _numeric_labels(raw, where: str, regression: bool) -> np.ndarray:
+    """Labels as numbers: finite reals for regression, integers for classes."""
+    kind = "finite numbers (regression: data.num_labels=1)" if regression else "integer class ids"
+    bad = next(
+        (
+            v
+            for v in raw
+            if isinstance(v, bool)
+            or not isinstance(v, int | float | np.number)
+            or not np.isfinite(v)
+            or (not regression and v != int(v))
+        ),
+        None,
+    )
+    if bad is not None or any(v is None for v in raw):
+        raise SfedloraError(
+            f"{where}: labels must be {kind}; found {bad!r}: fix the label column, or set data.num_labels"
+        )
+    return np.asarray(raw, dtype=np.float32 if regression else np.int64)
+
+
 def _columns_to_examples(
     table, cfg: DataConfig, where: str, label_ids: dict | None, regression: bool, n_labels: int
 ) -> Examples:
@@ -113,15 +134,13 @@ def _columns_to_examples(
                 "data.text_column/text_pair_column/label_column"
             )
     raw = table[cfg.label_column]
-    if regression:
-        labels = np.asarray(raw, dtype=np.float32)
-    elif label_ids is not None:
+    if label_ids is not None:
         unknown = sorted({str(v) for v in raw} - set(label_ids))
         if unknown:
             raise SfedloraError(f"{where}: label {unknown[0]!r} never occurs in the training data")
         labels = np.asarray([label_ids[str(v)] for v in raw], dtype=np.int64)
     else:
-        labels = np.asarray(raw, dtype=np.int64)
+        labels = _numeric_labels(raw, where, regression)
     if (
         not regression
         and label_ids is None
