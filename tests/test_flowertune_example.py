@@ -3,8 +3,10 @@ says (``flwr run``) on Flower's simulation engine: 2 nodes, 2 rounds, the tiny L
 
 import json
 import os
+import shutil
 import signal
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -24,6 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "flowertune-sfed"
 GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 RANK, ALPHA, NODES = 4, 8, 2
+
+
+def tool(name: str) -> str:
+    """A Flower command installed next to this interpreter (a virtual environment), else on PATH."""
+    return shutil.which(name, path=str(Path(sys.executable).parent)) or name
 
 
 def started(port: int) -> bool:
@@ -46,7 +53,12 @@ def superlink(tmp_path):
         "FLWR_TELEMETRY_ENABLED": "0",
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",  # installed already; never fetched
     }
-    command = ["flower-superlink", "--insecure", "--simulation", "--disable-runtime-dependency-installation"]
+    command = [
+        tool("flower-superlink"),
+        "--insecure",
+        "--simulation",
+        "--disable-runtime-dependency-installation",
+    ]
     with (tmp_path / "superlink.log").open("wb") as log:
         link = subprocess.Popen(
             [*command, "--host", "127.0.0.1", "--port", str(port)],
@@ -91,7 +103,7 @@ def test_the_flowertune_app_keeps_b_per_node_at_the_sfed_gamma(tmp_path, superli
         "num-server-rounds": 2,
     }
     done = subprocess.run(
-        ["flwr", "run", str(EXAMPLE), "--stream", "--federation-config", f"num-supernodes={NODES}"]
+        [tool("flwr"), "run", str(EXAMPLE), "--stream", "--federation-config", f"num-supernodes={NODES}"]
         + ["--run-config", " ".join(f"{k}={v}" for k, v in overrides.items())],
         cwd=tmp_path,
         env=superlink,

@@ -8,7 +8,7 @@ import warnings
 from .federated.keys import Key
 
 
-class quiet_libraries:  # noqa: N801 -- called like the function it was, and used with `with`
+class quiet_libraries:  # lower case: called like the function it was, and used with `with`
     """Silence per-layer load reports and progress bars of transformers and datasets.
 
     Called, it silences them for the rest of the process: the CLI and every sweep worker or

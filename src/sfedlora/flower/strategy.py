@@ -151,11 +151,12 @@ class PartialFedAvg(FedAvg):
 
 def merge_local(arrays: ArrayRecord, context: Context) -> dict[str, torch.Tensor]:
     """The state dict a ClientApp loads: the server's averaged arrays, and this node's own
-    value of every other one (the server's, on the node's first round)."""
+    value of every other one (the server's, on the node's first round; the model's own, where
+    the server sends none)."""
     received = dict(arrays.to_torch_state_dict())
     own = context.state.get(LOCAL_KEY)
     if own is not None:
-        received.update({n: t for n, t in own.to_torch_state_dict().items() if n in received})
+        received.update(own.to_torch_state_dict())
     return received
 
 
