@@ -4,12 +4,11 @@ it), and the upload of the exported directory to the Hub."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import yaml
 
-from ..driver.rundir import read_metrics
+from ..driver.rundir import read_metrics, read_summary
 from ..errors import SfedloraError
 from ..federated.keys import CONSTANT, Key
 from ..federated.methods import get_method
@@ -49,7 +48,7 @@ def _score_table(scores: dict[str, float], last: dict) -> str:
 def model_card(run: FinishedRun, client: int | None, merged: bool, scores: dict[str, float]) -> str:
     """README.md of client ``client``'s model (None: the global one) exported from ``run``;
     ``scores`` are that model's own on the run's dev set."""
-    cfg, summary = run.cfg, json.loads((run.run_dir / "summary.json").read_text())
+    cfg, summary = run.cfg, read_summary(run.run_dir)
     base = base_model_id(cfg.model.name_or_path)
     n = cfg.federation.sampled_per_round()
     k = 0 if client is None else client

@@ -27,7 +27,11 @@ def export(run_dir: str | Path, out: str | Path, client: int | None = None, merg
     run = open_run(run_dir)
     model, tokenizer = load_model(run, client)
     encoded = run.task.encode(run.data.eval, tokenizer, run.cfg.model.max_length, "evaluation")
-    scores = model_scores(run, model, tokenizer, client, encoded, run.histograms())
+    # Written last, in place of the template PEFT writes; read first, so that a damaged
+    # summary.json or metrics.jsonl stops the export before it writes anything.
+    card = model_card(
+        run, client, merge, model_scores(run, model, tokenizer, client, encoded, run.histograms())
+    )
     # The length the model was trained and scored at: pipelines truncate to it with truncation=True.
     tokenizer.model_max_length = run.cfg.model.max_length
     if merge:
@@ -40,6 +44,5 @@ def export(run_dir: str | Path, out: str | Path, client: int | None = None, merg
             model.config.label2id = {name: i for i, name in enumerate(names)}
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    # In place of the template PEFT writes: how this model was trained, its scores, how to load it.
-    (out / "README.md").write_text(model_card(run, client, merge, scores), encoding="utf-8")
+    (out / "README.md").write_text(card, encoding="utf-8")
     return out
