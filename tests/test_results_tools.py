@@ -236,6 +236,7 @@ def test_export_writes_a_model_card_and_pushes_through_huggingface_hub(trained, 
     row = f"| accuracy | {personal_accuracy(fed, 1)[0]:.4f} | {last['personal_accuracy_mean']:.4f} |"
     assert row + f" {last['personal_accuracy_min']:.4f} |" in body
     assert 'from_pretrained("sentence-transformers/all-MiniLM-L6-v2", num_labels=2)' in body
+    assert 'model = PeftModel.from_pretrained(base, "me/m")' in body  # the repo it was pushed to
 
     monkeypatch.undo()  # the real client: the Hub is unreachable here (offline or no network)
     failed = runner.invoke(

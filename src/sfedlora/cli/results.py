@@ -74,7 +74,7 @@ def register_result_commands(app: typer.Typer, fail: Callable[[str], None], cons
 
         quiet_libraries()
         try:
-            path = export(run, out, client, merge)
+            path = export(run, out, client, merge, push_to_hub)
         except SfedloraError as err:
             fail(str(err))
         what = "the global model" if client is None else f"client {client}'s model"

@@ -45,9 +45,11 @@ def _score_table(scores: dict[str, float], last: dict) -> str:
     return "\n".join(lines)
 
 
-def model_card(run: FinishedRun, client: int | None, merged: bool, scores: dict[str, float]) -> str:
+def model_card(
+    run: FinishedRun, client: int | None, merged: bool, scores: dict[str, float], repo: str | None = None
+) -> str:
     """README.md of client ``client``'s model (None: the global one) exported from ``run``;
-    ``scores`` are that model's own on the run's dev set."""
+    ``scores`` are that model's own on the run's dev set; ``repo``, the Hub repo it goes to."""
     cfg, summary = run.cfg, read_summary(run.run_dir)
     base = base_model_id(cfg.model.name_or_path)
     n = cfg.federation.sampled_per_round()
@@ -65,16 +67,17 @@ def model_card(run: FinishedRun, client: int | None, merged: bool, scores: dict[
     last = _last_record(run.run_dir)
     location = base or cfg.model.name_or_path
     kwargs = "".join(f", {key}={value!r}" for key, value in run.task.auto_kwargs().items())
+    where, comment = (repo, "") if repo else ("PATH", "  # this directory")
     if merged:
         load = (
             "from transformers import pipeline\n\n"
-            f'model = pipeline("{run.task.pipeline_tag}", model="PATH")  # this directory or its Hub repo'
+            f'model = pipeline("{run.task.pipeline_tag}", model="{where}"){comment}'
         )
     else:
         load = (
             f"from peft import PeftModel\nfrom transformers import {run.task.auto_class}\n\n"
             f'base = {run.task.auto_class}.from_pretrained("{location}"{kwargs})\n'
-            'model = PeftModel.from_pretrained(base, "PATH")  # this directory or its Hub repo'
+            f'model = PeftModel.from_pretrained(base, "{where}"){comment}'
         )
     data = cfg.data
     rows = [

@@ -12,14 +12,21 @@ from .finished import load_model, open_run
 from .rescore import model_scores
 
 
-def export(run_dir: str | Path, out: str | Path, client: int | None = None, merge: bool = False) -> Path:
+def export(
+    run_dir: str | Path,
+    out: str | Path,
+    client: int | None = None,
+    merge: bool = False,
+    repo: str | None = None,
+) -> Path:
     """Write client ``client``'s model (None: the global one) of the finished run in ``run_dir``
     to ``out``, with its tokenizer and a model card (README.md: the run's settings, the model's
     scores on the run's dev set, how to load it).
 
     With ``merge`` the adapter is merged into the base weights (the task head, which PEFT keeps
     in ``modules_to_save``, comes along): ``transformers.pipeline(task, model=out)`` loads it.
-    Without, ``out`` is a PEFT adapter directory for the run's base model.
+    Without, ``out`` is a PEFT adapter directory for the run's base model. ``repo``: the Hub
+    repo the directory will be pushed to, which the card's loading lines name.
     """
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -29,9 +36,8 @@ def export(run_dir: str | Path, out: str | Path, client: int | None = None, merg
     encoded = run.task.encode(run.data.eval, tokenizer, run.cfg.model.max_length, "evaluation")
     # Written last, in place of the template PEFT writes; read first, so that a damaged
     # summary.json or metrics.jsonl stops the export before it writes anything.
-    card = model_card(
-        run, client, merge, model_scores(run, model, tokenizer, client, encoded, run.histograms())
-    )
+    scores = model_scores(run, model, tokenizer, client, encoded, run.histograms())
+    card = model_card(run, client, merge, scores, repo)
     # The length the model was trained and scored at: pipelines truncate to it with truncation=True.
     tokenizer.model_max_length = run.cfg.model.max_length
     if merge:
