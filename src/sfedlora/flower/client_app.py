@@ -122,7 +122,7 @@ def train(msg: Message, context: Context) -> Message:
     node, state = _check_node(req, context, training=True)
     outcome = client_round(node.shared, node.client, state, req.download, req.round)
     _keep(context, req, outcome.state)
-    return Message(train_reply(outcome.result, outcome.update), reply_to=msg)
+    return Message(train_reply(outcome.result, outcome.update, req), reply_to=msg)
 
 
 def train_secure(msg: Message, context: Context) -> Message:

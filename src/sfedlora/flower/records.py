@@ -9,11 +9,15 @@ moments are never put in a message.
 
 from __future__ import annotations
 
+import io
+import math
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import yaml
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.constant import SType
 
 from ..config import RunConfig, build_config, dump_config
 from ..federated.client import ClientResult, ClientState
@@ -78,9 +82,13 @@ def parse_request(meta, download: dict[str, torch.Tensor]) -> Request:
     return Request(cfg, text, str(meta["run"]), int(meta["client"]), int(meta["round"]), download)
 
 
-def train_reply(result: ClientResult | None, update: dict[str, torch.Tensor]) -> RecordDict:
-    """A client's reply to a training request; ``result`` None means its loss diverged."""
-    return RecordDict({UPDATE: tensors_record(update), RESULT: MetricRecord(result_stats(result))})
+def train_reply(result: ClientResult | None, update: dict[str, torch.Tensor], req: Request) -> RecordDict:
+    """A client's reply to the training request ``req``; ``result`` None means its loss
+    diverged. It names the run, client and round it answers, which the server checks."""
+    meta = ConfigRecord({"run": req.run, "client": req.client, "round": req.round})
+    return RecordDict(
+        {CONFIG: meta, UPDATE: tensors_record(update), RESULT: MetricRecord(result_stats(result))}
+    )
 
 
 def result_stats(result: ClientResult | None) -> dict[str, float | int]:
@@ -116,3 +124,81 @@ def load_state(state: RecordDict) -> ClientState | None:
     return ClientState.from_state_dict(
         {"tensors": record_tensors(state.array_records[STATE_TENSORS]), **rest}
     )
+
+
+class Refused(Exception):
+    """A node's reply the server does not accept; the message says why (its metrics record)."""
+
+
+def receive_train_reply(
+    msg: Message, expected: dict[str, torch.Tensor], run: str, client: int, round_: int
+) -> tuple[ClientResult | None, dict[str, torch.Tensor]]:
+    """Client ``client``'s reply to the server's request of round ``round_`` in run ``run``,
+    what :func:`read_train_reply` reads, from a node the server does not trust: it must answer
+    that very request (a reply of another run, client or round is refused: a replay), hold
+    training statistics of the expected kinds and, unless diverged, exactly the ``expected``
+    tensors as NumPy arrays of their dtypes and shapes. Each array's header is read before its
+    data, so nothing larger than expected is allocated and nothing is unpickled."""
+    content = msg.content
+    meta = content.config_records[CONFIG] if CONFIG in content.config_records else {}
+    if meta.get("run") != run:
+        raise Refused("reply of another run (its run key differs)")
+    if (meta.get("client"), meta.get("round")) != (client, round_):
+        raise Refused(f"reply for client {meta.get('client')} in round {meta.get('round')}, not this request")
+    if RESULT not in content.metric_records:
+        raise Refused("no training statistics")
+    result = _checked_result(content.metric_records[RESULT])
+    if result is None:
+        return None, {}
+    if UPDATE not in content.array_records:
+        raise Refused("no update")
+    return result, _checked_tensors(content.array_records[UPDATE], expected)
+
+
+STATS = {"diverged", "loss", "steps", "examples"}
+
+
+def _checked_result(stats) -> ClientResult | None:
+    extra = sorted(k for k in stats if k not in STATS and not k.startswith("grad_norm."))
+    if extra or "diverged" not in stats:
+        raise Refused(f"training statistics of another kind ({', '.join(extra) or 'no diverged flag'})")
+    if any(isinstance(v, list) or isinstance(v, bool) for v in stats.values()):
+        raise Refused("training statistics that are not numbers")
+    if stats["diverged"] not in (0, 1):
+        raise Refused(f"diverged flag {stats['diverged']!r}")
+    if stats["diverged"]:
+        return None
+    if not {"loss", "steps"} <= set(stats) or not math.isfinite(stats["loss"]):
+        raise Refused("no finite training loss without the diverged flag")
+    if stats["steps"] < 0 or stats.get("examples", 0) < 0:
+        raise Refused("negative step or example count")
+    return ClientResult.from_stats(stats)
+
+
+def _checked_tensors(record: ArrayRecord, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if set(record) != set(expected):
+        missing, extra = sorted(set(expected) - set(record)), sorted(set(record) - set(expected))
+        raise Refused(f"wrong tensors (missing {missing[:2]}, unexpected {extra[:2]})")
+    return {name: _checked_array(name, record[name], ref) for name, ref in expected.items()}
+
+
+def _checked_array(name: str, array: Array, ref: torch.Tensor) -> torch.Tensor:
+    want = (torch.empty(0, dtype=ref.dtype).numpy().dtype, tuple(ref.shape))
+    if array.stype != SType.NUMPY:
+        raise Refused(f"{name} is not a NumPy array (serialised as {array.stype!r})")
+    buf = io.BytesIO(array.data)
+    try:
+        version = np.lib.format.read_magic(buf)
+        read_header = {
+            (1, 0): np.lib.format.read_array_header_1_0,
+            (2, 0): np.lib.format.read_array_header_2_0,
+        }
+        shape, fortran, dtype = read_header[version](buf)
+    except (ValueError, KeyError, EOFError) as err:
+        raise Refused(f"{name} has no readable array header ({type(err).__name__})") from None
+    if (dtype, tuple(shape)) != want or fortran:
+        raise Refused(f"{name} is {dtype}{tuple(shape)}, expected {want[0]}{want[1]}")
+    size = math.prod(shape) * dtype.itemsize
+    if len(array.data) - buf.tell() != size:
+        raise Refused(f"{name} holds {len(array.data) - buf.tell()} bytes of data, not {size}")
+    return torch.from_numpy(np.load(io.BytesIO(array.data), allow_pickle=False))

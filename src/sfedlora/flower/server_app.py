@@ -36,8 +36,9 @@ from .records import (
     CONFIG,
     RESULT,
     UPDATE,
+    Refused,
     config_text,
-    read_train_reply,
+    receive_train_reply,
     record_tensors,
     request,
     stats_result,
@@ -203,6 +204,7 @@ class FlowerRounds:
             lambda k: request(self.text, self.key, k, round_, downloads[k]),
             str(round_),
         )
+        expected = expected_update(fed, round_)
         for k in inbox.clients:
             inbox.sent(downloads[k])
             reply = replies[k]
@@ -212,7 +214,13 @@ class FlowerRounds:
                 )
                 inbox.dropped.append(k)
                 continue
-            inbox.receive(k, *read_train_reply(reply))
+            # A registered node is still not trusted: its reply is checked before it is decoded.
+            try:
+                result, update = receive_train_reply(reply, fed.ranks.view(expected, k), self.key, k, round_)
+            except Refused as why:
+                inbox.rejected.append({"client": k, "reason": str(why)})
+                continue
+            inbox.receive(k, result, update)
         return conclude_round(fed, round_, inbox, start)
 
     def play_secure(self, fed: ServerState) -> dict:
