@@ -195,6 +195,10 @@ CASES = {
         ],
         "eval.judged_on=local needs a classification task and eval.personalised=true",
     ),
+    "one-rank method with mixed ranks": (
+        lambda t: ["--set", "method=fedex-lora", "--set", "lora.client_ranks=[2,4]"],
+        "fedex-lora needs one rank for every client: unset lora.client_ranks",
+    ),
     "run dir under a file": (under_a_file, "is a file; choose another output_dir="),
 }
 

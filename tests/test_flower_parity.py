@@ -1,12 +1,13 @@
-"""Every method, mixed client ranks and DP-SGD end with the same adapters on Flower's
-simulation engine as on the embedded simulator: one implementation of the math. (Mixed ranks:
-tests/test_flower.py, which also compares every round's record.)"""
+"""Every method, mixed client ranks and DP-SGD end with the same adapters (and base change,
+where a method owns one) on Flower's simulation engine as on the embedded simulator: one
+implementation of the math. (Mixed ranks: tests/test_flower.py, which also compares every round's record.)"""
 
 import pytest
 from safetensors.torch import load_file
 
 from sfedlora.driver.experiment import run
 from sfedlora.flower.engine import run_simulation
+from sfedlora.lora.base import BASE_FILE
 
 CASES = {
     "fedit": ("method=fedit",),
@@ -15,6 +16,8 @@ CASES = {
     "rolora": ("method=rolora", "federation.rounds=3"),
     "fedsa-rslora": ("method=fedsa-rslora",),
     "sfed-lora": ("method=sfed-lora",),
+    "fedex-lora": ("method=fedex-lora",),
+    "flora-mixed-ranks": ("method=flora", "lora.client_ranks=[2,4]"),
     "dp-sgd": (
         "method=fedsa-lora",
         "privacy.dp=client",
@@ -25,10 +28,10 @@ CASES = {
 
 
 def adapters(run_dir):
-    return {
-        p.parent.name: load_file(p)
-        for p in sorted((run_dir / "adapters").glob("*/adapter_model.safetensors"))
-    }
+    """Every saved adapter, and the base change of a method that owns one."""
+    saved = run_dir / "adapters"
+    out = {p.parent.name: load_file(p) for p in sorted(saved.glob("*/adapter_model.safetensors"))}
+    return out | ({"base": load_file(saved / BASE_FILE)} if (saved / BASE_FILE).is_file() else {})
 
 
 @pytest.mark.parametrize("case", CASES, ids=list(CASES))
@@ -39,7 +42,8 @@ def test_flower_ends_with_the_embedded_simulators_adapters(tiny_config, case):
     ours, theirs = adapters(embedded.run_dir), adapters(flower.run_dir)
     assert ours and ours.keys() == theirs.keys()
     personal = any(name.startswith("client_") for name in ours)
-    assert personal or case in ("fedit", "ffa-lora", "rolora")  # only these have no local tensors
+    assert personal or case in ("fedit", "ffa-lora", "rolora", "fedex-lora")  # no local tensors
+    assert ("base" in ours) == case.startswith(("fedex", "flora"))
     for name in ours:
         assert ours[name].keys() == theirs[name].keys()
         for t in ours[name]:

@@ -54,7 +54,10 @@ def assert_same(a, b, ra, rb, atol=1e-5):
                 assert y[key] == pytest.approx(value, abs=1e-5), key
 
 
-@pytest.mark.parametrize("method", ["fedit", "ffa-lora", "fedsa-lora", "rolora", "fedsa-rslora", "sfed-lora"])
+@pytest.mark.parametrize(
+    "method",
+    ["fedit", "ffa-lora", "fedsa-lora", "rolora", "fedsa-rslora", "sfed-lora", "fedex-lora", "flora"],
+)
 def test_every_method_trains_the_same_adapters_fused(tiny_config, method):
     a, b, ra, rb = both(tiny_config(*SGD, f"method={method}"))
     assert_same(a, b, ra, rb)

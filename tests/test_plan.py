@@ -130,3 +130,13 @@ def test_plan_command_refuses_a_model_without_config(tmp_path):
     result = runner.invoke(app, ["plan", "--set", f"model.name_or_path={tmp_path}"])
     assert result.exit_code == 2
     assert "error:" in result.output and "config.json" in result.output
+
+
+def test_plan_counts_the_base_change_of_a_method_that_owns_one():
+    base = ["model.device=cpu", "model.precision=fp32", "simulator.engine=per-client"]
+    fedit = plan(build_config(overrides=[*base, "method=fedit"]))
+    fedex = plan(build_config(overrides=[*base, "method=fedex-lora"]))
+    # MiniLM: LoRA on query and value of 6 layers, 384 x 384 each; ΔW in fp32 and W0 kept in fp32.
+    assert fedex.parts["base_change"] == (4 + 4) * 6 * 2 * 384 * 384
+    assert fedex.device_bytes - fedit.device_bytes == fedex.parts["base_change"]
+    assert any(line.startswith("base change") for line in fedex.lines)

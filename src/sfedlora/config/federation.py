@@ -38,6 +38,21 @@ class FederationConfig(_Section):
             "(the linear-probe baseline an adapter's gain is measured against)."
         ),
     )
+    client_weights: Literal["reference", "examples", "uniform"] = Field(
+        "reference",
+        description=(
+            "How the server weighs clients in its mean: as the method's reference code does "
+            "(FedEx-LoRA equally, the others by training examples; docs/method.md), by examples, "
+            "or equally."
+        ),
+    )
+    flora_reinit: Literal["fresh", "initial"] = Field(
+        "fresh",
+        description=(
+            "FLoRA: after each round's merge the LoRA starts anew, with A drawn fresh (the "
+            "reference's) or back at the run's initial A; B is zero either way."
+        ),
+    )
 
     @model_validator(mode="after")
     def _one_way_each(self) -> FederationConfig:

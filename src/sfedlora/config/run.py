@@ -9,7 +9,7 @@ from pydantic import (
     model_validator,
 )
 
-from ..federated.methods import PRESETS
+from ..federated.methods.presets import PRESETS
 from ..lora.scaling import power_rule
 from .federation import (
     EvalConfig,

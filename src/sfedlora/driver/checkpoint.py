@@ -1,7 +1,8 @@
 """Atomic checkpoints of a federation's mutable state, for exact resume.
 
 A checkpoint holds what the config cannot rebuild: the rounds done, the server's global
-tensors, every client's state (adapter tensors, optimizer state, RNG, step count) and
+tensors (with the base change of a method that owns one), every client's state (adapter
+tensors, optimizer state, RNG, step count) and
 the RNGs of client sampling and fault injection, and the privacy ledger and the server's DP
 noise RNG. Everything else (model, data split, initial adapter) is rebuilt
 from the config with the same seed, so a resumed run continues bit for bit. A Flower run's
@@ -16,6 +17,7 @@ import torch
 
 from ..errors import SfedloraError, reading
 from ..federated.federation import Federation, ServerState
+from ..federated.kinds import BASE, tensor_kind
 from .rundir import atomic_write
 
 CHECKPOINT = "checkpoint.pt"
@@ -48,7 +50,9 @@ def load_checkpoint(fed: ServerState, run_dir: Path) -> None:
         wrote, fix = ("the embedded simulator", "without") if "clients" in state else ("Flower", "with")
         raise SfedloraError(f"checkpoint {path} was written by {wrote}: resume it {fix} --runtime flower")
     sizes = state.get("client_sizes")
-    if (sizes is not None and len(sizes) != fed.n_clients) or set(state["server"]) != set(fed.server):
+    # The server's base change (kind ``base``) exists only from the round that made it.
+    adapter = {n for n in state["server"] if tensor_kind(n) != BASE}
+    if (sizes is not None and len(sizes) != fed.n_clients) or adapter != set(fed.server):
         raise SfedloraError(
             f"checkpoint {path} does not match the run's config (clients or adapter tensors differ)"
         )

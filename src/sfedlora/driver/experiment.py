@@ -18,8 +18,10 @@ from ..errors import SfedloraError
 from ..federated.evaluation import outputs_of
 from ..federated.federation import Federation, ServerState
 from ..federated.keys import best_of, higher_is_better, score_key
+from ..federated.kinds import split_base
 from ..federated.runtime import Runtime, play
 from ..logs import quiet_libraries, verdict_line
+from ..lora.base import save_base_change
 from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from .collapse import COLLAPSED, OVERFIT, judge
 from .rundir import (
@@ -85,7 +87,11 @@ def save_adapters(
 ) -> list[Path]:
     """The global adapter and/or the clients' personalised adapters (``personal``, by client;
     by default every client's in ``fed``), in PEFT format; with mixed ranks each client's at
-    its own rank and γ (the global one at the highest)."""
+    its own rank and γ (the global one at the highest). A base change the method made, the
+    same for every adapter, is saved once beside them (:data:`sfedlora.lora.base.BASE_FILE`)."""
+    _, base = split_base(fed.server)
+    if base:
+        save_base_change(run_dir / "adapters", base)
     if personal is None:
         personal = {k: fed.personal_tensors(k) for k in range(fed.n_clients)}
     targets: list[tuple[str, int | None, dict]] = []

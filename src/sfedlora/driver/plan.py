@@ -229,6 +229,7 @@ def counts(cfg: RunConfig) -> dict:
 def plan(cfg: RunConfig) -> Plan:
     """What ``cfg`` needs on its compute device and in host memory, as printable lines."""
     from ..engine.executors import engine_rule
+    from ..federated.kinds import BASE
     from ..federated.ranks import assign_ranks
     from ..federated.shared import method_of
     from ..lora.models import auto_device, auto_precision
@@ -282,7 +283,12 @@ def plan(cfg: RunConfig) -> Plan:
         parts.update(stacks=stacks, gathered=gathered, copies=sum(sorted(copy)[-slots:]))
         states += parts["copies"]
         training = 4 * adapter * 2 + stacks + gathered  # plus the shared model's adapter and the initial one
-    device_bytes = base + training + activations + (0 if gpu else states)
+    # A method that changes the base (FedEx-LoRA, FLoRA): the server's ΔW of every adapted layer
+    # in fp32, kept with the client states, and W0 of those layers kept beside the changed weights.
+    changed = sum(i * o for i, o in c["adapted"]) if BASE in method_of(cfg).global_kinds else 0
+    parts["base_change"] = 4 * changed + storage * changed
+    states += 4 * changed
+    device_bytes = base + storage * changed + training + activations + (0 if gpu else states)
     host_bytes = states if gpu else 0
 
     d = c["dims"]
@@ -309,6 +315,11 @@ def plan(cfg: RunConfig) -> Plan:
         f"all clients  {_fmt(states)} for {fed.n_clients} clients"
         + (f" and 2 copies of each of the {slots} sampled in a round" if fused else "")
         + (" (pinned host memory on a GPU run)" if gpu else " (host memory)"),
+        *(
+            [f"base change  {_fmt(parts['base_change'])}: the server's ΔW (fp32), W0 of the changed weights"]
+            if changed
+            else []
+        ),
         f"activations  {_fmt(act[False])} per micro-batch of {rows} x {length} tokens at "
         f"{precision}; {_fmt(act[True])} with gradient checkpointing"
         + (" (on)" if m.gradient_checkpointing else " (off)"),

@@ -25,9 +25,10 @@ import torch
 
 from ..errors import SfedloraError
 from ..federated.client import ClientOutcome, ClientResult, ClientState, _batch_indices, lr_at, offload_state
-from ..federated.methods import tensor_kind
+from ..federated.kinds import split_base, tensor_kind
 from ..federated.ranks import pad
 from ..federated.shared import ClientSpec, Shared, client_steps, expected_steps
+from ..lora.base import set_base_change
 from ..privacy.mechanisms import clip_per_example, noisy_mean, poisson_batches
 from .rowwise import PER_CLIENT, Rows, rowwise
 from .stacked import StackedOptimizer
@@ -90,7 +91,10 @@ class _Client:
 
 
 def _start(shared: Shared, spec: ClientSpec, state: ClientState, download: dict) -> _Client:
-    # As client_round and train_client begin: the download on top, the stream drawn in the same order.
+    # As client_round and train_client begin: the base change into the model, the download on
+    # top, the stream drawn in the same order.
+    download, base = split_base(download)
+    set_base_change(shared.model, base)
     received = ClientState(
         {**state.tensors, **{n: t.clone() for n, t in download.items()}},
         state.rng,
@@ -125,7 +129,12 @@ def _kind_norms(grads: dict[str, torch.Tensor], slots: torch.Tensor) -> dict[str
 
 def stack(shared: Shared, models: Sequence[tuple[dict, int]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """The (tensors, client) ``models`` as stacked tensors at full rank, a slot each, and their γ."""
-    full = [pad(tensors, shared.params) for tensors, _ in models]
+    full = []
+    for tensors, _ in models:
+        adapter, base = split_base(tensors)
+        if base:  # the server's base change: the same for every model of a round
+            set_base_change(shared.model, base)
+        full.append(pad(adapter, shared.params))
     device = shared.compute.device
     stacks = {n: torch.stack([f[n] for f in full]).to(device) for n in shared.params}
     gammas = [shared.ranks.layer_gamma(k) for _, k in models]

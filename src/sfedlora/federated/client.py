@@ -19,10 +19,11 @@ import torch
 
 from ..config import TrainConfig
 from ..data.encoding import Encoded
+from ..lora.base import set_base_change
 from ..lora.models import Compute, read_tensors, write_tensors
 from ..privacy.dpsgd import DPSGD, apply_private_gradient, per_example_gradients
 from ..privacy.mechanisms import poisson_batches
-from .methods import tensor_kind
+from .kinds import split_base, tensor_kind
 from .ranks import pad
 from .shared import ClientSpec, Shared, client_steps, expected_steps
 
@@ -224,6 +225,9 @@ def client_round(
     is ``state`` with the download but without the training, and nothing is sent.
     """
     cfg, k = shared.cfg, client.k
+    # The server's change to the base weights (methods that own one) goes into the shared
+    # model, never into the client's state.
+    download, base = split_base(download)
     received = ClientState(
         {**state.tensors, **{n: t.clone() for n, t in download.items()}},
         state.rng,
@@ -236,6 +240,7 @@ def client_round(
     # under its own γ; the padding gets zero gradients and is cut off again below.
     trained.tensors = pad(trained.tensors, shared.params)
     shared.ranks.use(shared.model, k)
+    set_base_change(shared.model, base)
     result = train_client(
         shared.model,
         shared.params,

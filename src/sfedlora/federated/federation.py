@@ -59,12 +59,12 @@ class ServerState(Shared):
 
     def download(self, k: int) -> dict[str, torch.Tensor]:
         """What the server sends client ``k``: the global tensors, cut to the client's rank."""
-        return self.ranks.view(self.method.download(self.server), k)
+        return self.method.client_view(self.method.download(self.server), k, self.ranks)
 
     def served_tensors(self, k: int) -> dict[str, torch.Tensor]:
         """Client ``k``'s model as the server alone knows it: the initial adapter with the
         global tensors on top, at the client's rank (its model, where it keeps nothing local)."""
-        return {**self.ranks.view(self.initial, k), **self.ranks.view(self.server, k)}
+        return {**self.ranks.view(self.initial, k), **self.method.client_view(self.server, k, self.ranks)}
 
     def client_models_differ(self) -> bool:
         return client_models_differ(self.cfg)
@@ -123,7 +123,7 @@ class Federation(ServerState):
 
     def personal_tensors(self, k: int) -> dict[str, torch.Tensor]:
         """Client ``k``'s model: its own tensors with the server's global ones on top."""
-        return {**self.clients[k].tensors, **self.ranks.view(self.server, k)}
+        return {**self.clients[k].tensors, **self.method.client_view(self.server, k, self.ranks)}
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "clients": [c.state_dict() for c in self.clients]}

@@ -37,10 +37,11 @@ from pathlib import Path
 
 import torch
 
+from ..lora.base import set_base_change
 from ..lora.models import set_gamma, write_tensors
 from ..lora.scaling import check_realised, gamma
 from ..peft import config_gamma, lora_config
-from .methods import aggregate, tensor_kind
+from .kinds import aggregate, split_base, tensor_kind
 
 # The rank dimension of each kind of LoRA tensor: A is (r × d_in), B is (d_out × r).
 RANK_AXIS = {"A": 0, "B": 1}
@@ -239,9 +240,12 @@ class RankPlan:
         tensors: Mapping[str, torch.Tensor],
         k: int | None,
     ) -> None:
-        """Write client ``k``'s adapter (at its rank) into the shared full-rank model."""
+        """Write client ``k``'s adapter (at its rank) into the shared full-rank model, and
+        set its base weights to the base change among ``tensors`` (none: the original)."""
+        adapter, base = split_base(tensors)
         self.use(model, k)
-        write_tensors(params, pad(tensors, params))
+        set_base_change(model, base)
+        write_tensors(params, pad(adapter, params))
 
     def record(self, clients: Sequence[int]) -> dict:
         """Per-round metrics: the rank and γ of each sampled client (in ``clients`` order)."""

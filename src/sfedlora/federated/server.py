@@ -15,9 +15,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..lora.base import transposed_weights
 from ..privacy import user_level_mean
 from .client import ClientResult
 from .federation import ServerState
+from .methods import Replies
 from .robust import change_norm, check_update, norm_outliers
 
 log = logging.getLogger("sfedlora")
@@ -107,14 +109,14 @@ def conclude_round(fed: ServerState, round_: int, inbox: Inbox, start: float) ->
     expected = expected_update(fed, round_)
     replies, rejected = [], list(inbox.rejected)
     for k, update in inbox.updates:
-        reason = check_update(update, fed.ranks.view(expected, k))
+        reason = check_update(update, fed.method.client_view(expected, k, fed.ranks))
         if reason is None:
             replies.append((k, update))
         else:
             rejected.append({"client": k, "reason": reason})
     rejected.sort(key=lambda r: r["client"])  # one entry per client, in the order clients were asked
     if cfg.server.outlier_rule == "median" and replies:
-        norms = [change_norm(u, fed.ranks.view(expected, k)) for k, u in replies]
+        norms = [change_norm(u, fed.method.client_view(expected, k, fed.ranks)) for k, u in replies]
         outlier = norm_outliers(norms, cfg.server.outlier_factor)
         rejected += [
             {"client": k, "reason": f"change norm {n:.3g} over {cfg.server.outlier_factor:g}x the median"}
@@ -133,8 +135,8 @@ def conclude_round(fed: ServerState, round_: int, inbox: Inbox, start: float) ->
     update_norm = 0.0
     if expected and replies and len(replies) >= min_replies:
         if inbox.secure is None:
-            new = server_aggregate(fed, [u for _, u in replies], [k for k, _ in replies], expected)
-        update_norm = change_norm(new, expected)
+            new = server_aggregate(fed, round_, [u for _, u in replies], [k for k, _ in replies], expected)
+        update_norm = change_norm({n: t for n, t in new.items() if n in expected}, expected)
         fed.server.update(new)
     elif expected and replies:
         log.warning(
@@ -179,17 +181,27 @@ def conclude_round(fed: ServerState, round_: int, inbox: Inbox, start: float) ->
 
 def server_aggregate(
     fed: ServerState,
+    round_: int,
     updates: list[dict[str, torch.Tensor]],
     clients: list[int],
     expected: dict[str, torch.Tensor],
 ) -> dict[str, torch.Tensor]:
-    """The server's new tensors from the accepted updates: the example-weighted mean, or
-    with dp=server the clipped, uniformly weighted, noised mean."""
+    """The server's new tensors from the accepted updates: the method's aggregation function
+    (:meth:`sfedlora.federated.methods.Method.aggregate`) with the clients weighted as
+    ``federation.client_weights`` says, or with dp=server the clipped, uniformly weighted,
+    noised mean."""
     if fed.privacy is not None and fed.privacy.mode == "server":
         return user_level_mean(
             updates, expected, fed.privacy.clip_norm, float(fed.privacy.noise_multiplier[0]), fed.dp_rng
         )
-    return fed.ranks.aggregate(updates, [float(fed.client_sizes[k]) for k in clients], clients, expected)
+    rule = fed.cfg.federation.client_weights
+    rule = fed.method.reference_weights if rule == "reference" else rule
+    weights = [float(fed.client_sizes[k]) if rule == "examples" else 1.0 for k in clients]
+    return fed.method.aggregate(
+        Replies(
+            round_, clients, updates, weights, fed.ranks, fed.server, fed.cfg, transposed_weights(fed.model)
+        )
+    )
 
 
 def sample_clients(fed: ServerState) -> list[int]:

@@ -118,6 +118,7 @@ def client_models_differ(cfg: RunConfig) -> bool:
 def build_shared(cfg: RunConfig, data: TaskData) -> Shared:
     """The method, task and model of ``cfg``; checks first the settings they cannot run."""
     method = method_of(cfg)
+    method.check(cfg)
     if method.has_local_state() and not cfg.eval.personalised:
         raise SfedloraError(
             f"eval.personalised=false leaves nothing to evaluate: {cfg.method} has no global model "

@@ -20,7 +20,9 @@ from ..errors import SfedloraError
 from ..federated.client import client_round
 from ..federated.evaluation import client_scores, outputs_of
 from ..federated.federation import Node, build_node
+from ..federated.kinds import split_base
 from ..logs import quiet_libraries
+from ..lora.base import save_base_change
 from .node_state import load_state_file, local_data, save_state_file, state_file
 from .records import (
     CONFIG,
@@ -110,6 +112,9 @@ def query(msg: Message, context: Context) -> Message:
             shared.ranks.save(
                 shared.model, shared.params, personal, k, path.parent / "adapters" / f"client_{k:02d}"
             )
+            _, base = split_base(req.download)
+            if base:
+                save_base_change(path.parent / "adapters", base)
         if req.cfg.flower.collect_adapters:
             reply[UPDATE] = tensors_record(personal)
     return Message(reply, reply_to=msg)

@@ -3,13 +3,18 @@ model directory (merged weights, head included) or as a PEFT adapter directory, 
 
 from __future__ import annotations
 
+import logging
+import shutil
 from pathlib import Path
 
 from ..data.glue import class_names
 from ..errors import SfedloraError
+from ..lora.base import BASE_FILE
 from .card import model_card
 from .finished import load_model, open_run
 from .rescore import model_scores
+
+log = logging.getLogger("sfedlora")
 
 
 def export(
@@ -25,8 +30,9 @@ def export(
 
     With ``merge`` the adapter is merged into the base weights (the task head, which PEFT keeps
     in ``modules_to_save``, comes along): ``transformers.pipeline(task, model=out)`` loads it.
-    Without, ``out`` is a PEFT adapter directory for the run's base model. ``repo``: the Hub
-    repo the directory will be pushed to, which the card's loading lines name.
+    Without, ``out`` is a PEFT adapter directory for the run's base model (and, where the
+    method changed the base weights, their change ΔW in ``base_change.safetensors``). ``repo``:
+    the Hub repo the directory will be pushed to, which the card's loading lines name.
     """
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -51,4 +57,14 @@ def export(
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / "README.md").write_text(card, encoding="utf-8")
+    changed = run.run_dir / "adapters" / BASE_FILE
+    if not merge and changed.is_file():
+        # The adapter was trained on a changed base: it is only right on top of W0 + ΔW.
+        shutil.copyfile(changed, out / BASE_FILE)
+        log.warning(
+            "%s changed the base weights: the adapter needs %s added to the base model's weights "
+            "(or export with --merge)",
+            run.cfg.method,
+            out / BASE_FILE,
+        )
     return out

@@ -17,6 +17,7 @@ from ..data import TaskData, load_task
 from ..driver.rundir import RESTORE, read_json, read_run_config
 from ..errors import SfedloraError, reading
 from ..federated.shared import client_models_differ, method_of, split_clients
+from ..lora.base import fold_saved_base_change
 from ..lora.models import Compute
 from ..tasks import Task, get_task
 
@@ -99,10 +100,13 @@ def open_run(run_dir: str | Path) -> FinishedRun:
 
 
 def base_model(run: FinishedRun):
-    """The run's base model (head freshly initialised, no adapter) and its tokenizer."""
+    """The run's base model (head freshly initialised, no adapter) with the base change its
+    method made (if any) folded in, and its tokenizer."""
     cfg = run.cfg
     model, tokenizer = run.task.build_model(cfg, run.compute, cfg.federation.sampled_per_round(), run.data)
-    return model.unload().to(run.compute.device), tokenizer
+    model = model.unload().to(run.compute.device)
+    fold_saved_base_change(model, run.run_dir / "adapters")
+    return model, tokenizer
 
 
 def load_model(run: FinishedRun, k: int | None):

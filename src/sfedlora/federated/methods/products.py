@@ -1,0 +1,76 @@
+"""What the methods that work on LoRA products share: each layer's pair of factors, the
+weighted sum of the clients' products Σ p_k γ_k B_k A_k (each client at its own rank, under
+its own γ_k), a change to a base weight in that weight's own orientation, and the settings
+such methods refuse."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import torch
+
+from ...errors import SfedloraError
+from ..kinds import BASE_SUFFIX, tensor_kind
+from .method import Replies
+
+if TYPE_CHECKING:
+    from ...config import RunConfig
+
+
+def layers(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[str, str]]:
+    """Each LoRA layer in ``tensors`` as its base weight's name → (A's name, B's name)."""
+    out = {}
+    for name in tensors:
+        if ".lora_embedding_A." in name:
+            raise SfedloraError(
+                "LoRA on an embedding layer has no product this method can fold: "
+                "leave embeddings out of lora.target_modules"
+            )
+        if tensor_kind(name) == "A":
+            b = name.replace(".lora_A.", ".lora_B.")
+            if b in tensors:
+                out[name.split(".lora_A.")[0] + BASE_SUFFIX] = (name, b)
+    return out
+
+
+def weighted_product(replies: Replies, a: str, b: str) -> torch.Tensor:
+    """Σ_k p_k γ_k B_k A_k over the replies, in float64: each client's product at its own
+    rank, under the γ_k its layers ran with."""
+    return sum(
+        p * replies.plan.layer_gamma(k) * (u[b].double() @ u[a].double())
+        for p, k, u in zip(replies.shares, replies.clients, replies.updates)
+    )
+
+
+def oriented(product: torch.Tensor, key: str, transposed: frozenset[str]) -> torch.Tensor:
+    """A (d_out × d_in) product as a change to base weight ``key``: transposed for a Conv1D."""
+    return product.T if key in transposed else product
+
+
+def added_to_base(server: Mapping[str, torch.Tensor], key: str, change: torch.Tensor) -> torch.Tensor:
+    """The server's cumulative base change of ``key`` after adding ``change`` (kept in fp32)."""
+    prior = server.get(key)
+    return (change if prior is None else prior.double() + change).float()
+
+
+def refuse_unsupported(cfg: RunConfig, name: str, mixed_ranks: bool, changes_base: bool = False) -> None:
+    """What a method computing from each client's factors cannot run with."""
+    if changes_base and cfg.model.quantization != "none":
+        # W0 + ΔW cannot be stored in NF4 / int8 without losing ΔW: refused, not approximated.
+        raise SfedloraError(
+            f"{name} changes the base weights, which model.quantization={cfg.model.quantization} "
+            "stores quantized: set model.quantization=none"
+        )
+    if cfg.privacy.secagg:
+        raise SfedloraError(
+            f"{name} computes from each client's own factors, which SecAgg+ hides from the server: "
+            "set privacy.secagg=false"
+        )
+    if cfg.privacy.dp == "server":
+        raise SfedloraError(
+            f"{name} has its own server aggregation, which privacy.dp=server would replace by a noised "
+            "mean: use privacy.dp=client"
+        )
+    if not mixed_ranks and cfg.lora.client_ranks is not None:
+        raise SfedloraError(f"{name} needs one rank for every client: unset lora.client_ranks")
