@@ -119,7 +119,7 @@ class FlowerRounds:
                 log.warning("client %d (node %d) did not finish the run: %s", k, self.nodes[k], reply)
             elif collect:
                 own = record_tensors(reply.content.array_records[UPDATE])
-                collected[k] = {**own, **fed.ranks.view(fed.server, k)}
+                collected[k] = {**own, **fed.method.client_view(fed.server, k, fed.ranks)}
         if collect and missing:
             log.warning("personalised adapters not saved: clients %s did not send theirs", missing)
         if collect and not missing:
