@@ -264,3 +264,11 @@ def test_hetlora_zero_pads_and_weighs_each_layer_by_the_norm_of_its_product():
     # Client 0 receives the first row and column only: its truncation.
     view = get_method("hetlora").client_view(new, 0, plan)
     assert view[A].shape == (1, D_IN) and torch.equal(view[A], new[A][:1])
+
+
+@pytest.mark.parametrize("name", ["flora", "flexlora", "hetlora"])
+def test_a_head_probe_round_moves_only_the_head(name):
+    method = get_method(name, head_probe_rounds=1)
+    ups = [method.upload(c, 1) for c in clients(2)]
+    server = {A: torch.ones(R, D_IN), B: torch.ones(D_OUT, R), HEAD: torch.zeros(4)}
+    assert set(method.aggregate(replies(ups, [1.0, 1.0], server))) == {HEAD}

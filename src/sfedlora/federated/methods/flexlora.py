@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..kinds import KINDS, aggregate, select
+from ..kinds import KINDS, select
 from .method import Method, Replies, always
-from .products import layers, refuse_unsupported, weighted_product
+from .products import head_mean, layers, refuse_unsupported, weighted_product
 
 if TYPE_CHECKING:
     from ...config import RunConfig
@@ -43,10 +43,9 @@ def svd_factors(update: torch.Tensor, rank: int, gamma: float) -> tuple[torch.Te
 @dataclass(frozen=True)
 class FlexLoRA(Method):
     def aggregate(self, replies: Replies) -> dict[str, torch.Tensor]:
-        heads = [select(u, frozenset({"head"})) for u in replies.updates]
-        new = aggregate(heads, replies.weights) if heads[0] else {}
+        new = head_mean(replies)
         gamma = replies.plan.layer_gamma(None)
-        for _, (a, b) in layers(replies.server).items():
+        for _, (a, b) in layers(replies.updates[0]).items():
             full = replies.server[a].shape[0]
             new_a, new_b = svd_factors(weighted_product(replies, a, b), full, gamma)
             new[a], new[b] = new_a.to(replies.server[a].dtype), new_b.to(replies.server[b].dtype)

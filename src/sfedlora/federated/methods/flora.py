@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ..kinds import BASE, KINDS, aggregate, select
+from ..kinds import BASE, KINDS
 from .method import Method, Replies, always
-from .products import added_to_base, layers, oriented, refuse_unsupported, weighted_product
+from .products import added_to_base, head_mean, layers, oriented, refuse_unsupported, weighted_product
 
 if TYPE_CHECKING:
     from ...config import RunConfig
@@ -44,10 +44,10 @@ def fresh_lora_a(like: torch.Tensor, seed: int, round_: int, index: int) -> torc
 @dataclass(frozen=True)
 class FLoRA(Method):
     def aggregate(self, replies: Replies) -> dict[str, torch.Tensor]:
-        heads = [select(u, frozenset({"head"})) for u in replies.updates]
-        new = aggregate(heads, replies.weights) if heads[0] else {}
+        new = head_mean(replies)
         fresh = replies.cfg.federation.flora_reinit == "fresh"
-        for i, (key, (a, b)) in enumerate(sorted(layers(replies.server).items())):
+        # The layers whose factors came up this round (none while a head probe runs).
+        for i, (key, (a, b)) in enumerate(sorted(layers(replies.updates[0]).items())):
             change = weighted_product(replies, a, b)
             new[key] = added_to_base(replies.server, key, oriented(change, key, replies.transposed))
             new[b] = torch.zeros_like(replies.server[b])

@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..kinds import KINDS, aggregate, select
+from ..kinds import KINDS, aggregate
 from ..ranks import pad
 from .method import Method, Replies, always
-from .products import layers, refuse_unsupported
+from .products import head_mean, layers, refuse_unsupported
 
 if TYPE_CHECKING:
     from ...config import RunConfig
@@ -40,9 +40,8 @@ def norm_weights(replies: Replies, a: str, b: str) -> list[float]:
 @dataclass(frozen=True)
 class HetLoRA(Method):
     def aggregate(self, replies: Replies) -> dict[str, torch.Tensor]:
-        heads = [select(u, frozenset({"head"})) for u in replies.updates]
-        new = aggregate(heads, replies.weights) if heads[0] else {}
-        for _, (a, b) in layers(replies.server).items():
+        new = head_mean(replies)
+        for _, (a, b) in layers(replies.updates[0]).items():
             full = {a: replies.server[a], b: replies.server[b]}
             padded = [pad({a: u[a], b: u[b]}, full) for u in replies.updates]
             new.update(aggregate(padded, norm_weights(replies, a, b)))

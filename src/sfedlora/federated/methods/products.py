@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ...errors import SfedloraError
-from ..kinds import BASE_SUFFIX, tensor_kind
+from ..kinds import BASE_SUFFIX, aggregate, select, tensor_kind
 from .method import Replies
 
 if TYPE_CHECKING:
@@ -32,6 +32,12 @@ def layers(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[str, str]]:
             if b in tensors:
                 out[name.split(".lora_A.")[0] + BASE_SUFFIX] = (name, b)
     return out
+
+
+def head_mean(replies: Replies) -> dict[str, torch.Tensor]:
+    """The task head's weighted mean over the replies (nothing where the head is not sent)."""
+    heads = [select(u, frozenset({"head"})) for u in replies.updates]
+    return aggregate(heads, replies.weights) if heads[0] else {}
 
 
 def weighted_product(replies: Replies, a: str, b: str) -> torch.Tensor:
