@@ -19,6 +19,8 @@ CASES = {
     # Two of three clients a round: a node that sat out a round gets the whole base change.
     "fedex-lora": ("method=fedex-lora", "federation.clients_per_round=2", "federation.rounds=3"),
     "flora-mixed-ranks": ("method=flora", "lora.client_ranks=[2,4]"),
+    "flexlora-mixed-ranks": ("method=flexlora", "lora.client_ranks=[2,4]", "lora.scaling=sfed"),
+    "hetlora-mixed-ranks": ("method=hetlora", "lora.client_ranks=[2,4]"),
     "dp-sgd": (
         "method=fedsa-lora",
         "privacy.dp=client",

@@ -56,7 +56,18 @@ def assert_same(a, b, ra, rb, atol=1e-5):
 
 @pytest.mark.parametrize(
     "method",
-    ["fedit", "ffa-lora", "fedsa-lora", "rolora", "fedsa-rslora", "sfed-lora", "fedex-lora", "flora"],
+    [
+        "fedit",
+        "ffa-lora",
+        "fedsa-lora",
+        "rolora",
+        "fedsa-rslora",
+        "sfed-lora",
+        "fedex-lora",
+        "flora",
+        "flexlora",
+        "hetlora",
+    ],
 )
 def test_every_method_trains_the_same_adapters_fused(tiny_config, method):
     a, b, ra, rb = both(tiny_config(*SGD, f"method={method}"))
