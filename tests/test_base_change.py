@@ -62,3 +62,9 @@ def test_a_saved_change_folds_into_the_plain_model_bit_for_bit(tmp_path):
 def test_a_change_for_a_weight_the_model_lacks_is_refused():
     with pytest.raises(SfedloraError, match="does not have"):
         set_base_change(peft_net(), {"base_model.model.other.base_layer.weight": torch.zeros(3, 5)})
+
+
+def test_a_damaged_saved_change_is_one_error_line(tmp_path):
+    (tmp_path / "base_change.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(SfedloraError, match="base change .* is damaged, truncated or from another version"):
+        fold_saved_base_change(peft_net().unload(), tmp_path)

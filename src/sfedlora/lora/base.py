@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import SfedloraError
+from ..errors import SfedloraError, reading
 
 BASE_FILE = "base_change.safetensors"  # beside a run's saved adapters, when the base changed
 
@@ -86,8 +86,10 @@ def fold_saved_base_change(model: torch.nn.Module, directory: Path) -> bool:
     path = Path(directory) / BASE_FILE
     if not path.is_file():
         return False
+    with reading(path, "base change", "restore it from a copy, or run the run again"):
+        change = load_file(path)
     with torch.no_grad():
-        for name, delta in load_file(path).items():
+        for name, delta in change.items():
             weight = model.get_parameter(name)
             weight.copy_(folded(weight, delta))
     return True
