@@ -15,6 +15,7 @@ from sfedlora.driver.plan import (
     lora_params,
     optimizer_moments,
     plan,
+    traffic,
 )
 from sfedlora.lora.models import build_classifier, trainable_parameters
 
@@ -89,7 +90,8 @@ def test_plan_counts_the_fused_engine():
     per_client = plan(build_config(overrides=[*base, "train.batch_size=16", "simulator.engine=per-client"]))
     fused = plan(build_config(overrides=[*base, "simulator.engine=fused", "simulator.fused_tokens=2048"]))
     # the same micro-batch (16 x 128 tokens): the stacks, gathers and copies are what is added
-    assert "16 x 128 tokens" in fused.lines[-3] and "fused engine" in "\n".join(fused.lines)
+    activations = next(line for line in fused.lines if line.startswith("activations"))
+    assert "16 x 128 tokens" in activations and "fused engine" in "\n".join(fused.lines)
     assert fused.device_bytes > per_client.device_bytes
 
 
@@ -124,6 +126,40 @@ def test_plan_command_prints_the_plan():
     assert result.exit_code == 0, result.output
     for word in ("base", "all clients", "activations", "with gradient checkpointing", "fits"):
         assert word in result.output
+
+
+def test_traffic_by_hand():
+    """A LoRA layer 10 -> 6 at r = 2 (A 2·10, B 2·6) and a head of 5: fp32 bytes per client."""
+    from sfedlora.federated.methods import get_method
+
+    c = {"per_rank": 16, "in_per_rank": 10, "head": 5}
+    assert traffic(c, get_method("fedit"), [2], 3) == (4 * (20 + 12 + 5),) * 2
+    assert traffic(c, get_method("fedsa-lora"), [2], 3) == (4 * (20 + 5),) * 2  # B stays home
+    # RoLoRA trains A and B in turn: the larger round's upload; mixed ranks: the largest client
+    up, down = traffic(c, get_method("rolora"), [1, 2], 4)
+    assert up == 4 * (20 + 5) and down == 4 * (20 + 12 + 5)
+
+
+def test_plan_warns_where_a_rounds_replies_do_not_fit_the_server(monkeypatch):
+    """LLaMA-2-7B at r = 2048 on q and v, 20 clients: 2.1 GB of A per client, three copies held."""
+    import sfedlora.driver.plan as plan_module
+
+    monkeypatch.setattr(plan_module, "device_memory", lambda device: ("CPU", 64e9))
+    cfg = build_config(
+        overrides=[
+            "model.name_or_path=benchmarks/model-configs/llama-2-7b",
+            "data.task=gsm8k",
+            "model.target_modules=[q_proj, v_proj]",
+            "lora.rank=2048",
+            "federation.n_clients=20",
+            "model.device=cpu",
+        ]
+    )
+    lines = "\n".join(plan(cfg).lines)
+    a = 4 * 32 * 2 * 2048 * 4096
+    assert f"traffic      {a / 1e9:.2f} GB up" in lines
+    assert f"server side  {3 * 20 * a / 1e9:.2f} GB on Flower" in lines
+    assert "does NOT fit this host's 64.00 GB: lower federation.clients_per_round or lora.rank" in lines
 
 
 def test_plan_command_refuses_a_model_without_config(tmp_path):

@@ -94,6 +94,19 @@ def kind_params(c: dict, rank: int) -> dict[str, int]:
     return {"A": rank * c["in_per_rank"], "B": rank * (c["per_rank"] - c["in_per_rank"]), "head": c["head"]}
 
 
+def traffic(c: dict, method, ranks: list[int], rounds: int) -> tuple[int, int]:
+    """Bytes one client sends up and gets down in a round, in fp32: the kinds the method
+    uploads, and its global kinds, at the client's rank (the largest over rounds and ranks)."""
+    size = {r: kind_params(c, r) for r in set(ranks)}
+    up = max(4 * sum(size[r][k] for k in method.uploaded(t)) for r in size for t in range(1, rounds + 1))
+    return up, max(4 * sum(size[r][k] for k in method.global_kinds) for r in size)
+
+
+# Copies of every sampled reply a Flower round holds at once on the server side: the SuperLink's
+# object store, the message the ServerApp pulls, and the tensors it decodes (docs/flower.md).
+SERVER_COPIES = 3
+
+
 def fused_bytes(c: dict, rank: int, slots: int, trained: int, moments: int, rows: int, a: int, gc: bool):
     """The fused engine's device memory besides activations (fused.py, rowwise.py): the
     ``slots`` sampled clients' adapters stacked at full ``rank`` in fp32, with a gradient and the
@@ -340,4 +353,19 @@ def plan(cfg: RunConfig) -> Plan:
     else:
         fits = "fits" if need <= memory else f"does NOT fit (short by {_fmt(need - memory)})"
         lines.append(f"device       {name}: {_fmt(memory)}: {fits}")
+    up, down = traffic(c, method_of(cfg), ranks, fed.rounds)
+    sampled = fed.sampled_per_round()
+    server = SERVER_COPIES * sampled * up
+    host = device_memory("cpu")[1]
+    lines += [
+        f"traffic      {_fmt(up)} up, {_fmt(down)} down per client per round (fp32); "
+        f"{_fmt(sampled * (up + down))} per round for {sampled} clients",
+        f"server side  {_fmt(server)} on Flower: the {sampled} replies of a round held at once "
+        f"({SERVER_COPIES} copies: SuperLink, ServerApp message, decoded)"
+        + (
+            ""
+            if server <= host
+            else f": does NOT fit this host's {_fmt(host)}: lower federation.clients_per_round or lora.rank"
+        ),
+    ]
     return Plan(lines, device_bytes, host_bytes, parts)
