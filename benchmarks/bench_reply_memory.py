@@ -18,7 +18,7 @@ from pathlib import Path
 
 import psutil
 import torch
-from flwr.app import Message, RecordDict
+from flwr.app import Message
 
 from sfedlora.federated.client import ClientResult
 from sfedlora.flower.records import Request, receive_train_reply, train_reply
