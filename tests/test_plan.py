@@ -132,12 +132,14 @@ def test_traffic_by_hand():
     """A LoRA layer 10 -> 6 at r = 2 (A 2·10, B 2·6) and a head of 5: fp32 bytes per client."""
     from sfedlora.federated.methods import get_method
 
-    c = {"per_rank": 16, "in_per_rank": 10, "head": 5}
+    c = {"per_rank": 16, "in_per_rank": 10, "head": 5, "adapted": [(10, 6)]}
     assert traffic(c, get_method("fedit"), [2], 3) == (4 * (20 + 12 + 5),) * 2
     assert traffic(c, get_method("fedsa-lora"), [2], 3) == (4 * (20 + 5),) * 2  # B stays home
     # RoLoRA trains A and B in turn: the larger round's upload; mixed ranks: the largest client
     up, down = traffic(c, get_method("rolora"), [1, 2], 4)
     assert up == 4 * (20 + 5) and down == 4 * (20 + 12 + 5)
+    # FedEx-LoRA's server-owned base change (10 x 6) goes down with the adapter
+    assert traffic(c, get_method("fedex-lora"), [2], 3)[1] == 4 * (20 + 12 + 5 + 60)
 
 
 def test_plan_warns_where_a_rounds_replies_do_not_fit_the_server(monkeypatch):

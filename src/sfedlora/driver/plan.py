@@ -97,7 +97,8 @@ def kind_params(c: dict, rank: int) -> dict[str, int]:
 def traffic(c: dict, method, ranks: list[int], rounds: int) -> tuple[int, int]:
     """Bytes one client sends up and gets down in a round, in fp32: the kinds the method
     uploads, and its global kinds, at the client's rank (the largest over rounds and ranks)."""
-    size = {r: kind_params(c, r) for r in set(ranks)}
+    # A server-owned base change (FedEx-LoRA) goes down too: the full d_in x d_out of each adapted layer.
+    size = {r: {**kind_params(c, r), "base": sum(i * o for i, o in c["adapted"])} for r in set(ranks)}
     up = max(4 * sum(size[r][k] for k in method.uploaded(t)) for r in size for t in range(1, rounds + 1))
     return up, max(4 * sum(size[r][k] for k in method.global_kinds) for r in size)
 
