@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 from pathlib import Path
 
-import psutil
 import torch
 from flwr.app import Message
 
@@ -25,7 +25,8 @@ from sfedlora.flower.records import Request, receive_train_reply, train_reply
 
 
 def rss() -> int:
-    return psutil.Process().memory_info().rss
+    """This process's resident memory (Linux)."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def main() -> None:
