@@ -143,7 +143,8 @@ def test_traffic_by_hand():
 
 
 def test_plan_warns_where_a_rounds_replies_do_not_fit_the_server(monkeypatch):
-    """LLaMA-2-7B at r = 2048 on q and v, 20 clients: 2.1 GB of A per client, three copies held."""
+    """LLaMA-2-7B at r = 2048 on q and v, 20 clients: 2.1 GB of A each way per client; the
+    SuperLink holds both, the ServerApp the download, the reply and the reply decoded."""
     import sfedlora.driver.plan as plan_module
 
     monkeypatch.setattr(plan_module, "device_memory", lambda device: ("CPU", 64e9))
@@ -160,7 +161,7 @@ def test_plan_warns_where_a_rounds_replies_do_not_fit_the_server(monkeypatch):
     lines = "\n".join(plan(cfg).lines)
     a = 4 * 32 * 2 * 2048 * 4096
     assert f"traffic      {a / 1e9:.2f} GB up" in lines
-    assert f"server side  {3 * 20 * a / 1e9:.2f} GB on Flower" in lines
+    assert f"server side  {20 * 5 * a / 1e9:.2f} GB on Flower" in lines
     assert "does NOT fit this host's 64.00 GB: lower federation.clients_per_round or lora.rank" in lines
 
 

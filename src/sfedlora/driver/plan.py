@@ -103,9 +103,11 @@ def traffic(c: dict, method, ranks: list[int], rounds: int) -> tuple[int, int]:
     return up, max(4 * sum(size[r][k] for k in method.global_kinds) for r in size)
 
 
-# Copies of every sampled reply a Flower round holds at once on the server side: the SuperLink's
-# object store, the message the ServerApp pulls, and the tensors it decodes (docs/flower.md).
-SERVER_COPIES = 3
+def flower_server_bytes(up: int, down: int, sampled: int) -> int:
+    """What a Flower round holds at once on the server side (benchmarks/bench_large_update.py):
+    the SuperLink each client's download and reply; the ServerApp each download message it
+    sent, each reply's bytes and its decoded tensors."""
+    return sampled * (2 * down + 3 * up)
 
 
 def fused_bytes(c: dict, rank: int, slots: int, trained: int, moments: int, rows: int, a: int, gc: bool):
@@ -356,13 +358,13 @@ def plan(cfg: RunConfig) -> Plan:
         lines.append(f"device       {name}: {_fmt(memory)}: {fits}")
     up, down = traffic(c, method_of(cfg), ranks, fed.rounds)
     sampled = fed.sampled_per_round()
-    server = SERVER_COPIES * sampled * up
+    server = flower_server_bytes(up, down, sampled)
     host = device_memory("cpu")[1]
     lines += [
         f"traffic      {_fmt(up)} up, {_fmt(down)} down per client per round (fp32); "
         f"{_fmt(sampled * (up + down))} per round for {sampled} clients",
-        f"server side  {_fmt(server)} on Flower: the {sampled} replies of a round held at once "
-        f"({SERVER_COPIES} copies: SuperLink, ServerApp message, decoded)"
+        f"server side  {_fmt(server)} on Flower: a round's {sampled} downloads and replies held at once "
+        "(SuperLink, and ServerApp with the replies decoded)"
         + (
             ""
             if server <= host
