@@ -42,6 +42,19 @@ def split_base(
     return {n: t for n, t in tensors.items() if n not in base}, base
 
 
+def common_names(updates: Sequence[Mapping[str, torch.Tensor]]) -> list[str]:
+    """The tensor names every update carries, in the first's order; refused where they differ."""
+    if not updates:
+        raise ValueError("cannot aggregate zero updates")
+    names = list(updates[0])
+    for k, update in enumerate(updates):
+        if set(update) != set(names):
+            raise ValueError(
+                f"update {k} carries tensors {sorted(set(update) ^ set(names))[:3]} that the others do not"
+            )
+    return names
+
+
 def aggregate(
     updates: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]
 ) -> dict[str, torch.Tensor]:
@@ -56,12 +69,7 @@ def aggregate(
     total = float(sum(weights))
     if total <= 0:
         raise ValueError("aggregation weights must sum to a positive number")
-    names = list(updates[0])
-    for k, update in enumerate(updates):
-        if set(update) != set(names):
-            raise ValueError(
-                f"update {k} carries tensors {sorted(set(update) ^ set(names))[:3]} that the others do not"
-            )
+    names = common_names(updates)
     out: dict[str, torch.Tensor] = {}
     for name in names:
         acc = torch.zeros_like(updates[0][name], dtype=torch.float64)

@@ -41,7 +41,7 @@ from ..lora.base import set_base_change
 from ..lora.models import set_gamma, write_tensors
 from ..lora.scaling import check_realised, gamma
 from ..peft import config_gamma, lora_config
-from .kinds import aggregate, split_base, tensor_kind
+from .kinds import aggregate, common_names, split_base, tensor_kind
 
 # The rank dimension of each kind of LoRA tensor: A is (r × d_in), B is (d_out × r).
 RANK_AXIS = {"A": 0, "B": 1}
@@ -104,19 +104,12 @@ def aggregate_rows(
     averaged over the updates that hold it, with their weights; rows no update holds keep
     their value in ``current`` (the server's tensors, at full rank). Head tensors are
     averaged over all updates. Rows between two consecutive distinct ranks share their
-    holders, so each such block is one call of :func:`methods.aggregate`; with a single
-    rank this is exactly :func:`methods.aggregate`.
+    holders, so each such block is one call of :func:`kinds.aggregate`; with a single
+    rank this is exactly :func:`kinds.aggregate`.
     """
     if len(ranks) != len(updates):
         raise ValueError(f"{len(updates)} updates but {len(ranks)} ranks")
-    if not updates:
-        raise ValueError("cannot aggregate zero updates")
-    names = list(updates[0])
-    for k, update in enumerate(updates):
-        if set(update) != set(names):
-            raise ValueError(
-                f"update {k} carries tensors {sorted(set(update) ^ set(names))[:3]} that the others do not"
-            )
+    names = common_names(updates)
     lora = [n for n in names if rank_axis(n) is not None]
     heads = [n for n in names if rank_axis(n) is None]
     out = aggregate([{n: u[n] for n in heads} for u in updates], weights) if heads else {}
