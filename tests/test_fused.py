@@ -15,6 +15,7 @@ from sfedlora.engine.stacked import StackedOptimizer
 from sfedlora.errors import SfedloraError
 from sfedlora.federated.evaluation import ScoredHere, evaluate
 from sfedlora.federated.federation import build_federation
+from sfedlora.federated.jobs import EvalJob
 
 SGD = ("model.precision=fp32", "train.optimizer=sgd", "train.lr=0.05", "simulator.fused_tokens=96")
 
@@ -215,7 +216,7 @@ def test_stacked_optimizer_is_each_clients_torch_optimizer(settings):
 def test_fused_outputs_are_each_models_own(tiny_config):
     fed = federation(tiny_config(*SGD, "method=sfed-lora"))
     run_round(fed)
-    jobs = [(fed.personal_tensors(k), k) for k in range(3)]
+    jobs = [EvalJob(fed.personal_tensors(k), k) for k in range(3)]
     alone = list(InProcess(fed).outputs(jobs))
     together = list(Fused(fed).outputs(jobs))
     assert not np.allclose(alone[0], alone[1])  # the clients' own B differ

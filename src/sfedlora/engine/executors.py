@@ -18,19 +18,18 @@ from typing import Protocol
 from ..errors import SfedloraError
 from ..federated.client import ClientOutcome, ClientState, client_round
 from ..federated.evaluation import outputs_of
+from ..federated.jobs import EvalJob, TrainJob
 from ..federated.shared import client_steps
 from .fused import check_fused, fused_outputs, fused_round
 from .workers import ClientWorkers, release_freed_memory, worker_count
 
-Job = tuple[int, ClientState, dict]  # a client, its state, its download
-
 
 class Executor(Protocol):
-    def train(self, jobs: Sequence[Job], round_: int) -> Iterator[ClientOutcome]:
+    def train(self, jobs: Sequence[TrainJob], round_: int) -> Iterator[ClientOutcome]:
         """Each job's client round, yielded in order."""
         ...
 
-    def outputs(self, jobs: Sequence[tuple]) -> Iterator:
+    def outputs(self, jobs: Sequence[EvalJob]) -> Iterator:
         """The outputs of each (tensors, client[, data]) model on its data (by default the dev
         set), yielded in order."""
         ...
@@ -47,12 +46,12 @@ class PerClient:
     """Whole clients one at a time through the subclass's ``map``: ``fn(fed, *a)`` for each
     ``a``, yielded in order."""
 
-    def train(self, jobs: Iterable[Job], round_: int) -> Iterator[ClientOutcome]:
+    def train(self, jobs: Iterable[TrainJob], round_: int) -> Iterator[ClientOutcome]:
         # A generator: each client's old state is read only when its turn comes.
-        return self.map(train, ((k, state, download, round_) for k, state, download in jobs))
+        return self.map(train, ((j.client, j.state, j.download, round_) for j in jobs))
 
-    def outputs(self, jobs: Iterable[tuple]) -> Iterator:
-        return self.map(outputs_of, jobs)
+    def outputs(self, jobs: Iterable[EvalJob]) -> Iterator:
+        return self.map(outputs_of, ((j.tensors, j.client, j.data) for j in jobs))
 
 
 class InProcess(PerClient):
@@ -82,8 +81,8 @@ class Workers(PerClient):
         self.pool.close()
 
 
-def _fused_train(fed, jobs: list[Job], round_: int, whole: bool = False):
-    outcomes = fused_round(fed, [(fed.client(k), state, download) for k, state, download in jobs], round_)
+def _fused_train(fed, jobs: list[TrainJob], round_: int, whole: bool = False):
+    outcomes = fused_round(fed, [(fed.client(j.client), j.state, j.download) for j in jobs], round_)
     return list(outcomes) if whole else outcomes  # a worker's reply crosses the pipe whole
 
 
@@ -107,12 +106,12 @@ class Fused:
         chunks = _chunks(jobs, self.n)
         return (out for part in self.workers.map(fn, [(chunk, *args) for chunk in chunks]) for out in part)
 
-    def train(self, jobs: Iterable[Job], round_: int) -> Iterator[ClientOutcome]:
+    def train(self, jobs: Iterable[TrainJob], round_: int) -> Iterator[ClientOutcome]:
         if self.workers is None:  # lazily: each group's clients are replaced as it ends
             return _fused_train(self.fed, list(jobs), round_)
         return self._map(_fused_train, list(jobs), round_, True)
 
-    def outputs(self, jobs: Iterable[tuple]) -> Iterator:
+    def outputs(self, jobs: Iterable[EvalJob]) -> Iterator:
         jobs = list(jobs)
         if not self.fed.task.outputs_are_logits:  # generation and perplexity: one model at a time
             return (self.workers or InProcess(self.fed)).outputs(jobs)

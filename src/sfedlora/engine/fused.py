@@ -25,6 +25,7 @@ import torch
 
 from ..errors import SfedloraError
 from ..federated.client import ClientOutcome, ClientResult, ClientState, _batch_indices, lr_at, offload_state
+from ..federated.jobs import EvalJob
 from ..federated.kinds import split_base, tensor_kind
 from ..federated.ranks import pad
 from ..federated.shared import ClientSpec, Shared, client_steps, expected_steps
@@ -304,19 +305,19 @@ def fused_round(
 
 
 @torch.no_grad()
-def fused_outputs(shared: Shared, models: Sequence[tuple]) -> list[np.ndarray]:
-    """The logits of each (tensors, client[, data]) model on its data (by default the dev
-    set), as the task's ``outputs`` gives them one model at a time: all models' rows sorted by
-    length together and batched by the token budget; ``simulator.fused_clients`` models' tensors
-    stacked at a time, so memory does not grow with N."""
+def fused_outputs(shared: Shared, models: Sequence[EvalJob]) -> list[np.ndarray]:
+    """The logits of each job's model on its data, as the task's ``outputs`` gives them one
+    model at a time: all models' rows sorted by length together and batched by the token
+    budget; ``simulator.fused_clients`` models' tensors stacked at a time, so memory does not
+    grow with N."""
     compute, rows, sim = shared.compute, Rows(), shared.cfg.simulator
     group, budget = sim.fused_clients, sim.fused_tokens
     out: list[np.ndarray] = []
     shared.model.eval()
     for first in range(0, len(models), group):
         chunk = models[first : first + group]
-        datas = [shared.eval_data if len(m) < 3 or m[2] is None else m[2] for m in chunk]
-        stacks, gammas = stack(shared, [m[:2] for m in chunk])
+        datas = [shared.eval_data if m.data is None else m.data for m in chunk]
+        stacks, gammas = stack(shared, [(m.tensors, m.client) for m in chunk])
         pool = type(datas[0]).concat(datas)
         sizes = [len(d) for d in datas]
         slot_of = np.repeat(np.arange(len(chunk)), sizes)

@@ -17,6 +17,7 @@ from ..data import TaskData
 from ..errors import SfedloraError
 from ..federated.evaluation import ScoredHere, evaluate
 from ..federated.federation import Federation, build_federation
+from ..federated.jobs import TrainJob
 from ..federated.robust import corrupt
 from ..federated.server import Inbox, conclude_round, expected_update, sample_clients
 from .executors import Executor, InProcess, make_executor
@@ -52,7 +53,7 @@ def run_round(fed: Federation, executor: Executor | None = None) -> dict:
     # Lazily: a per-client executor reads each client's old state only when its turn comes,
     # and it is dropped once replaced.
     executor = executor or InProcess(fed)
-    outcomes = executor.train(((k, fed.clients[k], d) for k, d, _, _ in training), round_)
+    outcomes = executor.train((TrainJob(k, fed.clients[k], d) for k, d, _, _ in training), round_)
     for (k, _, bad, kind), outcome in zip(training, outcomes):
         fed.clients[k] = outcome.state
         update = outcome.update

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from .federation import Federation, ServerState
+from .jobs import EvalJob
 from .keys import Key, scoped, summarise
 from .shared import Shared
 
@@ -42,8 +43,8 @@ class PersonalScores(Protocol):
 
 
 class Outputs(Protocol):
-    def outputs(self, jobs: Iterable[tuple]) -> Iterator:
-        """The outputs of each (tensors, client[, data]) model on its data (by default the dev set)."""
+    def outputs(self, jobs: Iterable[EvalJob]) -> Iterator:
+        """The outputs of each job's model on its data, in order."""
         ...
 
 
@@ -55,16 +56,18 @@ class ScoredHere:
     def __init__(self, outputs: Outputs | None = None):
         self.executor = outputs
 
-    def _outputs(self, fed: Federation, jobs: Iterable[tuple]) -> Iterator:
-        return self.executor.outputs(jobs) if self.executor else (outputs_of(fed, *job) for job in jobs)
+    def _outputs(self, fed: Federation, jobs: Iterable[EvalJob]) -> Iterator:
+        if self.executor:
+            return self.executor.outputs(jobs)
+        return (outputs_of(fed, j.tensors, j.client, j.data) for j in jobs)
 
     def dev(self, fed: Federation, clients: list[int]) -> list[dict[str, float]]:
-        outputs = self._outputs(fed, ((fed.personal_tensors(k), k) for k in clients))
+        outputs = self._outputs(fed, (EvalJob(fed.personal_tensors(k), k) for k in clients))
         return [client_scores(fed, fed.histograms[k], o) for k, o in zip(clients, outputs)]
 
     def own_tests(self, fed: Federation) -> tuple[list[dict[str, float]], list[int]]:
         tests = fed.client_tests
-        outputs = self._outputs(fed, [(fed.personal_tensors(k), k, t) for k, t in enumerate(tests)])
+        outputs = self._outputs(fed, [EvalJob(fed.personal_tensors(k), k, t) for k, t in enumerate(tests)])
         return [fed.task.scores(o, t) for t, o in zip(tests, outputs)], [len(t) for t in tests]
 
 
