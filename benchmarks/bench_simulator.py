@@ -36,7 +36,7 @@ from sfedlora.config import build_config
 from sfedlora.data import load_task
 from sfedlora.engine.simulator import run_round
 from sfedlora.engine.workers import ClientWorkers
-from sfedlora.federated.client import train_client
+from sfedlora.federated.client import LocalRound, train_client
 from sfedlora.federated.evaluation import ScoredHere, evaluate
 from sfedlora.federated.federation import build_federation
 from sfedlora.federated.methods import aggregate
@@ -88,22 +88,12 @@ def naive_round(fed) -> None:
     updates = []
     for k in range(len(fed.clients)):
         model = copy.deepcopy(fed.model)  # a whole PEFT model per client
-        params = trainable_parameters(model)
-        state = fed.clients[k]
-        state.tensors.update(method.download(fed.server))
+        run = LocalRound(fed, fed.client(k), fed.clients[k], fed.download(k))
         train_client(
-            model,
-            params,
-            state,
-            fed.client_data[k],
-            fed.tokenizer,
-            method.trained(round_),
-            fed.cfg.federation.local_steps,
-            100,
-            fed.cfg.train,
-            fed.compute,
+            model, trainable_parameters(model), run, fed.tokenizer, method.trained(round_), fed.compute
         )
-        updates.append(method.upload(state.tensors, round_))
+        fed.clients[k] = run.state
+        updates.append(method.upload(run.state.tensors, round_))
         del model
     fed.server.update(aggregate(updates, fed.client_sizes.tolist()))
     fed.round = round_
@@ -113,7 +103,7 @@ def plain_loop(fed) -> None:
     """One round's training steps (every client's batches, drawn as the simulator draws them)
     as a plain PEFT loop: one model, one optimizer, no state swapped in or out."""
     from sfedlora.data.encoding import collate
-    from sfedlora.federated.client import _batch_indices, make_optimizer
+    from sfedlora.federated.client import make_optimizer
 
     params = list(fed.params.values())
     for p in params:
@@ -121,10 +111,7 @@ def plain_loop(fed) -> None:
     opt = make_optimizer(params, fed.cfg.train)
     fed.model.train()
     for k, data in enumerate(fed.client_data):
-        g = torch.Generator().manual_seed(k)
-        for idx in _batch_indices(
-            data.lengths(), fed.cfg.train.batch_size, fed.cfg.federation.local_steps, g, True
-        ):
+        for idx in LocalRound(fed, fed.client(k), fed.clients[k], {}).batches:
             loss = fed.compute.forward(fed.model, collate(data, idx, fed.tokenizer)).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)

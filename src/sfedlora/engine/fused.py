@@ -16,21 +16,19 @@ engine's (a mask depends on the batch it is drawn for).
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from ..errors import SfedloraError
-from ..federated.client import ClientOutcome, ClientResult, ClientState, _batch_indices, lr_at, offload_state
+from ..federated.client import ClientOutcome, ClientState, LocalRound, kind_norms
 from ..federated.jobs import EvalJob
 from ..federated.kinds import split_base, tensor_kind
 from ..federated.ranks import pad
-from ..federated.shared import ClientSpec, Shared, client_steps, expected_steps
+from ..federated.shared import ClientSpec, Shared
 from ..lora.base import set_base_change
-from ..privacy.mechanisms import clip_per_example, noisy_mean, poisson_batches
+from ..privacy.mechanisms import clip_per_example, noisy_mean
 from .rowwise import PER_CLIENT, Rows, rowwise
 from .stacked import StackedOptimizer
 
@@ -75,59 +73,6 @@ def check_fused(shared: Shared) -> None:
         pass
 
 
-@dataclass
-class _Client:
-    """One sampled client inside the engine's round."""
-
-    spec: ClientSpec
-    received: ClientState  # its state with the download: what it keeps if its loss is not finite
-    trained: ClientState  # the copy that trains
-    generator: torch.Generator
-    seed: int  # drawn from its stream where its own training seeds dropout
-    batches: list[np.ndarray]
-    total: int  # steps its persistent schedule spans
-    noise: torch.Generator | None  # DP-SGD's noise stream
-    losses: list[float] = field(default_factory=list)
-    norms: list[dict[str, float]] = field(default_factory=list)
-
-
-def _start(shared: Shared, spec: ClientSpec, state: ClientState, download: dict) -> _Client:
-    # As client_round and train_client begin: the base change into the model, the download on
-    # top, the stream drawn in the same order.
-    download, base = split_base(download)
-    set_base_change(shared.model, base)
-    received = ClientState(
-        {**state.tensors, **{n: t.clone() for n, t in download.items()}},
-        state.rng,
-        state.optimizer,
-        state.steps,
-    )
-    # Its tensors are only ever read (stacked): a new dict, not new tensors.
-    trained = ClientState(dict(received.tensors), received.rng, copy.deepcopy(state.optimizer), state.steps)
-    g = torch.Generator().manual_seed(0)
-    g.set_state(received.rng)
-    seed = int(torch.randint(2**62, (1,), generator=g))
-    cfg = shared.cfg
-    steps = client_steps(cfg, spec.size)
-    if spec.dp is None:
-        batches = _batch_indices(
-            spec.data.lengths(), cfg.train.batch_size, steps, g, cfg.train.group_by_length
-        )
-    else:
-        batches = poisson_batches(spec.size, spec.dp.sample_rate, steps, g)
-    noise = None if spec.dp is None else spec.dp.noise_generator(g)
-    return _Client(spec, received, trained, g, seed, batches, expected_steps(cfg, spec.size), noise)
-
-
-def _kind_norms(grads: dict[str, torch.Tensor], slots: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per kind, each of ``slots``' gradient norm (what train_client reports, before clipping)."""
-    sq: dict[str, torch.Tensor] = {}
-    for n, g in grads.items():
-        k = tensor_kind(n)
-        sq[k] = sq.get(k, 0) + g[slots].float().pow(2).flatten(1).sum(1)
-    return {k: v.sqrt() for k, v in sq.items()}
-
-
 def stack(shared: Shared, models: Sequence[tuple[dict, int]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """The (tensors, client) ``models`` as stacked tensors at full rank, a slot each, and their γ."""
     full = []
@@ -147,12 +92,12 @@ class FusedRound:
 
     def __init__(self, shared: Shared, jobs: Sequence[tuple[ClientSpec, ClientState, dict]], round_: int):
         self.shared, self.round = shared, round_
-        self.clients = [_start(shared, *job) for job in jobs]
+        self.clients = [LocalRound(shared, spec, state, download) for spec, state, download in jobs]
         self.device = shared.compute.device
         trained_kinds = shared.method.trained(round_)
         self.names = list(shared.params)
         self.trained = [n for n in self.names if tensor_kind(n) in trained_kinds]
-        self.stacks, self.gammas = stack(shared, [(c.trained.tensors, c.spec.k) for c in self.clients])
+        self.stacks, self.gammas = stack(shared, [(c.state.tensors, c.client.k) for c in self.clients])
         # Each micro-batch trains a copy of the slots it holds (``live``) and adds its gradients
         # here: its backward then costs what its rows hold, not what all N clients hold.
         for n in self.trained:
@@ -161,13 +106,13 @@ class FusedRound:
         self.optimizer = StackedOptimizer(shared.cfg.train, self.stacks, self.names)
         if shared.cfg.train.optimizer_state == "persistent":
             for slot, c in enumerate(self.clients):
-                self.optimizer.load(slot, c.trained.optimizer)
-        self.pool = type(self.clients[0].spec.data).concat([c.spec.data for c in self.clients])
-        sizes = [c.spec.size for c in self.clients]
+                self.optimizer.load(slot, c.state.optimizer)
+        self.pool = type(self.clients[0].client.data).concat([c.client.data for c in self.clients])
+        sizes = [c.client.size for c in self.clients]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
         self.lengths = self.pool.lengths()
         # DP-SGD: the clients' sums of clipped per-example gradients, noised at the step's end
-        self.private = self.clients[0].spec.dp is not None
+        self.private = self.clients[0].client.dp is not None
         self.clipped = {n: torch.zeros_like(self.stacks[n]) for n in self.trained} if self.private else {}
         self.rows = Rows(samples={} if self.private else None)
 
@@ -211,7 +156,7 @@ class FusedRound:
                 self.stacks[n].grad.index_add_(0, present, self.live[n].grad)
             if private:
                 self._clip(owner)
-        self._apply(t, torch.tensor(active, device=self.device), loss_of, set(slot_of.tolist()))
+        self._apply(torch.tensor(active, device=self.device), loss_of, set(slot_of.tolist()))
 
     def _hold(self, owner: torch.Tensor) -> torch.Tensor:
         """Give the layers the slots of ``owner``'s clients, as leaves of their own; return them."""
@@ -224,7 +169,7 @@ class FusedRound:
 
     def _clip(self, owner: torch.Tensor) -> None:
         """Clip this micro-batch's per-example gradients, and add them to their clients' sums."""
-        clip = self.clients[0].spec.dp.clip_norm
+        clip = self.clients[0].client.dp.clip_norm
         samples = {n: g.float() for n, g in self.rows.samples.items()}
         for n, g in clip_per_example(samples, clip).items():
             self.clipped[n].index_add_(0, owner, g)
@@ -236,60 +181,41 @@ class FusedRound:
         for s in active.tolist():
             c = self.clients[s]
             sums = {n: self.clipped[n][s].cpu() for n in self.trained}
-            dp = c.spec.dp
+            dp = c.client.dp
             private = noisy_mean(
-                sums, shapes, dp.clip_norm, dp.noise_multiplier, dp.sample_rate * c.spec.size, c.noise
+                sums, shapes, dp.clip_norm, dp.noise_multiplier, dp.sample_rate * c.client.size, c.noise
             )
             for n in self.trained:
                 self.stacks[n].grad[s] = private[n].to(self.device)
                 self.clipped[n][s] = 0
 
-    def _apply(self, t: int, active: torch.Tensor, loss_of: torch.Tensor, had_rows: set[int]) -> None:
+    def _apply(self, active: torch.Tensor, loss_of: torch.Tensor, had_rows: set[int]) -> None:
         cfg = self.shared.cfg.train
         if self.private:
             self._noise(active)
         grads = {n: self.stacks[n].grad for n in self.trained}
-        norms = _kind_norms(grads, active)
+        norms = kind_norms({n: g[active] for n, g in grads.items()})
         if cfg.max_grad_norm is not None and grads and not self.private:
             # torch's clip_grad_norm_, each client over its own gradient
             total = torch.stack([v for v in norms.values()]).pow(2).sum(0).sqrt()
             coef = (cfg.max_grad_norm / (total + 1e-6)).clamp(max=1.0)
             for g in grads.values():
                 g[active] *= coef.reshape(-1, *([1] * (g.dim() - 1))).to(g.dtype)
-        persistent = cfg.optimizer_state == "persistent"
         lrs = []
         for i, s in enumerate(active.tolist()):
-            c = self.clients[s]
-            if s in had_rows:  # a Poisson batch may be empty: no loss, but the noise still steps
-                c.losses.append(float(loss_of[s]))
-            c.norms.append({k: float(v[i]) for k, v in norms.items()})
-            steps = len(c.batches)
-            lrs.append(lr_at(c.trained.steps, c.total, cfg) if persistent else lr_at(t, steps, cfg))
-            c.trained.steps += 1
+            # a Poisson batch may be empty: no loss, but the noise still steps
+            loss = float(loss_of[s]) if s in had_rows else None
+            lrs.append(self.clients[s].step(loss, {k: float(v[i]) for k, v in norms.items()}))
         self.optimizer.step(self.trained, active, torch.tensor(lrs, dtype=torch.float64, device=self.device))
         for g in grads.values():
             g.zero_()
 
-    def _outcome(self, slot: int, c: _Client) -> ClientOutcome:
-        shared = self.shared
-        kinds = sorted({k for n in c.norms for k in n})
-        result = ClientResult(
-            loss=float(np.mean(c.losses)) if c.losses else 0.0,
-            steps=len(c.batches),
-            grad_norm={k: float(np.mean([n[k] for n in c.norms])) for k in kinds},
-            examples=c.spec.size,
+    def _outcome(self, slot: int, c: LocalRound) -> ClientOutcome:
+        c.finish(
+            {n: s[slot].detach().clone() for n, s in self.stacks.items()},
+            lambda: self.optimizer.state_dict(slot),
         )
-        if not np.isfinite(result.loss):
-            return ClientOutcome(offload_state(c.received, shared.compute), None, {})
-        state = c.trained
-        state.tensors = shared.ranks.view(
-            {n: s[slot].detach().clone() for n, s in self.stacks.items()}, c.spec.k
-        )
-        persistent = shared.cfg.train.optimizer_state == "persistent"
-        state.optimizer = self.optimizer.state_dict(slot) if persistent else None
-        state.rng = c.generator.get_state()
-        state = offload_state(state, shared.compute)
-        return ClientOutcome(state, result, shared.method.upload(state.tensors, self.round))
+        return c.outcome(self.shared, self.round)
 
 
 def fused_round(

@@ -18,10 +18,9 @@ import numpy as np
 import torch
 
 from ..config import TrainConfig
-from ..data.encoding import Encoded
 from ..lora.base import set_base_change
 from ..lora.models import Compute, read_tensors, write_tensors
-from ..privacy.dpsgd import DPSGD, apply_private_gradient, per_example_gradients
+from ..privacy.dpsgd import apply_private_gradient, per_example_gradients
 from ..privacy.mechanisms import poisson_batches
 from .kinds import split_base, tensor_kind
 from .ranks import pad
@@ -117,94 +116,111 @@ def _batch_indices(
     return batches
 
 
-def _kind_norms(params: Mapping[str, torch.nn.Parameter]) -> dict[str, float]:
-    by_kind: dict[str, list[torch.Tensor]] = {}
-    for n, p in params.items():
-        if p.grad is not None:
-            by_kind.setdefault(tensor_kind(n), []).append(p.grad.detach().pow(2).sum())
-    return {k: float(torch.stack(v).sum().sqrt()) for k, v in by_kind.items()}
+def kind_norms(grads: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per kind, each client's L2 gradient norm (pre-clipping), from ``grads``: name → the
+    clients' gradients stacked (client, *shape)."""
+    sq: dict[str, torch.Tensor] = {}
+    for n, g in grads.items():
+        k = tensor_kind(n)
+        sq[k] = sq.get(k, 0) + g.detach().float().pow(2).flatten(1).sum(1)
+    return {k: v.sqrt() for k, v in sq.items()}
 
 
-def train_client(
-    model: torch.nn.Module,
-    params: Mapping[str, torch.nn.Parameter],
-    state: ClientState,
-    data: Encoded,  # or data.lm.LMEncoded: anything with lengths() and collate()
-    tokenizer,
-    trained_kinds: frozenset[str],
-    steps: int,
-    total_steps: int,
-    cfg: TrainConfig,
-    compute: Compute = Compute(),
-    dp: DPSGD | None = None,
-    loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor] | None = None,
-) -> ClientResult:
-    """Train ``steps`` local steps from ``state``; update ``state`` in place.
+class LocalRound:
+    """One client's local training in a round, whatever computes its steps' gradients: the
+    download taken, its random stream, batch plan, learning rates, reported losses and
+    gradient norms, and the outcome it leaves. Both engines drive it: :func:`train_client`
+    one client at a time, the fused engine (:mod:`sfedlora.engine.fused`) many in lockstep;
+    they differ only in how a step's rows are computed.
 
-    Only tensors of ``trained_kinds`` receive gradients; the others stay as they were.
     With ``train.optimizer_state=fresh`` (the reference's) the optimizer and the learning-rate
-    schedule start anew: no moments from earlier rounds, the schedule spans these ``steps``;
-    with ``persistent`` both carry on from ``state``, the schedule spanning ``total_steps``,
-    the client's step count over the whole run.
-    With ``dp`` each step is a DP-SGD step: Poisson-sampled batches, per-example
-    clipping and Gaussian noise instead of ``cfg.max_grad_norm``; the reported gradient
-    norms are then those of the private gradients. ``loss_fn(model, batch)`` is the task's
-    loss (:meth:`sfedlora.tasks.Task.loss`); by default the model's own.
+    schedule start anew: no moments from earlier rounds, the schedule spans this round's
+    steps; with ``persistent`` both carry on from the state, the schedule spanning the
+    client's steps over the whole run. With the client's ``dp`` the batches are
+    Poisson-sampled and ``noise`` is its DP-SGD noise stream.
     """
-    loss_fn = loss_fn or (lambda m, batch: compute.forward(m, batch).loss)
-    write_tensors(params, state.tensors)
-    ordered = list(params.values())
-    for n, p in params.items():
-        p.requires_grad_(tensor_kind(n) in trained_kinds)
-    persistent = cfg.optimizer_state == "persistent"
-    optimizer = make_optimizer(ordered, cfg)
-    if persistent and state.optimizer is not None:
-        optimizer.load_state_dict(state.optimizer)
-    g = torch.Generator().manual_seed(0)
-    g.set_state(state.rng)
-    # Dropout draws from the global RNG: seed it from the client's own generator so a
-    # client's randomness does not depend on which clients trained before it.
-    torch.manual_seed(int(torch.randint(2**62, (1,), generator=g)))
 
-    model.train()
-    # fp16 activations underflow small gradients: scale the loss up, and the gradients back
-    # down before they are measured, clipped or applied (a step with inf/nan is skipped).
-    scaler = torch.amp.GradScaler(torch.device(compute.device).type, enabled=compute.precision == "fp16")
-    losses, norms = [], []
-    if dp is None:
-        batches = _batch_indices(data.lengths(), cfg.batch_size, steps, g, cfg.group_by_length)
-    else:
-        batches = poisson_batches(len(data), dp.sample_rate, steps, g)
-        noise_g = dp.noise_generator(g)
-    with contextlib.nullcontext() if dp is None else per_example_gradients(model):
-        for i, idx in enumerate(batches):
-            if len(idx):  # a Poisson batch may be empty: its DP gradient is noise alone
-                batch = data.collate(idx, tokenizer)
-                loss = loss_fn(model, batch)
-                scaler.scale(loss).backward()
-                losses.append(float(loss.detach()))
-            scaler.unscale_(optimizer)
-            if dp is not None:
-                apply_private_gradient(params, dp, dp.sample_rate * len(data), noise_g)
-            norms.append(_kind_norms(params))
-            if dp is None and cfg.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_([p for p in ordered if p.grad is not None], cfg.max_grad_norm)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(state.steps, total_steps, cfg) if persistent else lr_at(i, steps, cfg)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            state.steps += 1
+    def __init__(
+        self, shared: Shared, client: ClientSpec, state: ClientState, download: dict[str, torch.Tensor]
+    ):
+        cfg = shared.cfg
+        self.client, self.cfg = client, cfg.train
+        # The server's change to the base weights (methods that own one) goes into the shared
+        # model, never into the client's state.
+        download, base = split_base(download)
+        set_base_change(shared.model, base)
+        # What it keeps if its loss turns non-finite: the download, without the training.
+        self.received = ClientState(
+            {**state.tensors, **{n: t.clone() for n, t in download.items()}},
+            state.rng,
+            state.optimizer,
+            state.steps,
+        )
+        # The copy that trains; its tensors are only read (written into a model or stacked),
+        # its optimizer state is updated in place.
+        self.state = ClientState(
+            dict(self.received.tensors), state.rng, copy.deepcopy(state.optimizer), state.steps
+        )
+        self.persistent = cfg.train.optimizer_state == "persistent"
+        self.total = expected_steps(cfg, client.size)
+        self.generator = g = torch.Generator().manual_seed(0)
+        g.set_state(state.rng)
+        # Dropout draws from the global stream, which the engine seeds from this, so a
+        # client's randomness does not depend on which clients trained before it.
+        self.seed = int(torch.randint(2**62, (1,), generator=g))
+        steps, dp = client_steps(cfg, client.size), client.dp
+        if dp is None:
+            self.batches = _batch_indices(
+                client.data.lengths(), cfg.train.batch_size, steps, g, cfg.train.group_by_length
+            )
+        else:
+            self.batches = poisson_batches(client.size, dp.sample_rate, steps, g)
+        self.noise = None if dp is None else dp.noise_generator(g)
+        self.losses: list[float] = []
+        self.norms: list[dict[str, float]] = []
 
-    state.tensors = read_tensors(params)
-    state.optimizer = optimizer.state_dict() if persistent else None
-    state.rng = g.get_state()
-    kinds = sorted({k for n in norms for k in n})
-    return ClientResult(
-        loss=float(np.mean(losses)) if losses else 0.0,  # 0.0: every Poisson batch came out empty
-        steps=len(batches),
-        grad_norm={k: float(np.mean([n[k] for n in norms])) for k in kinds},
-    )
+    def step(self, loss: float | None, norms: dict[str, float]) -> float:
+        """Record a step's mean loss (None: its Poisson batch was empty) and its kinds'
+        gradient norms; return the learning rate to apply it with."""
+        if loss is not None:
+            self.losses.append(loss)
+        self.norms.append(norms)
+        taken = len(self.norms) - 1
+        lr = (
+            lr_at(self.state.steps, self.total, self.cfg)
+            if self.persistent
+            else lr_at(taken, len(self.batches), self.cfg)
+        )
+        self.state.steps += 1
+        return lr
+
+    def finish(self, tensors: dict[str, torch.Tensor], optimizer: Callable[[], dict]) -> None:
+        """The state takes the trained ``tensors`` (at full rank), the ``optimizer``'s state
+        (kept only when persistent) and the stream where it stands."""
+        self.state.tensors = tensors
+        self.state.optimizer = optimizer() if self.persistent else None
+        self.state.rng = self.generator.get_state()
+
+    def result(self) -> ClientResult:
+        kinds = sorted({k for n in self.norms for k in n})
+        # 0.0 when every Poisson batch came out empty
+        return ClientResult(
+            loss=float(np.mean(self.losses)) if self.losses else 0.0,
+            steps=len(self.batches),
+            grad_norm={k: float(np.mean([n[k] for n in self.norms])) for k in kinds},
+            examples=self.client.size,
+        )
+
+    def outcome(self, shared: Shared, round_: int) -> ClientOutcome:
+        """What the finished round leaves: the state cut to the client's rank and its upload,
+        or, if the loss turned non-finite, the received state and nothing sent."""
+        result = self.result()
+        if not np.isfinite(result.loss):
+            return ClientOutcome(offload_state(self.received, shared.compute), None, {})
+        state = self.state
+        state.tensors = shared.ranks.view(state.tensors, self.client.k)
+        state = offload_state(state, shared.compute)
+        return ClientOutcome(state, result, shared.method.upload(state.tensors, round_))
 
 
 @dataclass
@@ -216,6 +232,60 @@ class ClientOutcome:
     update: dict[str, torch.Tensor]  # what the method uploads; empty when result is None
 
 
+def train_client(
+    model: torch.nn.Module,
+    params: Mapping[str, torch.nn.Parameter],
+    run: LocalRound,
+    tokenizer,
+    trained_kinds: frozenset[str],
+    compute: Compute = Compute(),
+    loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor] | None = None,
+) -> ClientResult:
+    """Train ``run``'s steps on ``model``, whose adapter ``params`` take the state's tensors.
+
+    Only tensors of ``trained_kinds`` receive gradients; the others stay as they were.
+    Under DP-SGD each step clips per example and adds noise instead of ``max_grad_norm``;
+    the reported gradient norms are then those of the private gradients. ``loss_fn(model,
+    batch)`` is the task's loss (:meth:`sfedlora.tasks.Task.loss`); by default the model's own.
+    """
+    loss_fn = loss_fn or (lambda m, batch: compute.forward(m, batch).loss)
+    cfg, data, dp = run.cfg, run.client.data, run.client.dp
+    write_tensors(params, run.state.tensors)
+    ordered = list(params.values())
+    for n, p in params.items():
+        p.requires_grad_(tensor_kind(n) in trained_kinds)
+    optimizer = make_optimizer(ordered, cfg)
+    if run.persistent and run.state.optimizer is not None:
+        optimizer.load_state_dict(run.state.optimizer)
+    torch.manual_seed(run.seed)
+
+    model.train()
+    # fp16 activations underflow small gradients: scale the loss up, and the gradients back
+    # down before they are measured, clipped or applied (a step with inf/nan is skipped).
+    scaler = torch.amp.GradScaler(torch.device(compute.device).type, enabled=compute.precision == "fp16")
+    with contextlib.nullcontext() if dp is None else per_example_gradients(model):
+        for idx in run.batches:
+            loss = None
+            if len(idx):  # a Poisson batch may be empty: its DP gradient is noise alone
+                out = loss_fn(model, data.collate(idx, tokenizer))
+                scaler.scale(out).backward()
+                loss = float(out.detach())
+            scaler.unscale_(optimizer)
+            if dp is not None:
+                apply_private_gradient(params, dp, dp.sample_rate * run.client.size, run.noise)
+            grads = {n: p.grad.unsqueeze(0) for n, p in params.items() if p.grad is not None}
+            lr = run.step(loss, {k: float(v[0]) for k, v in kind_norms(grads).items()})
+            if dp is None and cfg.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_([p for p in ordered if p.grad is not None], cfg.max_grad_norm)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+    run.finish(read_tensors(params), optimizer.state_dict)
+    return run.result()
+
+
 def client_round(
     shared: Shared, client: ClientSpec, state: ClientState, download: dict[str, torch.Tensor], round_: int
 ) -> ClientOutcome:
@@ -224,41 +294,19 @@ def client_round(
     ``state`` itself is left untouched. If the loss turns non-finite, the outcome's state
     is ``state`` with the download but without the training, and nothing is sent.
     """
-    cfg, k = shared.cfg, client.k
-    # The server's change to the base weights (methods that own one) goes into the shared
-    # model, never into the client's state.
-    download, base = split_base(download)
-    received = ClientState(
-        {**state.tensors, **{n: t.clone() for n, t in download.items()}},
-        state.rng,
-        state.optimizer,
-        state.steps,
-    )
-    # Optimizer state is updated in place while training: train a copy, keep ``received`` intact.
-    trained = copy.deepcopy(received)
+    run = LocalRound(shared, client, state, download)
     # The shared model runs at full rank: train the client's rank-r_k adapter zero-padded,
-    # under its own γ; the padding gets zero gradients and is cut off again below.
-    trained.tensors = pad(trained.tensors, shared.params)
-    shared.ranks.use(shared.model, k)
-    set_base_change(shared.model, base)
-    result = train_client(
+    # under its own γ; the padding gets zero gradients and is cut off again by the outcome.
+    run.state.tensors = pad(run.state.tensors, shared.params)
+    shared.ranks.use(shared.model, client.k)
+    train_client(
         shared.model,
         shared.params,
-        trained,
-        client.data,
+        run,
         shared.tokenizer,
         shared.method.trained(round_),
-        client_steps(cfg, client.size),
-        expected_steps(cfg, client.size),
-        cfg.train,
         shared.compute,
-        client.dp,
         # Under DP-SGD each example's gradient must be its own, whatever else is in the batch.
         functools.partial(shared.task.loss, compute=shared.compute, per_example=client.dp is not None),
     )
-    result.examples = client.size
-    if not np.isfinite(result.loss):
-        return ClientOutcome(offload_state(received, shared.compute), None, {})
-    trained.tensors = shared.ranks.view(trained.tensors, k)
-    trained = offload_state(trained, shared.compute)
-    return ClientOutcome(trained, result, shared.method.upload(trained.tensors, round_))
+    return run.outcome(shared, round_)
