@@ -61,6 +61,15 @@ class ModelConfig(_Section):
             "state stay fp32; a causal LM's frozen base weights are stored in bf16/fp16 on a GPU."
         ),
     )
+    attention: Literal["auto", "eager", "sdpa"] = Field(
+        "auto",
+        description=(
+            "Attention implementation of training and evaluation passes: eager, sdpa (torch's "
+            "scaled_dot_product_attention, the transformers default), or auto = chosen per pass by device, "
+            "padded length from a measured rule (eager on a CPU below 256 tokens, sdpa "
+            "otherwise; benchmarks/README.md, Attention)."
+        ),
+    )
     quantization: Literal["none", "8bit", "4bit"] = Field(
         "none",
         description=(

@@ -127,7 +127,7 @@ def build_shared(cfg: RunConfig, data: TaskData) -> Shared:
     task = get_task(data)
     task.check(cfg)
     n_sampled = cfg.federation.sampled_per_round()
-    compute = Compute.resolve(cfg.model.device, cfg.model.precision)
+    compute = Compute.resolve(cfg.model.device, cfg.model.precision, cfg.model.attention)
     model, tokenizer = task.build_model(cfg, compute, n_sampled, data)
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(model)

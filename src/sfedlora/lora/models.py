@@ -10,6 +10,7 @@ import torch
 
 from ..errors import SfedloraError
 from ..peft import check_model, lora_config
+from .attention import use_attention
 
 MINILM = "minilm"
 
@@ -318,15 +319,17 @@ def _to_host(tree, pin: bool):
 
 @dataclass(frozen=True)
 class Compute:
-    """Where and in what precision forward passes run; adapter and optimizer stay fp32."""
+    """Where, in what precision and with what attention forward passes run; adapter and
+    optimizer stay fp32."""
 
     device: str = "cpu"
     precision: str = (
         "fp32"  # or bf16 / fp16: torch.autocast (bf16 about 1.5-2x faster on CPUs with AVX512-BF16)
     )
+    attention: str = "auto"  # or eager / sdpa: model.attention (sfedlora.lora.attention)
 
     @classmethod
-    def resolve(cls, device: str, precision: str) -> Compute:
+    def resolve(cls, device: str, precision: str, attention: str = "auto") -> Compute:
         if device == "auto":
             device = auto_device()
         elif device.startswith("cuda") and not torch.cuda.is_available():
@@ -339,7 +342,7 @@ class Compute:
             raise SfedloraError(
                 "model.precision=fp16 needs a CUDA GPU: use model.precision=bf16 or fp32 on the CPU"
             )
-        return cls(device, precision)
+        return cls(device, precision, attention)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -368,5 +371,6 @@ class Compute:
 
     def forward(self, model: torch.nn.Module, batch: Mapping[str, torch.Tensor]):
         batch = {k: v.to(self.device) for k, v in batch.items()}
+        use_attention(model, self.attention, self.device, batch["input_ids"].shape[-1])
         with self.autocast():
             return model(**batch)

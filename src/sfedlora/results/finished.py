@@ -96,7 +96,9 @@ def open_run(run_dir: str | Path) -> FinishedRun:
         )
     data = load_task(cfg.data, seed=cfg.seed)
     task = get_task(data)
-    return FinishedRun(run_dir, cfg, data, task, Compute.resolve(cfg.model.device, cfg.model.precision))
+    return FinishedRun(
+        run_dir, cfg, data, task, Compute.resolve(cfg.model.device, cfg.model.precision, cfg.model.attention)
+    )
 
 
 def base_model(run: FinishedRun):

@@ -14,6 +14,7 @@ import torch
 
 from ..data.answers import exact_match
 from ..data.encoding import length_batches
+from ..lora.attention import use_attention
 from ..lora.models import Compute
 
 
@@ -48,6 +49,7 @@ def generate(
         width = max(len(prompts[i]) for i in idx)
         ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in idx])
         mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx])
+        use_attention(model, compute.attention, compute.device, width + max_new_tokens)
         with compute.autocast():
             generated = model.generate(
                 input_ids=ids.to(compute.device),
