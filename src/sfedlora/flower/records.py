@@ -152,7 +152,7 @@ def receive_train_reply(
         return None, {}
     if UPDATE not in content.array_records:
         raise Refused("no update")
-    return result, _checked_tensors(content.array_records[UPDATE], expected)
+    return result, checked_tensors(content.array_records[UPDATE], expected)
 
 
 STATS = {"diverged", "loss", "steps", "examples"}
@@ -175,7 +175,7 @@ def _checked_result(stats) -> ClientResult | None:
     return ClientResult.from_stats(stats)
 
 
-def _checked_tensors(record: ArrayRecord, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def checked_tensors(record: ArrayRecord, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if set(record) != set(expected):
         missing, extra = sorted(set(expected) - set(record)), sorted(set(record) - set(expected))
         raise Refused(f"wrong tensors (missing {missing[:2]}, unexpected {extra[:2]})")

@@ -37,9 +37,9 @@ from .records import (
     RESULT,
     UPDATE,
     Refused,
+    checked_tensors,
     config_text,
     receive_train_reply,
-    record_tensors,
     request,
     stats_result,
 )
@@ -118,7 +118,14 @@ class FlowerRounds:
                 missing.append(k)
                 log.warning("client %d (node %d) did not finish the run: %s", k, self.nodes[k], reply)
             elif collect:
-                own = record_tensors(reply.content.array_records[UPDATE])
+                try:  # read as untrusted as a training reply: only the adapter's own names and shapes
+                    own = checked_tensors(reply.content.array_records[UPDATE], fed.ranks.view(fed.initial, k))
+                except Refused as why:
+                    missing.append(k)
+                    log.warning(
+                        "client %d (node %d) sent an adapter that was refused: %s", k, self.nodes[k], why
+                    )
+                    continue
                 collected[k] = {**own, **fed.method.client_view(fed.server, k, fed.ranks)}
         if collect and missing:
             log.warning("personalised adapters not saved: clients %s did not send theirs", missing)
@@ -175,9 +182,14 @@ class FlowerRounds:
         ).items():
             if isinstance(reply, str):
                 raise SfedloraError(f"SuperNode {self.nodes[i]} did not answer the handshake ({reply})")
-            hello = reply.content.config_records[CONFIG]
-            k = int(hello["client"])
-            durable[k] = bool(hello["durable"])
+            hello = reply.content.config_records.get(CONFIG, {})
+            k, durable_flag = hello.get("client"), hello.get("durable")
+            if not isinstance(k, int) or isinstance(k, bool) or durable_flag not in (0, 1):
+                raise SfedloraError(
+                    f"SuperNode {self.nodes[i]} answered the handshake with no client index: start it with "
+                    "this version of sfedlora's ClientApp"
+                )
+            durable[k] = bool(durable_flag)
             if k in held:
                 raise SfedloraError(
                     f"SuperNodes {held[k]} and {self.nodes[i]} both hold partition-id {k}: give each its own"
