@@ -17,7 +17,10 @@ class quiet_libraries:  # lower case: called like the function it was, and used 
     setting it changed, so that a library call leaves its caller's logging as it found it.
     """
 
-    _BNB = "bitsandbytes.backends.cpu.ops"
+    # bitsandbytes (the quantization extra, imported by PEFT) tries to fetch an optional faster
+    # CPU 4-bit kernel from the Hub at import through the `kernels` package and warns when it
+    # cannot (and, offline, that it skips the publisher check); its own kernel runs.
+    _LOGGERS = ("bitsandbytes.backends.cpu.ops", "kernels")
 
     def __init__(self) -> None:
         import datasets
@@ -28,7 +31,7 @@ class quiet_libraries:  # lower case: called like the function it was, and used 
             hf.get_verbosity(),
             hf.is_progress_bar_enabled(),
             datasets.is_progress_bar_enabled(),
-            logging.getLogger(self._BNB).level,
+            [logging.getLogger(name).level for name in self._LOGGERS],
         )
         self._warnings = warnings.catch_warnings()
         self._warnings.__enter__()
@@ -37,9 +40,8 @@ class quiet_libraries:  # lower case: called like the function it was, and used 
         datasets.disable_progress_bars()
         # Raised by transformers when PEFT builds the model; nothing a user of ours can act on.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        # bitsandbytes (the quantization extra, imported by PEFT) tries to fetch an optional faster
-        # CPU 4-bit kernel from the Hub at import and warns when it cannot; its own kernel runs.
-        logging.getLogger(self._BNB).setLevel(logging.ERROR)
+        for name in self._LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
 
     def __enter__(self) -> quiet_libraries:
         return self
@@ -49,13 +51,14 @@ class quiet_libraries:  # lower case: called like the function it was, and used 
         import transformers
 
         hf = transformers.utils.logging
-        verbosity, bars, dataset_bars, bnb_level = self._saved
+        verbosity, bars, dataset_bars, levels = self._saved
         hf.set_verbosity(verbosity)
         if bars:
             hf.enable_progress_bar()
         if dataset_bars:
             datasets.enable_progress_bars()
-        logging.getLogger(self._BNB).setLevel(bnb_level)
+        for name, level in zip(self._LOGGERS, levels):
+            logging.getLogger(name).setLevel(level)
         self._warnings.__exit__(*exc)
 
 
