@@ -50,11 +50,11 @@ class Outputs(Protocol):
 
 class ScoredHere:
     """Personalised models scored from the client states in ``fed`` (the embedded runtime):
-    through ``outputs`` (a round executor, which may use worker processes) or, without one,
+    through ``executor`` (a round executor, which may use worker processes) or, without one,
     here, one after another."""
 
-    def __init__(self, outputs: Outputs | None = None):
-        self.executor = outputs
+    def __init__(self, executor: Outputs | None = None):
+        self.executor = executor
 
     def _outputs(self, fed: Federation, jobs: Iterable[EvalJob]) -> Iterator:
         if self.executor:

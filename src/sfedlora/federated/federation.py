@@ -61,10 +61,15 @@ class ServerState(Shared):
         """What the server sends client ``k``: the global tensors, cut to the client's rank."""
         return self.method.client_view(self.method.download(self.server), k, self.ranks)
 
+    def personal(self, own: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+        """Client ``k``'s model: its ``own`` tensors with the server's global ones on top, as
+        the client sees them (at its rank)."""
+        return {**own, **self.method.client_view(self.server, k, self.ranks)}
+
     def served_tensors(self, k: int) -> dict[str, torch.Tensor]:
         """Client ``k``'s model as the server alone knows it: the initial adapter with the
         global tensors on top, at the client's rank (its model, where it keeps nothing local)."""
-        return {**self.ranks.view(self.initial, k), **self.method.client_view(self.server, k, self.ranks)}
+        return self.personal(self.ranks.view(self.initial, k), k)
 
     def client_models_differ(self) -> bool:
         return client_models_differ(self.cfg)
@@ -122,8 +127,8 @@ class Federation(ServerState):
         )
 
     def personal_tensors(self, k: int) -> dict[str, torch.Tensor]:
-        """Client ``k``'s model: its own tensors with the server's global ones on top."""
-        return {**self.clients[k].tensors, **self.method.client_view(self.server, k, self.ranks)}
+        """Client ``k``'s model from the state this process holds for it."""
+        return self.personal(self.clients[k].tensors, k)
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "clients": [c.state_dict() for c in self.clients]}

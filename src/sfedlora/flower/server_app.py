@@ -126,7 +126,7 @@ class FlowerRounds:
                         "client %d (node %d) sent an adapter that was refused: %s", k, self.nodes[k], why
                     )
                     continue
-                collected[k] = {**own, **fed.method.client_view(fed.server, k, fed.ranks)}
+                collected[k] = fed.personal(own, k)
         if collect and missing:
             log.warning("personalised adapters not saved: clients %s did not send theirs", missing)
         if collect and not missing:
