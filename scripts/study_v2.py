@@ -1,6 +1,6 @@
 """Study v2 (issue 25): the paper's three claims on real SST-2 where accuracy moves.
 
-    python scripts/study_v2.py run [--parts budget,probe,tune,main,side,exponents,aggregate]
+    python scripts/study_v2.py run [--parts budget,probe,tune,main,side,exponents,aggregate,methods]
         [--out runs/study-v2] [--to docs/results/study-v2] [--jobs 2] [--seeds 0,1]
     python scripts/study_v2.py report [--out runs/study-v2] [--to docs/results/study-v2]
 
@@ -29,6 +29,10 @@ exponents  γ = α·N^a/r^b at (r = 512, N = 20) and (r = 64, N = 5), sfed-lora'
            setting's best two pairs.
 aggregate  fedit and ffa-lora, each with α·√(N/r) (sfed-lora's rate) and α/r (fedsa-lora's),
            r ∈ {8, 512}, N = 20, seed 0; fedsa-lora's cells are main's.
+methods    the methods beyond the paper (issue 34: flora, fedex-lora, flexlora, hetlora,
+           feddpa) × the three scaling rules × r ∈ {8, 512}, N = 20, seed 0, each rule at the
+           rate the tune part chose for it (sfed: sfed-lora's, rslora: fedsa-rslora's, lora:
+           fedsa-lora's); the sfed and lora contrasts of every method first.
 """
 
 from __future__ import annotations
@@ -56,6 +60,11 @@ from sfedlora.results.sweep import cell_finished, run_sweep, threads_per_job  # 
 METHODS = ["fedsa-lora", "fedsa-rslora", "sfed-lora"]
 PAIRS = [(0, 0.5), (0.25, 0.5), (0.5, 0.5), (0.75, 0.5), (1, 0.5), (0.5, 0.25), (0.5, 0.75), (0.5, 1)]
 SETTINGS = [(512, 20), (64, 5)]  # the exponent ablation's (r, N)
+# The methods part: methods beyond the paper, and each scaling rule with the FedSA method
+# whose tuned rate it takes.
+NEW_METHODS = ["flora", "fedex-lora", "flexlora", "hetlora", "feddpa"]
+RULE_RATES = {"sfed": "sfed-lora", "lora": "fedsa-lora", "rslora": "fedsa-rslora"}
+PARTS = ["budget", "probe", "tune", "main", "side", "exponents", "aggregate", "methods"]
 # The side checks and ablations are read at their final round, so they evaluate at rounds
 # 10 and 20 only: evaluation draws no randomness, and a run's final scores were measured
 # bit-identical at eval.every 1 and 4 (dropout on); it saves about a third of a cell.
@@ -172,10 +181,23 @@ def sweeps(part: str, out: Path, rounds: int, seeds: list[int], record: list[dic
                     ],
                     {"rank": [8, 512]},
                 )
+    elif part == "methods":
+        lr = tuned(out, record)
+        for rule in RULE_RATES:
+            for m in NEW_METHODS:
+                yield (
+                    f"methods-{m}-{rule}",
+                    [
+                        f"method={m}",
+                        f"lora.scaling={rule}",
+                        f"train.lr={lr[RULE_RATES[rule]]}",
+                        "federation.n_clients=20",
+                        SPARSE_EVAL,
+                    ],
+                    {"rank": [8, 512]},
+                )
     else:
-        raise SystemExit(
-            f"error: unknown part {part!r}: choose from budget, probe, tune, main, side, exponents, aggregate"
-        )
+        raise SystemExit(f"error: unknown part {part!r}: choose from {', '.join(PARTS)}")
 
 
 def run(parts: list[str], out: Path, jobs: int, seeds: list[int], record: list[dict]) -> None:
@@ -245,7 +267,7 @@ def _with(base: dict, overrides: list[str]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["run", "report"])
-    parser.add_argument("--parts", default="budget,probe,tune,main,side,exponents,aggregate")
+    parser.add_argument("--parts", default=",".join(PARTS))
     parser.add_argument("--out", type=Path, default=ROOT / "runs/study-v2")
     parser.add_argument("--to", type=Path, default=ROOT / "docs/results/study-v2")
     parser.add_argument("--jobs", type=int, default=2)
