@@ -82,6 +82,9 @@ def _row(run_dir: Path) -> dict:
         "grad_norm_A": float(np.mean(norms["grad_norm_A"])) if norms["grad_norm_A"] else None,
         "grad_norm_B": float(np.mean(norms["grad_norm_B"])) if norms["grad_norm_B"] else None,
         "train_loss": records[-1].get("train_loss") if records else None,
+        # Traffic of the last round (the adapter's rounds, after any head probe), all clients.
+        "bytes_down": records[-1].get("bytes_down") if records else None,
+        "bytes_up": records[-1].get("bytes_up") if records else None,
         "wall_seconds": summary["wall_seconds"],
     }
 

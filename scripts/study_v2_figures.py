@@ -18,14 +18,24 @@ def _plt():
     return plt
 
 
-def rank_figure(rows: list[dict], key: str, ylabel: str, path: Path, probe=None, log=False) -> None:
-    """The paper's shape: a final score (or the gradient norms) against r, one line per method
-    (mean over seeds, their range shaded), a panel per N; ``probe``: the head-only line per N."""
+def rank_figure(
+    rows: list[dict],
+    key: str,
+    ylabel: str,
+    path: Path,
+    probe=None,
+    log=False,
+    panel: str = "clients",
+    line: str = "method",
+) -> None:
+    """The paper's shape: a final score (or the gradient norms) against r, one line per
+    ``line`` value (mean over seeds, their range shaded), a panel per ``panel`` value (N by
+    default); ``probe``: the head-only line per N."""
     plt = _plt()
-    ns = sorted({r["clients"] for r in rows})
+    ns = sorted({r[panel] for r in rows})
     fig, axes = plt.subplots(1, len(ns), figsize=(5 * len(ns), 4), squeeze=False)
     for ax, n in zip(axes[0], ns):
-        for method, cells in group([r for r in rows if r["clients"] == n], "method").items():
+        for method, cells in group([r for r in rows if r[panel] == n], line).items():
             by_rank = group(cells, "rank")
             ranks = sorted(k[0] for k in by_rank)
             values = [[c[key] for c in by_rank[(k,)]] for k in ranks]
@@ -37,7 +47,7 @@ def rank_figure(rows: list[dict], key: str, ylabel: str, path: Path, probe=None,
         if log:
             ax.set_yscale("log")
         ax.set_xlabel("rank r")
-        ax.set_title(f"N = {n}")
+        ax.set_title(f"N = {n}" if panel == "clients" else f"{n}, N = {rows[0]['clients']}")
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=8)
     fig.tight_layout()
