@@ -11,6 +11,7 @@ from sfedlora.config import build_config
 from sfedlora.data import load_task
 from sfedlora.engine.simulator import run_round
 from sfedlora.errors import SfedloraError
+from sfedlora.federated.catchup import change_bytes, fold
 from sfedlora.federated.federation import build_federation
 from sfedlora.federated.kinds import BASE, tensor_kind
 from sfedlora.federated.methods import Replies, get_method
@@ -51,10 +52,11 @@ def test_fedex_folds_the_scaled_residual_into_a_non_square_base_weight():
     mean_product = sum(4.0 * u[B] @ u[A] for u in ups) / 3  # γ = 4 inside
     torch.testing.assert_close(new[A], a_bar)
     torch.testing.assert_close(new[B], b_bar)
-    assert new[W].shape == (D_OUT, D_IN)
-    torch.testing.assert_close(new[W], mean_product - 4.0 * b_bar @ a_bar)
+    delta = fold(None, new[W])  # the round's change to the base, folded into ΔW = 0
+    assert delta.shape == (D_OUT, D_IN)
+    torch.testing.assert_close(delta, mean_product - 4.0 * b_bar @ a_bar)
     # The global model's change is exactly the mean of the clients' changes.
-    assert (new[W] + 4.0 * new[B] @ new[A] - mean_product).abs().max() < 1e-6
+    assert (delta + 4.0 * new[B] @ new[A] - mean_product).abs().max() < 1e-6
 
 
 def test_fedex_residual_accumulates_and_weighs_by_examples_when_asked():
@@ -66,7 +68,7 @@ def test_fedex_residual_accumulates_and_weighs_by_examples_when_asked():
     a_bar = sum(pk * u[A] for pk, u in zip(p, ups))
     b_bar = sum(pk * u[B] for pk, u in zip(p, ups))
     residual = sum(pk * 4.0 * u[B] @ u[A] for pk, u in zip(p, ups)) - 4.0 * b_bar @ a_bar
-    torch.testing.assert_close(new[W], prior + residual)
+    torch.testing.assert_close(fold(prior, new[W]), prior + residual)
 
 
 def test_fedex_change_to_a_conv1d_weight_is_transposed():
@@ -74,7 +76,7 @@ def test_fedex_change_to_a_conv1d_weight_is_transposed():
     server = {A: torch.zeros(R, D_IN), B: torch.zeros(D_OUT, R), HEAD: torch.zeros(4)}
     linear = get_method("fedex-lora").aggregate(replies(ups, [1.0] * 3, server))
     conv = get_method("fedex-lora").aggregate(replies(ups, [1.0] * 3, server, transposed=frozenset({W})))
-    torch.testing.assert_close(conv[W], linear[W].T)
+    torch.testing.assert_close(conv[W].value(), linear[W].value().T)
 
 
 def test_fedex_sends_the_base_change_and_keeps_nothing():
@@ -113,8 +115,10 @@ def test_fedex_in_a_run_the_global_model_is_the_mean_of_the_clients(tiny_config)
         assert (glob - mean).abs().max() < 1e-6
     base_bytes = sum(fed.server[k].numel() * 4 for k in keys)
     second = run_round(fed)
-    # Round 2's download carries the base change to every client; nothing else changed in size.
-    assert second["bytes_down"] - first["bytes_down"] == 3 * base_bytes
+    # Round 2's download carries round 1's change to the base to every client: the residual's
+    # factors, of rank (K + 1)·r = 16, smaller than ΔW itself; nothing else changed in size.
+    step = sum(change_bytes(*fed.server[k].shape, 4 * 4) for k in keys)
+    assert step < base_bytes and second["bytes_down"] - first["bytes_down"] == 3 * step
     assert second["bytes_up"] == first["bytes_up"]
     # The shared model ran its clients on W0 + ΔW: the evaluated global model is W0 + ΔW too.
     from sfedlora.federated.evaluation import outputs_of
@@ -151,7 +155,7 @@ def test_flora_merges_each_clients_product_under_its_own_gamma_and_restarts_lora
         0.25 * plan.layer_gamma(0) * ups[0][B] @ ups[0][A]
         + 0.75 * plan.layer_gamma(1) * ups[1][B] @ ups[1][A]
     )
-    assert (new[W] - prior - product).abs().max() < 1e-6
+    assert (fold(prior, new[W]) - prior - product).abs().max() < 1e-6
     torch.testing.assert_close(new[HEAD], 0.25 * ups[0][HEAD] + 0.75 * ups[1][HEAD])
     assert torch.equal(new[B], torch.zeros(D_OUT, R))  # the next round starts from B = 0
     assert new[A].shape == (R, D_IN) and not torch.equal(new[A], server[A])  # and a fresh A

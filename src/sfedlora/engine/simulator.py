@@ -44,7 +44,7 @@ def run_round(fed: Federation, executor: Executor | None = None) -> dict:
     training = []
     for k, (u_drop, u_bad, kind) in zip(inbox.clients, draws):
         download = fed.download(k)
-        inbox.sent(download)
+        inbox.sent(*fed.wire(k))  # what it would cost on a wire: the base change as a catch-up
         if u_drop < faults.dropout:
             fed.clients[k].tensors.update({n: t.clone() for n, t in download.items()})
             inbox.dropped.append(k)

@@ -8,7 +8,8 @@ Flower SuperNode holds. Built once from the config; mutated by the server step
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -16,7 +17,9 @@ import torch
 from ..config import RunConfig
 from ..data import TaskData
 from ..privacy import PrivacyPlan
+from .catchup import BaseHistory, CatchUp, Change, fold, nbytes
 from .client import ClientState, new_client_state, offload_state
+from .kinds import BASE, split_base
 from .methods import select
 from .shared import (
     ClientSpec,
@@ -52,6 +55,7 @@ class ServerState(Shared):
         None  # DP steps (dp=client) or releases (dp=server) each client is charged for
     )
     dp_rng: np.random.Generator | None = None  # the server's DP noise (dp=server)
+    base_history: BaseHistory = field(default_factory=BaseHistory)  # for the nodes' catch-up
 
     @property
     def n_clients(self) -> int:
@@ -60,6 +64,26 @@ class ServerState(Shared):
     def download(self, k: int) -> dict[str, torch.Tensor]:
         """What the server sends client ``k``: the global tensors, cut to the client's rank."""
         return self.method.client_view(self.method.download(self.server), k, self.ranks)
+
+    def wire(self, k: int) -> tuple[dict[str, torch.Tensor], CatchUp | None]:
+        """What client ``k``'s download carries over a wire: the global adapter tensors at its
+        rank, and the base change as its node catches up on it (None: the method never changes
+        the base)."""
+        adapter, base = split_base(self.download(k))
+        if BASE not in self.method.global_kinds:
+            return adapter, None
+        return adapter, self.base_history.catch_up(k, base, self.round)
+
+    def take(self, round_: int, new: Mapping[str, torch.Tensor | Change]) -> None:
+        """The server's ``new`` tensors of round ``round_``; a change to a base weight is folded
+        into ΔW and kept for the nodes that have yet to catch up on it."""
+        changes = {n: c for n, c in new.items() if isinstance(c, Change)}
+        self.server.update({n: fold(self.server.get(n), c) if n in changes else c for n, c in new.items()})
+        self.base_history.add(round_, changes)
+
+    def close_round(self, round_: int, asked: list[int], took: list[int]) -> None:
+        """The round's download reached the clients that ``took`` it (they replied)."""
+        self.base_history.close(round_, asked, took, nbytes(split_base(self.server)[1]))
 
     def personal(self, own: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
         """Client ``k``'s model: its ``own`` tensors with the server's global ones on top, as
@@ -97,6 +121,7 @@ class ServerState(Shared):
             "dp_rng": self.dp_rng.bit_generator.state,
             # Nodes with their own data report their sizes, which later rounds weight by.
             "client_sizes": torch.from_numpy(self.client_sizes),
+            "base_history": self.base_history.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -111,6 +136,8 @@ class ServerState(Shared):
         # Checkpoints from before Flower resume have no sizes: the config's are theirs.
         if "client_sizes" in state:
             self.client_sizes = state["client_sizes"].cpu().numpy()
+        # Checkpoints from before the catch-up: every node gets the whole base change once.
+        self.base_history = BaseHistory.from_state_dict(state.get("base_history", BaseHistory().state_dict()))
 
 
 @dataclass(kw_only=True)

@@ -17,16 +17,13 @@ import torch
 
 from ..lora.base import transposed_weights
 from ..privacy import user_level_mean
+from .catchup import CatchUp, nbytes
 from .client import ClientResult
 from .federation import ServerState
 from .methods import Replies
 from .robust import change_norm, check_update, norm_outliers
 
 log = logging.getLogger("sfedlora")
-
-
-def nbytes(tensors: dict[str, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def _mean_of(results: list[ClientResult], kind: str) -> float | None:
@@ -65,19 +62,22 @@ class Inbox:
     rejected: list[dict] = field(default_factory=list)  # refused before the checks, with a reason
     injected: list[dict] = field(default_factory=list)
     sizes: dict[int, int] = field(default_factory=dict)  # example counts the clients reported
+    took: list[int] = field(default_factory=list)  # clients that replied: they took the download
     bytes_up: int = 0
     bytes_down: int = 0
     # SecAgg+: the server never sees an update, only the new tensors the securely summed
     # mean gives, and the clients in that mean.
     secure: tuple[dict[str, torch.Tensor], list[int]] | None = None
 
-    def sent(self, download: dict[str, torch.Tensor]) -> None:
-        self.bytes_down += nbytes(download)
+    def sent(self, download: dict[str, torch.Tensor], catch: CatchUp | None = None) -> None:
+        """A download of these tensors and, where the method changes the base, this catch-up on it."""
+        self.bytes_down += nbytes(download) + (catch.nbytes if catch is not None else 0)
 
     def receive(self, k: int, result: ClientResult | None, update: dict[str, torch.Tensor] | None) -> bool:
         """Client ``k``'s reply: its training statistics (None: its loss diverged, so it sent
         nothing) and its update (None under SecAgg+, where the server sees only the sum).
         Whether it counts towards the round."""
+        self.took.append(k)
         if result is None:
             self.rejected.append({"client": k, "reason": DIVERGED})
             return False
@@ -137,7 +137,7 @@ def conclude_round(fed: ServerState, round_: int, inbox: Inbox, start: float) ->
         if inbox.secure is None:
             new = server_aggregate(fed, round_, [u for _, u in replies], [k for k, _ in replies], expected)
         update_norm = change_norm({n: t for n, t in new.items() if n in expected}, expected)
-        fed.server.update(new)
+        fed.take(round_, new)
     elif expected and replies:
         log.warning(
             "round %d: %d sound replies, fewer than the %d required; skipping aggregation",
@@ -149,6 +149,7 @@ def conclude_round(fed: ServerState, round_: int, inbox: Inbox, start: float) ->
     elif expected:
         log.warning("round %d: no update accepted; the server's tensors stay as they were", round_)
     fed.round = round_
+    fed.close_round(round_, inbox.clients, inbox.took)
     trained = [r for _, r in inbox.results]
     privacy = {}
     if fed.privacy is not None:

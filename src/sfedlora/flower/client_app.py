@@ -20,19 +20,27 @@ from ..errors import SfedloraError
 from ..federated.client import client_round
 from ..federated.evaluation import client_scores, outputs_of
 from ..federated.federation import Node, build_node
-from ..federated.kinds import split_base
 from ..logs import quiet_libraries
 from ..lora.base import save_base_change
-from .node_state import load_state_file, local_data, save_state_file, state_file
+from .node_state import (
+    load_held_file,
+    load_state_file,
+    local_data,
+    save_held_file,
+    save_state_file,
+    state_file,
+)
 from .records import (
     CONFIG,
     RESULT,
     UPDATE,
     Request,
     is_finish,
+    load_held_base,
     load_state,
     parse_request,
     read_request,
+    save_held_base,
     save_state,
     tensors_record,
     train_reply,
@@ -96,23 +104,52 @@ def _keep(context: Context, req: Request, state) -> None:
         save_state_file(path, req.run, req.client, req.round, state)
 
 
+def _held(context: Context, run: str) -> tuple[int, dict[str, torch.Tensor]] | None:
+    """(round, ΔW): the base change this node holds in run ``run``, from Context.state or,
+    in a node process started again, its state-dir; None where it holds none."""
+    held = load_held_base(context.state, run)
+    path = state_file(context.node_config)
+    return load_held_file(path.parent, run) if held is None and path is not None else held
+
+
+def _base(context: Context, req: Request) -> dict[str, torch.Tensor]:
+    """The base change ``req``'s round runs on: the node's brought up to date by the request's
+    catch-up, and kept (with state-dir, on disk too) for the next request."""
+    if req.catch is None:
+        return {}
+    round_, held = _held(context, req.run) or (None, {})
+    change = req.catch.onto(held, round_)
+    if round_ != req.catch.upto:
+        save_held_base(context.state, req.run, req.catch.upto, change)
+        path = state_file(context.node_config)
+        if path is not None:
+            save_held_file(path.parent, req.run, req.catch.upto, change)
+    return change
+
+
 def query(msg: Message, context: Context) -> Message:
-    """Handshake: tell the server which client this node holds and whether its state outlives
-    the process (a resumed run needs it). At the end of the run: save the personalised adapter
-    under the node's ``state-dir`` and, if the run asks, send it."""
+    """Handshake: tell the server which client this node holds, whether its state outlives
+    the process (a resumed run needs it) and the round of the base change it holds. At the end
+    of the run: save the personalised adapter under the node's ``state-dir`` and, if the run
+    asks, send it."""
     req = read_request(msg)
     k = partition_id(context, req.cfg.federation.n_clients)
     path = state_file(context.node_config)
-    reply = RecordDict({CONFIG: ConfigRecord({"client": k, "durable": int(path is not None)})})
+    held = _held(context, req.run)
+    hello = {"client": k, "durable": int(path is not None), **({"base_round": held[0]} if held else {})}
+    reply = RecordDict({CONFIG: ConfigRecord(hello)})
     if is_finish(msg):
         node, state = _check_node(req, context)
-        personal = {**state.tensors, **req.download}
+        personal, base = {**state.tensors, **req.download}, _base(context, req)
         if path is not None:
             shared = node.shared
             shared.ranks.save(
-                shared.model, shared.params, personal, k, path.parent / "adapters" / f"client_{k:02d}"
+                shared.model,
+                shared.params,
+                {**personal, **base},
+                k,
+                path.parent / "adapters" / f"client_{k:02d}",
             )
-            _, base = split_base(req.download)
             if base:
                 save_base_change(path.parent / "adapters", base)
         if req.cfg.flower.collect_adapters:
@@ -125,7 +162,8 @@ def train(msg: Message, context: Context) -> Message:
         return train_secure(msg, context)
     req = read_request(msg)
     node, state = _check_node(req, context, training=True)
-    outcome = client_round(node.shared, node.client, state, req.download, req.round)
+    download = {**req.download, **_base(context, req)}
+    outcome = client_round(node.shared, node.client, state, download, req.round)
     _keep(context, req, outcome.state)
     return Message(train_reply(outcome.result, outcome.update, req), reply_to=msg)
 
@@ -157,7 +195,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Score this client's personalised model: its own tensors under the server's global ones."""
     req = read_request(msg)
     node, state = _check_node(req, context)
-    outputs = outputs_of(node.shared, {**state.tensors, **req.download}, node.client.k)
+    outputs = outputs_of(node.shared, {**state.tensors, **req.download, **_base(context, req)}, node.client.k)
     scores = client_scores(node.shared, node.histogram, outputs)
     return Message(RecordDict({RESULT: MetricRecord(scores)}), reply_to=msg)
 

@@ -9,7 +9,9 @@ data-dir='/data/sst2'"``):
   and the round, so a node process that is killed and started again continues with its own
   B instead of the initial one; a file from another run is never used. The state before the
   latest round is kept too: a resumed ServerApp replays the round it was in. The node's
-  personalised adapter is saved there at the end of the run (``adapters/client_KK``).
+  personalised adapter is saved there at the end of the run (``adapters/client_KK``). For a
+  method that changes the base, the base change ΔW the node holds and its round are kept
+  beside it (``base_change.pt``), so that a node started again catches up from there.
 - ``data-dir``: the node trains on the files on its own disk, in the layout the run's
   ``data.source`` reads (GLUE ``train.tsv`` / ``dev.tsv``; for ``data.source=files`` files
   named as the run's ``data.train_file`` / ``data.eval_file``), instead of taking its
@@ -33,6 +35,7 @@ log = logging.getLogger("sfedlora")
 
 STATE_FILE = "client_state.pt"
 PREVIOUS_FILE = "client_state.previous.pt"
+HELD_FILE = "base_change.pt"
 
 
 def state_file(node_config) -> Path | None:
@@ -93,6 +96,26 @@ def load_state_file(path: Path, run: str, client: int, round_: int, training: bo
     if not usable:  # a replay of the client's first round
         return None
     return ClientState.from_state_dict(usable[0])
+
+
+def save_held_file(directory: Path, run: str, round_: int, change: dict[str, torch.Tensor]) -> None:
+    """Keep ΔW as of round ``round_`` of run ``run``, the base change the node holds."""
+    atomic_write(
+        directory / HELD_FILE, lambda f: torch.save({"run": run, "round": round_, "change": change}, f)
+    )
+
+
+def load_held_file(directory: Path, run: str) -> tuple[int, dict[str, torch.Tensor]] | None:
+    """(round, ΔW) the node kept in run ``run``, or None (the server then sends the whole)."""
+    path = directory / HELD_FILE
+    if not path.is_file():
+        return None
+    with reading(path, "node base change", "delete it: the server then sends the whole base change"):
+        held = torch.load(path, weights_only=True)
+        missing = {"run", "round", "change"} - set(held)
+        if missing:
+            raise KeyError(", ".join(sorted(missing)))
+    return (held["round"], held["change"]) if held["run"] == run else None
 
 
 def local_data(data: DataConfig, node_config) -> DataConfig | None:

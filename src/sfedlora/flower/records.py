@@ -20,15 +20,19 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.common.constant import SType
 
 from ..config import RunConfig, build_config, dump_config
+from ..federated.catchup import CatchUp
 from ..federated.client import ClientResult, ClientState
 from ..federated.wire import pack, unpack
 
 CONFIG = "sfedlora"  # ConfigRecord: the run's config and key, the client asked, the round
 DOWNLOAD = "download"  # ArrayRecord: the server's global tensors
+BASE = "base"  # ArrayRecord: the base change, as the node catches up on it
 UPDATE = "update"  # ArrayRecord: what the method uploads
 RESULT = "result"  # MetricRecord: training statistics (or evaluation scores)
 STATE_TENSORS = "sfedlora.tensors"
 STATE_META = "sfedlora.federated.client"
+HELD_BASE = "sfedlora.base"  # the base change the node holds, and (in HELD_META) its run and round
+HELD_META = "sfedlora.base.round"
 
 
 def tensors_record(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
@@ -40,14 +44,25 @@ def record_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
 
 
 def request(
-    cfg_text: str, run: str, client: int, round_: int, download: dict[str, torch.Tensor], finish: bool = False
+    cfg_text: str,
+    run: str,
+    client: int,
+    round_: int,
+    download: dict[str, torch.Tensor],
+    catch: CatchUp | None = None,
+    finish: bool = False,
 ) -> RecordDict:
     """A server → client message body: the config (so a fresh node needs nothing else), the
     run's key (:func:`sfedlora.driver.rundir.run_key`: what the node keys its saved state by), the
-    client index the server expects at that node, the round, and the download. ``finish``
-    marks the query that ends the run (the node saves, and maybe sends, its adapter)."""
+    client index the server expects at that node, the round, the download and, where the
+    method changes the base, the node's catch-up on it. ``finish`` marks the query that ends
+    the run (the node saves, and maybe sends, its adapter)."""
     meta = {"config": cfg_text, "run": run, "client": client, "round": round_, "finish": int(finish)}
-    return RecordDict({CONFIG: ConfigRecord(meta), DOWNLOAD: tensors_record(download)})
+    records = {DOWNLOAD: tensors_record(download)}
+    if catch is not None:
+        meta.update(base_upto=catch.upto, base_since=-1 if catch.since is None else catch.since)
+        records[BASE] = tensors_record(catch.flat())
+    return RecordDict({CONFIG: ConfigRecord(meta), **records})
 
 
 class Request(NamedTuple):
@@ -57,6 +72,7 @@ class Request(NamedTuple):
     client: int
     round: int
     download: dict[str, torch.Tensor]
+    catch: CatchUp | None = None  # the base change, for a method that changes it
 
 
 def is_finish(msg: Message) -> bool:
@@ -69,10 +85,16 @@ def config_text(cfg: RunConfig) -> str:
 
 def read_request(msg: Message) -> Request:
     meta = msg.content.config_records[CONFIG]
-    download = (
-        record_tensors(msg.content.array_records[DOWNLOAD]) if DOWNLOAD in msg.content.array_records else {}
+    records = msg.content.array_records
+    download = record_tensors(records[DOWNLOAD]) if DOWNLOAD in records else {}
+    req = parse_request(meta, download)
+    if BASE not in records:
+        return req
+    since = int(meta["base_since"])
+    catch = CatchUp.from_flat(
+        int(meta["base_upto"]), None if since < 0 else since, record_tensors(records[BASE])
     )
-    return parse_request(meta, download)
+    return req._replace(catch=catch)
 
 
 def parse_request(meta, download: dict[str, torch.Tensor]) -> Request:
@@ -124,6 +146,19 @@ def load_state(state: RecordDict) -> ClientState | None:
     return ClientState.from_state_dict(
         {"tensors": record_tensors(state.array_records[STATE_TENSORS]), **rest}
     )
+
+
+def save_held_base(state: RecordDict, run: str, round_: int, change: dict[str, torch.Tensor]) -> None:
+    """Keep the base change the node holds, ΔW as of round ``round_`` of run ``run``."""
+    state[HELD_BASE] = tensors_record(change)
+    state[HELD_META] = ConfigRecord({"run": run, "round": round_})
+
+
+def load_held_base(state: RecordDict, run: str) -> tuple[int, dict[str, torch.Tensor]] | None:
+    """(round, ΔW) the node holds in run ``run``; None before it holds any."""
+    if HELD_META not in state or state.config_records[HELD_META]["run"] != run:
+        return None
+    return int(state.config_records[HELD_META]["round"]), record_tensors(state.array_records[HELD_BASE])
 
 
 class Refused(Exception):

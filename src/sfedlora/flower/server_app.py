@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from flwr.app import Context, Message, MessageType
+from flwr.app import ConfigRecord, Context, Message, MessageType
 from flwr.common import log as flwr_log
 from flwr.serverapp import Grid, ServerApp
 
@@ -79,8 +79,10 @@ class FlowerRounds:
         self.cfg = fed.cfg
         self.text = config_text(fed.cfg)
         self.key = run_key(run_dir)  # every message carries it: a node keeps its state under it
-        self.nodes, durable = self.connect(fed.n_clients)
-        amnesic = [k for k in self.nodes if not durable[k]]
+        self.nodes, hellos = self.connect(fed.n_clients)
+        for k, hello in hellos.items():  # each node catches up from the base change it holds
+            fed.base_history.rejoin(k, hello.get("base_round"), fed.round)
+        amnesic = [k for k in self.nodes if not hellos[k]["durable"]]
         if fed.round and amnesic:
             raise SfedloraError(
                 f"cannot resume after round {fed.round}: the SuperNodes of clients {amnesic} keep their "
@@ -109,7 +111,7 @@ class FlowerRounds:
         replies = self.ask(
             MessageType.QUERY,
             clients,
-            lambda k: request(self.text, self.key, k, fed.round, fed.download(k), finish=True),
+            lambda k: request(self.text, self.key, k, fed.round, *fed.wire(k), finish=True),
             "finish",
         )
         missing, collected = [], {}
@@ -162,9 +164,10 @@ class FlowerRounds:
                 time.sleep(0.2)
         return out
 
-    def connect(self, n_clients: int) -> tuple[dict[int, int], dict[int, bool]]:
+    def connect(self, n_clients: int) -> tuple[dict[int, int], dict[int, ConfigRecord]]:
         """Wait for the SuperNodes, then learn which client each one holds (client → node
-        id) and whether it keeps its client's state on disk."""
+        id), and each one's hello: whether it keeps its client's state on disk (``durable``)
+        and the round of the base change it holds (``base_round``, where it holds one)."""
         deadline = time.monotonic() + self.cfg.flower.connect_timeout
         while len(ids := list(self.grid.get_node_ids())) < n_clients:
             if time.monotonic() > deadline:
@@ -176,7 +179,7 @@ class FlowerRounds:
             time.sleep(0.5)
         self.nodes = {i: node for i, node in enumerate(ids)}  # provisional, to address the handshake
         held: dict[int, int] = {}
-        durable: dict[int, bool] = {}
+        hellos: dict[int, ConfigRecord] = {}
         for i, reply in self.ask(
             MessageType.QUERY, list(self.nodes), lambda i: request(self.text, self.key, -1, 0, {}), "hello"
         ).items():
@@ -189,7 +192,7 @@ class FlowerRounds:
                     f"SuperNode {self.nodes[i]} answered the handshake with no client index: start it with "
                     "this version of sfedlora's ClientApp"
                 )
-            durable[k] = bool(durable_flag)
+            hellos[k] = hello
             if k in held:
                 raise SfedloraError(
                     f"SuperNodes {held[k]} and {self.nodes[i]} both hold partition-id {k}: give each its own"
@@ -201,24 +204,24 @@ class FlowerRounds:
                 f"no SuperNode holds client(s) {missing}: start them with --node-config 'partition-id=K'"
             )
         log.info("%d SuperNodes connected: %s", len(held), held)
-        return held, durable
+        return held, hellos
 
     def play(self, fed: ServerState) -> dict:
         """One round: the simulator's, with messages instead of calls."""
         start = time.perf_counter()
         round_ = fed.round + 1
         inbox = Inbox(sample_clients(fed))
-        # Each client gets the global tensors at its own rank (all of them, with one rank).
-        downloads = {k: fed.download(k) for k in inbox.clients}
+        # Each client gets the global tensors at its own rank, and catches up on the base change.
+        downloads = {k: fed.wire(k) for k in inbox.clients}
         replies = self.ask(
             MessageType.TRAIN,
             inbox.clients,
-            lambda k: request(self.text, self.key, k, round_, downloads[k]),
+            lambda k: request(self.text, self.key, k, round_, *downloads[k]),
             str(round_),
         )
         expected = expected_update(fed, round_)
         for k in inbox.clients:
-            inbox.sent(downloads[k])
+            inbox.sent(*downloads[k])
             reply = replies[k]
             if isinstance(reply, str):
                 log.warning(
@@ -239,7 +242,7 @@ class FlowerRounds:
         """One round inside Flower's SecAgg+ protocol: the server learns only the
         example-weighted mean of the sampled clients' changes (see :mod:`.secagg`)."""
         import flwr.compat.common.recorddict_compat as compat
-        from flwr.app import ConfigRecord, Context, RecordDict
+        from flwr.app import RecordDict
         from flwr.server.compat.legacy_context import LegacyContext
         from flwr.server.workflow import SecAggPlusWorkflow
         from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
@@ -300,7 +303,7 @@ class FlowerRounds:
         replies = self.ask(
             MessageType.EVALUATE,
             clients,
-            lambda k: request(self.text, self.key, k, fed.round, fed.download(k)),
+            lambda k: request(self.text, self.key, k, fed.round, *fed.wire(k)),
             f"eval-{fed.round}",
         )
         scores = []

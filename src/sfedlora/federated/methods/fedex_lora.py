@@ -7,8 +7,9 @@ adds to each layer's base weight the residual Σ_k p_k γ_k B_k A_k − γ B̄ �
 global model W0 + ΔW + γ B̄ Ā is exactly the weighted mean of the clients' models. Two
 departures from the reference, both corrections: each client's own γ_k inside the sum (the
 same γ for all with one rank), and the residual in the base weight's own orientation (the
-reference transposes it, which is right for GPT-2's Conv1D only). The residual is a full
-d_out × d_in matrix per layer, so clients download the cumulative base change each round.
+reference transposes it, which is right for GPT-2's Conv1D only). The reference sends the
+residual as a full d_out × d_in matrix per layer; here it goes as its factors (rank at most
+(K+1)·r) where they are smaller (:mod:`sfedlora.federated.catchup`).
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..catchup import Change
 from ..kinds import BASE, KINDS
 from .method import Method, Replies, always
-from .products import added_to_base, layers, oriented, refuse_unsupported, weighted_product
+from .products import layers, oriented, refuse_unsupported, stacked
 
 if TYPE_CHECKING:
     from ...config import RunConfig
@@ -28,12 +30,14 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class FedExLoRA(Method):
-    def aggregate(self, replies: Replies) -> dict[str, torch.Tensor]:
+    def aggregate(self, replies: Replies) -> dict[str, torch.Tensor | Change]:
         new = super().aggregate(replies)  # Ā, B̄ and the head: the weighted means
         gamma = replies.plan.layer_gamma(None)
         for key, (a, b) in layers(new).items():
-            residual = weighted_product(replies, a, b) - gamma * (new[b].double() @ new[a].double())
-            new[key] = added_to_base(replies.server, key, oriented(residual, key, replies.transposed))
+            u, c, v = stacked(replies, a, b)  # the residual's factors: the clients' and −γ B̄ Ā
+            minus = torch.full((new[a].shape[0],), -gamma, dtype=torch.float64)
+            residual = Change.of(torch.cat([u, new[b]], 1), torch.cat([c, minus]), torch.cat([v, new[a]]))
+            new[key] = oriented(residual, key, replies.transposed)
         return new
 
     def check(self, cfg: RunConfig) -> None:

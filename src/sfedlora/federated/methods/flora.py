@@ -7,7 +7,8 @@ shares; it merges the stacked adapter into the base and the clients start the ne
 from a new LoRA (A drawn afresh, B zero). Here the merge is the base change ΔW += Σ_k p_k
 γ_k B_k A_k with each client's own γ_k inside (the reference's server scales the stack by
 α·K/(r·K), the clients' α/r only when all ranks are equal: its issue #16), in the weight's
-own orientation. Client ranks may differ: the sum needs no padding. The fresh A is one
+own orientation; it goes to the clients as the reference's does, as the stacked factors
+(:mod:`sfedlora.federated.catchup`). Client ranks may differ: the sum needs no padding. The fresh A is one
 seeded draw per round, shared by the round's clients (the reference's clients each draw
 their own, as its process's RNG happens to run); ``federation.flora_reinit=initial`` starts
 every round from the run's initial A instead.
@@ -22,9 +23,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from ..catchup import Change
 from ..kinds import BASE, KINDS
 from .method import Method, Replies, always
-from .products import added_to_base, head_mean, layers, oriented, refuse_unsupported, weighted_product
+from .products import head_mean, layers, oriented, refuse_unsupported, stacked
 
 if TYPE_CHECKING:
     from ...config import RunConfig
@@ -43,13 +45,12 @@ def fresh_lora_a(like: torch.Tensor, seed: int, round_: int, index: int) -> torc
 
 @dataclass(frozen=True)
 class FLoRA(Method):
-    def aggregate(self, replies: Replies) -> dict[str, torch.Tensor]:
+    def aggregate(self, replies: Replies) -> dict[str, torch.Tensor | Change]:
         new = head_mean(replies)
         fresh = replies.cfg.federation.flora_reinit == "fresh"
         # The layers whose factors came up this round (none while a head probe runs).
         for i, (key, (a, b)) in enumerate(sorted(layers(replies.updates[0]).items())):
-            change = weighted_product(replies, a, b)
-            new[key] = added_to_base(replies.server, key, oriented(change, key, replies.transposed))
+            new[key] = oriented(Change.of(*stacked(replies, a, b)), key, replies.transposed)
             new[b] = torch.zeros_like(replies.server[b])
             if fresh:
                 new[a] = fresh_lora_a(replies.server[a], replies.cfg.seed, replies.round, i)

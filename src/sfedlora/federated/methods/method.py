@@ -7,8 +7,9 @@ uploaded). So FedSA-LoRA's B never leaves the client, and FFA-LoRA's A never mov
 
 On the server, :meth:`Method.aggregate` is the method's aggregation function: from the
 round's accepted replies (each client's upload at its own rank r_k, its example count,
-its γ_k through the rank plan) it computes the server's new tensors, which may include a
-server-owned change to the frozen base weights (kind ``base``). The default is the
+its γ_k through the rank plan) it computes the server's new tensors, which may include the
+round's change to the frozen base weights (kind ``base``: a
+:class:`sfedlora.federated.catchup.Change`, which the server folds into its ΔW). The default is the
 row-wise weighted mean of :meth:`sfedlora.federated.ranks.RankPlan.aggregate`; a method
 with its own server math subclasses :class:`Method` (one module per method) and overrides
 it. :meth:`Method.check` refuses the settings a method cannot run.
@@ -26,6 +27,7 @@ from ..kinds import select
 
 if TYPE_CHECKING:
     from ...config import RunConfig
+    from ..catchup import Change
     from ..ranks import RankPlan
 
 
@@ -87,9 +89,10 @@ class Method:
         by default their first r_k rows of A and columns of B."""
         return plan.view(tensors, k)
 
-    def aggregate(self, replies: Replies) -> dict[str, torch.Tensor]:
+    def aggregate(self, replies: Replies) -> dict[str, torch.Tensor | Change]:
         """The server's new tensors (those that change) from the round's accepted replies:
-        by default their weighted mean, row by row where client ranks differ."""
+        by default their weighted mean, row by row where client ranks differ. A base weight's
+        entry is the round's change to it."""
         return replies.plan.aggregate(replies.updates, replies.weights, replies.clients, replies.server)
 
     def check(self, cfg: RunConfig) -> None:

@@ -1,7 +1,7 @@
 """What the methods that work on LoRA products share: each layer's pair of factors, the
 weighted sum of the clients' products Σ p_k γ_k B_k A_k (each client at its own rank, under
-its own γ_k), a change to a base weight in that weight's own orientation, and the settings
-such methods refuse."""
+its own γ_k) and its stacked factors, a change to a base weight in that weight's own
+orientation, and the settings such methods refuse."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ...errors import SfedloraError
+from ..catchup import Change, product
 from ..kinds import BASE_SUFFIX, aggregate, select, tensor_kind
 from .method import Replies
 
@@ -40,24 +41,26 @@ def head_mean(replies: Replies) -> dict[str, torch.Tensor]:
     return aggregate(heads, replies.weights) if heads[0] else {}
 
 
+def stacked(replies: Replies, a: str, b: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Σ_k p_k γ_k B_k A_k as the factors U·diag(c)·V it stacks (FLoRA's stacked adapter):
+    U = [B_1 … B_K], V = [A_1; …; A_K], c repeating p_k γ_k over client k's r_k columns."""
+    ups, plan = replies.updates, replies.plan
+    weights = [
+        torch.full((u[a].shape[0],), p * plan.layer_gamma(k), dtype=torch.float64)
+        for p, k, u in zip(replies.shares, replies.clients, ups)
+    ]
+    return torch.cat([u[b] for u in ups], 1), torch.cat(weights), torch.cat([u[a] for u in ups], 0)
+
+
 def weighted_product(replies: Replies, a: str, b: str) -> torch.Tensor:
     """Σ_k p_k γ_k B_k A_k over the replies, in float64: each client's product at its own
     rank, under the γ_k its layers ran with."""
-    return sum(
-        p * replies.plan.layer_gamma(k) * (u[b].double() @ u[a].double())
-        for p, k, u in zip(replies.shares, replies.clients, replies.updates)
-    )
+    return product(*stacked(replies, a, b))
 
 
-def oriented(product: torch.Tensor, key: str, transposed: frozenset[str]) -> torch.Tensor:
-    """A (d_out × d_in) product as a change to base weight ``key``: transposed for a Conv1D."""
-    return product.T if key in transposed else product
-
-
-def added_to_base(server: Mapping[str, torch.Tensor], key: str, change: torch.Tensor) -> torch.Tensor:
-    """The server's cumulative base change of ``key`` after adding ``change`` (kept in fp32)."""
-    prior = server.get(key)
-    return (change if prior is None else prior.double() + change).float()
+def oriented(change: Change, key: str, transposed: frozenset[str]) -> Change:
+    """A (d_out × d_in) change as a change to base weight ``key``: transposed for a Conv1D."""
+    return change.T if key in transposed else change
 
 
 def refuse_unsupported(cfg: RunConfig, name: str, mixed_ranks: bool, changes_base: bool = False) -> None:
