@@ -74,8 +74,13 @@ def test_the_server_keeps_only_the_changes_some_node_can_need():
         history.held[1] == 0 and sum(c.nbytes for ch in history.changes.values() for c in ch.values()) < 6400
     )
     assert history.catch_up(1, delta, 12).since is None
-    restored = BaseHistory.from_state_dict(history.state_dict())
+    restored = BaseHistory.from_state_dict(history.state_dict())  # a checkpoint keeps it
     assert restored.held == history.held and restored.changes.keys() == history.changes.keys()
+    # A resumed server believes what each node says it holds, up to its own round.
+    restored.rejoin(1, 11, 12)
+    assert [r for r, _ in restored.catch_up(1, delta, 12).steps] == [12]
+    restored.rejoin(0, 13, 12)  # a round the resumed server has not played again
+    assert restored.catch_up(0, delta, 12).since is None
 
 
 def test_a_flower_node_that_skipped_rounds_trains_on_the_simulators_base_change(tiny_config, server_identity):

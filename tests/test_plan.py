@@ -133,13 +133,19 @@ def test_traffic_by_hand():
     from sfedlora.federated.methods import get_method
 
     c = {"per_rank": 16, "in_per_rank": 10, "head": 5, "adapted": [(10, 6)]}
-    assert traffic(c, get_method("fedit"), [2], 3) == (4 * (20 + 12 + 5),) * 2
-    assert traffic(c, get_method("fedsa-lora"), [2], 3) == (4 * (20 + 5),) * 2  # B stays home
+    assert traffic(c, get_method("fedit"), [2], 3, 1) == (4 * (20 + 12 + 5),) * 2
+    assert traffic(c, get_method("fedsa-lora"), [2], 3, 1) == (4 * (20 + 5),) * 2  # B stays home
     # RoLoRA trains A and B in turn: the larger round's upload; mixed ranks: the largest client
-    up, down = traffic(c, get_method("rolora"), [1, 2], 4)
+    up, down = traffic(c, get_method("rolora"), [1, 2], 4, 2)
     assert up == 4 * (20 + 5) and down == 4 * (20 + 12 + 5)
-    # FedEx-LoRA's server-owned base change (10 x 6) goes down with the adapter
-    assert traffic(c, get_method("fedex-lora"), [2], 3)[1] == 4 * (20 + 12 + 5 + 60)
+    # The base change goes down with the adapter as the round's change: FedEx-LoRA's residual
+    # of one client, rank 2 + 2, as factors (4 · (6 + 10) fp32 and 4 float64 weights, 288 B)
+    # is larger than the 10 x 6 matrix (240 B); FLoRA's stack of 1, rank 2: factors (144 B).
+    adapter = 4 * (20 + 12 + 5)
+    assert traffic(c, get_method("fedex-lora"), [2], 3, 1)[1] == adapter + 4 * 60
+    assert traffic(c, get_method("flora"), [2], 3, 1)[1] == adapter + 2 * (4 * 16 + 8)
+    # Two of three clients of ranks 1, 2, 4: a stack of rank 2 + 4, its matrix smaller.
+    assert traffic(c, get_method("flora"), [1, 2, 4], 3, 2)[1] == 4 * (4 * 10 + 4 * 6 + 5) + 4 * 60
 
 
 def test_plan_warns_where_a_rounds_replies_do_not_fit_the_server(monkeypatch):

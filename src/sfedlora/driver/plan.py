@@ -16,6 +16,7 @@ import torch
 
 from ..config import RunConfig
 from ..errors import SfedloraError
+from ..federated.catchup import change_bytes
 
 GB = 1e9
 LM_TASKS = ("gsm8k", "alpaca")
@@ -94,11 +95,16 @@ def kind_params(c: dict, rank: int) -> dict[str, int]:
     return {"A": rank * c["in_per_rank"], "B": rank * (c["per_rank"] - c["in_per_rank"]), "head": c["head"]}
 
 
-def traffic(c: dict, method, ranks: list[int], rounds: int) -> tuple[int, int]:
+def traffic(c: dict, method, ranks: list[int], rounds: int, sampled: int) -> tuple[int, int]:
     """Bytes one client sends up and gets down in a round, in fp32: the kinds the method
-    uploads, and its global kinds, at the client's rank (the largest over rounds and ranks)."""
-    # A server-owned base change (FedEx-LoRA) goes down too: the full d_in x d_out of each adapted layer.
-    size = {r: {**kind_params(c, r), "base": sum(i * o for i, o in c["adapted"])} for r in set(ranks)}
+    uploads, and its global kinds, at the client's rank (the largest over rounds and ranks).
+    A server-owned base change (FedEx-LoRA, FLoRA) goes down as the round's change to each
+    adapted layer, for a node that took the round before's download: the factors of the
+    ``sampled`` largest ranks' stack or the d_out x d_in matrix, whichever is smaller (a node
+    that sat out rounds catches up with up to the whole ΔW, the size of the matrices)."""
+    q = method.base_change_rank(sorted(ranks)[-sampled:])
+    base = sum(change_bytes(o, i, q) for i, o in c["adapted"]) // 4 if q else 0
+    size = {r: {**kind_params(c, r), "base": base} for r in set(ranks)}
     up = max(4 * sum(size[r][k] for k in method.uploaded(t)) for r in size for t in range(1, rounds + 1))
     return up, max(4 * sum(size[r][k] for k in method.global_kinds) for r in size)
 
@@ -356,8 +362,8 @@ def plan(cfg: RunConfig) -> Plan:
     else:
         fits = "fits" if need <= memory else f"does NOT fit (short by {_fmt(need - memory)})"
         lines.append(f"device       {name}: {_fmt(memory)}: {fits}")
-    up, down = traffic(c, method_of(cfg), ranks, fed.rounds)
     sampled = fed.sampled_per_round()
+    up, down = traffic(c, method_of(cfg), ranks, fed.rounds, sampled)
     server = flower_server_bytes(up, down, sampled)
     host = device_memory("cpu")[1]
     lines += [

@@ -176,11 +176,11 @@ class BaseHistory:
             self.start = max(self.start, r)
         self.start = max(self.start, floor)
 
-    def rejoin(self, k: int, held: int | None, now: int) -> None:
+    def rejoin(self, k: int, held: object, now: int) -> None:
         """Client ``k``'s node says it holds ΔW as of round ``held`` (None: none): believed
         up to the server's round ``now``; beyond it (rounds a resumed server has not played
-        again) its ΔW may differ, so it gets the whole."""
-        if held is None or held > now:
+        again) its ΔW may differ, so it gets the whole, as it does where ``held`` is no round."""
+        if not isinstance(held, int) or isinstance(held, bool) or not 0 <= held <= now:
             self.held.pop(k, None)
         else:
             self.held[k] = held

@@ -14,6 +14,7 @@ residual as a full d_out × d_in matrix per layer; here it goes as its factors (
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -44,6 +45,9 @@ class FedExLoRA(Method):
         # With mixed ranks client k runs the first r_k rows of Ā under its own γ_k: not the
         # global model the residual makes exact.
         refuse_unsupported(cfg, self.name, mixed_ranks=False, changes_base=True)
+
+    def base_change_rank(self, ranks: Sequence[int]) -> int:
+        return sum(ranks) + max(ranks)  # the clients' stacked factors and B̄ Ā
 
 
 FEDEX_LORA = FedExLoRA(

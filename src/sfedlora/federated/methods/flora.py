@@ -17,6 +17,7 @@ every round from the run's initial A instead.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -58,6 +59,9 @@ class FLoRA(Method):
 
     def check(self, cfg: RunConfig) -> None:
         refuse_unsupported(cfg, self.name, mixed_ranks=True, changes_base=True)
+
+    def base_change_rank(self, ranks: Sequence[int]) -> int:
+        return sum(ranks)  # the stacked adapter
 
 
 FLORA = FLoRA(

@@ -98,6 +98,11 @@ class Method:
     def check(self, cfg: RunConfig) -> None:
         """Refuse, in one line naming the setting, a config this method cannot run."""
 
+    def base_change_rank(self, ranks: Sequence[int]) -> int:
+        """The rank of a round's change to the base weights from replies at ``ranks`` (0: the
+        method never changes the base)."""
+        return 0
+
     def ever_trained(self) -> frozenset[str]:
         # Policies are periodic with period at most 2 (RoLoRA) once probing is over.
         return frozenset().union(*(self.trained(t) for t in range(1, self.probe_rounds + 3)))
