@@ -9,9 +9,9 @@ client per round, a PEFT model's state and a ``transformers.Trainer`` (``max_ste
 steps) over one shared PEFT model, as FlowerTune's LLM apps (TRL's SFTTrainer is a Trainer)
 and OpenFedLLM's ``main_sft.py`` do. This project's round runs through the embedded
 simulator in one process at 1 torch thread each way (workers off: the peer has none), once
-with ``model.attention=sdpa`` (the transformers default, the path before the measured rule)
-and once with ``auto``. The three alternate round by round, so load from other processes
-hits them alike; the median of rounds 2 onwards is reported.
+with ``model.attention=sdpa`` (the transformers default, the path before the measured rule),
+once with ``auto``, and with ``auto`` through the fused engine. The four alternate round by
+round, so load from other processes hits them alike; the median of rounds 2 onwards is reported.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import torch
 
 from sfedlora.config import build_config
 from sfedlora.data import load_task
+from sfedlora.engine.executors import Fused
 from sfedlora.engine.simulator import run_round
 from sfedlora.federated.federation import build_federation
 from sfedlora.lora.models import Compute, resolve_model_path
@@ -104,7 +105,7 @@ class Peer:
         self.round += 1
 
 
-def federation(n: int, steps: int, attention: str):
+def federation(n: int, steps: int, attention: str, engine: str = "per-client"):
     cfg = build_config(
         overrides=[
             f"federation.n_clients={n}",
@@ -112,7 +113,7 @@ def federation(n: int, steps: int, attention: str):
             "federation.rounds=1000",
             "eval.every=1000",
             "simulator.workers=1",
-            "simulator.engine=per-client",
+            f"simulator.engine={engine}",
             f"model.attention={attention}",
         ]
     )
@@ -128,10 +129,12 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     feds = {a: federation(args.clients, args.steps, a) for a in ("sdpa", "auto")}
+    fused = federation(args.clients, args.steps, "auto", "fused")
     sides = {
         "peer (PEFT + Trainer per client per round)": Peer(feds["sdpa"], args.clients, args.steps).run_round,
         "sfedlora, model.attention=sdpa (before)": lambda: run_round(feds["sdpa"]),
         "sfedlora, model.attention=auto": lambda: run_round(feds["auto"]),
+        "sfedlora, fused engine, attention=auto": lambda: run_round(fused, Fused(fused)),
     }
     times: dict[str, list[float]] = {name: [] for name in sides}
     for r in range(args.rounds):
@@ -141,11 +144,14 @@ def main() -> None:
             times[name].append(time.perf_counter() - start)
             print(f"round {r + 1} {name}: {times[name][-1]:.2f} s", flush=True)
     med = {name: statistics.median(t[1:]) for name, t in times.items()}
-    peer, before, now = med.values()
+    peer, before, now, fused_now = med.values()
     print(f"N = {args.clients} x {args.steps} steps, 1 thread, median of rounds 2-{args.rounds}:")
     for name, m in med.items():
         print(f"  {name:45s} {m:7.2f} s/round")
     print(f"  peer / sfedlora(auto) {peer / now:.2f}x; sfedlora sdpa / auto {before / now:.2f}x")
+    print(
+        f"  peer / sfedlora(fused) {peer / fused_now:.2f}x; sfedlora sdpa / fused {before / fused_now:.2f}x"
+    )
     if args.out:
         with open(args.out, "w") as f:
             json.dump(
