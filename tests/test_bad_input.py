@@ -200,6 +200,17 @@ CASES = {
         "fedex-lora needs one rank for every client: unset lora.client_ranks",
     ),
     "run dir under a file": (under_a_file, "is a file; choose another output_dir="),
+    "feddpa with a persistent optimizer": (
+        lambda t: ["--set", "method=feddpa", "--set", "train.optimizer_state=persistent"],
+        "feddpa trains its two adapters one after the other each round",
+    ),
+    "feddpa on the fused engine": (
+        lambda t: [
+            *("--set", "method=feddpa", "--set", "simulator.engine=fused"),
+            *("--set", "data.max_train_examples=40", "--set", "federation.n_clients=2"),
+        ],
+        "the fused engine runs one adapter per client, feddpa two: set simulator.engine=per-client",
+    ),
 }
 
 

@@ -21,6 +21,8 @@ CASES = {
     "flora-mixed-ranks": ("method=flora", "lora.client_ranks=[2,4]"),
     "flexlora-mixed-ranks": ("method=flexlora", "lora.client_ranks=[2,4]", "lora.scaling=sfed"),
     "hetlora-mixed-ranks": ("method=hetlora", "lora.client_ranks=[2,4]"),
+    # Two adapters a client: the personal one saved in client_KK/personal, compared too.
+    "feddpa-mixed-ranks": ("method=feddpa", "lora.client_ranks=[2,4]"),
     "dp-sgd": (
         "method=fedsa-lora",
         "privacy.dp=client",
@@ -31,9 +33,13 @@ CASES = {
 
 
 def adapters(run_dir):
-    """Every saved adapter, and the base change of a method that owns one."""
+    """Every saved adapter (a second adapter of a client by its folder, ``client_KK/personal``),
+    and the base change of a method that owns one."""
     saved = run_dir / "adapters"
-    out = {p.parent.name: load_file(p) for p in sorted(saved.glob("*/adapter_model.safetensors"))}
+    out = {
+        p.parent.relative_to(saved).as_posix(): load_file(p)
+        for p in sorted(saved.rglob("adapter_model.safetensors"))
+    }
     return out | ({"base": load_file(saved / BASE_FILE)} if (saved / BASE_FILE).is_file() else {})
 
 
@@ -47,6 +53,7 @@ def test_flower_ends_with_the_embedded_simulators_adapters(tiny_config, case):
     personal = any(name.startswith("client_") for name in ours)
     assert personal or case in ("fedit", "ffa-lora", "rolora", "fedex-lora")  # no local tensors
     assert ("base" in ours) == case.startswith(("fedex", "flora"))
+    assert any(name.endswith("/personal") for name in ours) == case.startswith("feddpa")
     for name in ours:
         assert ours[name].keys() == theirs[name].keys()
         for t in ours[name]:

@@ -53,6 +53,22 @@ class FederationConfig(_Section):
             "reference's) or back at the run's initial A; B is zero either way."
         ),
     )
+    feddpa_weight: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "FedDPA: a, the personal adapter's weight in a personalised model (the global "
+            "adapter's is 1 - a), in training and evaluation (the reference's local_weight)."
+        ),
+    )
+    feddpa_global_training: Literal["alone", "mixed"] = Field(
+        "alone",
+        description=(
+            "FedDPA: the global adapter trains alone after the personal one (the reference's "
+            "default), or with the personal adapter active beside it, detached (its glocal flag)."
+        ),
+    )
 
     @model_validator(mode="after")
     def _one_way_each(self) -> FederationConfig:

@@ -95,12 +95,14 @@ def save_adapters(
     if personal is None:
         personal = {k: fed.personal_tensors(k) for k in range(fed.n_clients)}
     targets: list[tuple[str, int | None, dict]] = []
-    if not fed.method.has_local_state():
+    if fed.method.has_global_model():
         targets.append(("global", None, fed.global_tensors()))
     if fed.client_models_differ():
         targets += [(f"client_{k:02d}", k, tensors) for k, tensors in sorted(personal.items())]
     return [
-        fed.ranks.save(fed.model, fed.params, tensors, k, run_dir / "adapters" / name)
+        fed.ranks.save(
+            fed.model, fed.params, tensors, k, run_dir / "adapters" / name, fed.method.mix(k, fed.cfg)
+        )
         for name, k, tensors in targets
     ]
 

@@ -68,6 +68,10 @@ def check_fused(shared: Shared) -> None:
         raise SfedloraError(
             f"the fused engine has no fp16 loss scaling: use model.precision=bf16, or {PER_CLIENT}"
         )
+    if shared.method.personal_adapter:
+        raise SfedloraError(
+            f"the fused engine runs one adapter per client, {shared.method.name} two: {PER_CLIENT}"
+        )
     # Every adapter tensor must have a row-by-row layer: try them on (nothing runs).
     with rowwise(shared.model, shared.params, Rows()):
         pass

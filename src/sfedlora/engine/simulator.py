@@ -21,6 +21,7 @@ from ..federated.jobs import TrainJob
 from ..federated.robust import corrupt
 from ..federated.server import Inbox, conclude_round, expected_update, sample_clients
 from .executors import Executor, InProcess, make_executor
+from .fused import check_fused
 
 
 def run_round(fed: Federation, executor: Executor | None = None) -> dict:
@@ -79,7 +80,10 @@ class Simulator:
             )
 
     def federation(self, cfg: RunConfig, data: TaskData) -> Federation:
-        return build_federation(cfg, data)
+        fed = build_federation(cfg, data)
+        if cfg.simulator.engine == "fused":  # refused before the run directory is written
+            check_fused(fed)
+        return fed
 
     def start(self, fed: Federation, run_dir: Path) -> None:
         self.executor = make_executor(fed)

@@ -137,11 +137,19 @@ class LocalRound:
     schedule start anew: no moments from earlier rounds, the schedule spans this round's
     steps; with ``persistent`` both carry on from the state, the schedule spanning the
     client's steps over the whole run. With the client's ``dp`` the batches are
-    Poisson-sampled and ``noise`` is its DP-SGD noise stream.
+    Poisson-sampled and ``noise`` is its DP-SGD noise stream. A round trained in phases
+    (:meth:`sfedlora.federated.methods.Method.phases`) is one ``LocalRound`` per phase, each
+    after the ``earlier`` one: its own batches, optimizer and schedule, one report and one
+    fallback (the state as received) for the whole round.
     """
 
     def __init__(
-        self, shared: Shared, client: ClientSpec, state: ClientState, download: dict[str, torch.Tensor]
+        self,
+        shared: Shared,
+        client: ClientSpec,
+        state: ClientState,
+        download: dict[str, torch.Tensor],
+        earlier: LocalRound | None = None,
     ):
         cfg = shared.cfg
         self.client, self.cfg = client, cfg.train
@@ -149,18 +157,15 @@ class LocalRound:
         # model, never into the client's state.
         download, base = split_base(download)
         set_base_change(shared.model, base)
+        received = {**state.tensors, **{n: t.clone() for n, t in download.items()}}
         # What it keeps if its loss turns non-finite: the download, without the training.
-        self.received = ClientState(
-            {**state.tensors, **{n: t.clone() for n, t in download.items()}},
-            state.rng,
-            state.optimizer,
-            state.steps,
+        self.received = (
+            earlier.received if earlier else ClientState(received, state.rng, state.optimizer, state.steps)
         )
+        self.phases: list[LocalRound] = [*(earlier.phases if earlier else []), self]
         # The copy that trains; its tensors are only read (written into a model or stacked),
         # its optimizer state is updated in place.
-        self.state = ClientState(
-            dict(self.received.tensors), state.rng, copy.deepcopy(state.optimizer), state.steps
-        )
+        self.state = ClientState(dict(received), state.rng, copy.deepcopy(state.optimizer), state.steps)
         self.persistent = cfg.train.optimizer_state == "persistent"
         self.total = expected_steps(cfg, client.size)
         self.generator = g = torch.Generator().manual_seed(0)
@@ -202,12 +207,15 @@ class LocalRound:
         self.state.rng = self.generator.get_state()
 
     def result(self) -> ClientResult:
-        kinds = sorted({k for n in self.norms for k in n})
+        """The round's report, over all its phases."""
+        losses = [x for p in self.phases for x in p.losses]
+        norms = [n for p in self.phases for n in p.norms]
+        kinds = sorted({k for n in norms for k in n})
         # 0.0 when every Poisson batch came out empty
         return ClientResult(
-            loss=float(np.mean(self.losses)) if self.losses else 0.0,
-            steps=len(self.batches),
-            grad_norm={k: float(np.mean([n[k] for n in self.norms])) for k in kinds},
+            loss=float(np.mean(losses)) if losses else 0.0,
+            steps=sum(len(p.batches) for p in self.phases),
+            grad_norm={k: float(np.mean([n[k] for n in norms if k in n])) for k in kinds},
             examples=self.client.size,
         )
 
@@ -292,21 +300,25 @@ def client_round(
     """Client side of a round, for every runtime: take the download, train, pick the upload.
 
     ``state`` itself is left untouched. If the loss turns non-finite, the outcome's state
-    is ``state`` with the download but without the training, and nothing is sent.
+    is ``state`` with the download but without the training, and nothing is sent. A method
+    that trains in phases (FedDPA) runs them one after another, each from the state the
+    earlier one left, under its own mix of the model's adapters.
     """
-    run = LocalRound(shared, client, state, download)
-    # The shared model runs at full rank: train the client's rank-r_k adapter zero-padded,
-    # under its own γ; the padding gets zero gradients and is cut off again by the outcome.
-    run.state.tensors = pad(run.state.tensors, shared.params)
-    shared.ranks.use(shared.model, client.k)
-    train_client(
-        shared.model,
-        shared.params,
-        run,
-        shared.tokenizer,
-        shared.method.trained(round_),
-        shared.compute,
-        # Under DP-SGD each example's gradient must be its own, whatever else is in the batch.
-        functools.partial(shared.task.loss, compute=shared.compute, per_example=client.dp is not None),
-    )
+    run = None
+    for phase in shared.method.phases(round_, shared.cfg):
+        run = LocalRound(shared, client, run.state if run else state, download, run)
+        # The shared model runs at full rank: train the client's rank-r_k adapter zero-padded,
+        # under its own γ; the padding gets zero gradients and is cut off again by the outcome.
+        run.state.tensors = pad(run.state.tensors, shared.params)
+        shared.ranks.use(shared.model, client.k, phase.mix)
+        train_client(
+            shared.model,
+            shared.params,
+            run,
+            shared.tokenizer,
+            phase.trained,
+            shared.compute,
+            # Under DP-SGD each example's gradient must be its own, whatever else is in the batch.
+            functools.partial(shared.task.loss, compute=shared.compute, per_example=client.dp is not None),
+        )
     return run.outcome(shared, round_)

@@ -17,8 +17,9 @@ from .shared import Shared
 
 def outputs_of(shared: Shared, tensors: dict[str, torch.Tensor], k: int | None = None, data=None):
     """What the shared model under client ``k``'s ``tensors`` (None: the global model's)
-    produces on ``data`` (by default the dev set), for the task's scores."""
-    shared.ranks.load(shared.model, shared.params, tensors, k)
+    produces on ``data`` (by default the dev set), for the task's scores: its adapters combined
+    as the method combines them for that model."""
+    shared.ranks.load(shared.model, shared.params, tensors, k, shared.method.mix(k, shared.cfg))
     data = shared.eval_data if data is None else data
     return shared.task.outputs(shared.model, data, shared.tokenizer, shared.cfg.eval, shared.compute)
 
@@ -81,7 +82,7 @@ def evaluate(fed: ServerState, personal: PersonalScores | None = None) -> dict[s
     personal = personal or ScoredHere()
     out: dict[str, float | list[int]] = {}
     global_outputs = None
-    if not fed.method.has_local_state():
+    if fed.method.has_global_model():
         global_outputs = outputs_of(fed, fed.global_tensors())
         out.update(scoped("global", fed.task.scores(global_outputs, fed.eval_data)))
     if fed.cfg.eval.personalised:

@@ -5,6 +5,9 @@ up-projection) or ``head`` (the task head, e.g. the classifier). A fourth kind, 
 is not trained by anyone: it is the server-owned change ΔW to a frozen base weight
 (:mod:`sfedlora.lora.base`), named after the weight it changes
 (``….base_layer.weight``), which methods such as FedEx-LoRA fold into the shared model.
+Two more, ``personal_A`` and ``personal_B``, are the factors of a second adapter that a
+method keeps on each client beside the one it shares (FedDPA's personal adapter,
+:mod:`sfedlora.lora.dual`).
 """
 
 from __future__ import annotations
@@ -13,13 +16,18 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from ..lora.dual import PERSONAL
+
 KINDS: tuple[str, ...] = ("A", "B", "head")
+PERSONAL_KINDS = frozenset({"personal_A", "personal_B"})
 BASE = "base"
 BASE_SUFFIX = ".base_layer.weight"
 
 
 def tensor_kind(name: str) -> str:
     """The kind of a flat adapter tensor, from its (PEFT) name."""
+    if f".{PERSONAL}." in name and (".lora_A." in name or ".lora_B." in name):
+        return "personal_A" if ".lora_A." in name else "personal_B"
     if ".lora_A." in name or ".lora_embedding_A." in name:
         return "A"
     if ".lora_B." in name or ".lora_embedding_B." in name:

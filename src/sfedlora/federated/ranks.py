@@ -29,6 +29,7 @@ With one rank for all, n_k = N and γ_k is the uniform α·√(N/r).
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 from collections.abc import Mapping, Sequence
@@ -38,13 +39,14 @@ from pathlib import Path
 import torch
 
 from ..lora.base import set_base_change
-from ..lora.models import set_gamma, write_tensors
+from ..lora.dual import GLOBAL, GLOBAL_ONLY, Mix, set_mix
+from ..lora.models import write_tensors
 from ..lora.scaling import check_realised, gamma
 from ..peft import config_gamma, lora_config
 from .kinds import aggregate, common_names, split_base, tensor_kind
 
 # The rank dimension of each kind of LoRA tensor: A is (r × d_in), B is (d_out × r).
-RANK_AXIS = {"A": 0, "B": 1}
+RANK_AXIS = {"A": 0, "B": 1, "personal_A": 0, "personal_B": 1}
 
 
 def rank_axis(name: str) -> int | None:
@@ -222,9 +224,10 @@ class RankPlan:
             return aggregate(updates, weights)
         return aggregate_rows(updates, weights, [self.ranks[k] for k in clients], current)
 
-    def use(self, model: torch.nn.Module, k: int | None) -> None:
-        """Give the shared model client ``k``'s γ (None: the global model's) before it runs."""
-        set_gamma(model, self.layer_gamma(k))
+    def use(self, model: torch.nn.Module, k: int | None, mix: Mix = GLOBAL_ONLY) -> None:
+        """Give the shared model client ``k``'s γ (None: the global model's) before it runs, and
+        combine its adapters as ``mix`` says (a model with one adapter: γ alone)."""
+        set_mix(model, self.layer_gamma(k), mix)
 
     def load(
         self,
@@ -232,11 +235,12 @@ class RankPlan:
         params: Mapping[str, torch.nn.Parameter],
         tensors: Mapping[str, torch.Tensor],
         k: int | None,
+        mix: Mix = GLOBAL_ONLY,
     ) -> None:
-        """Write client ``k``'s adapter (at its rank) into the shared full-rank model, and
-        set its base weights to the base change among ``tensors`` (none: the original)."""
+        """Write client ``k``'s adapter (at its rank) into the shared full-rank model, under
+        ``mix``, and set its base weights to the base change among ``tensors`` (none: the original)."""
         adapter, base = split_base(tensors)
-        self.use(model, k)
+        self.use(model, k, mix)
         set_base_change(model, base)
         write_tensors(params, pad(adapter, params))
 
@@ -259,11 +263,18 @@ class RankPlan:
         tensors: Mapping[str, torch.Tensor],
         k: int | None,
         path: Path,
+        mix: Mix = GLOBAL_ONLY,
     ) -> Path:
-        """Save client ``k``'s adapter (None: the global one) in PEFT format at its own rank."""
-        self.load(model, params, tensors, k)
-        model.save_pretrained(path)
-        write_adapter_scaling(path, self.lora_config(k))
+        """Save client ``k``'s adapter (None: the global one) in PEFT format at its own rank: the
+        adapters of ``mix``, each with its weight folded into its ``lora_alpha`` (a second
+        adapter in a folder of its name, where PEFT puts it), so PEFT computes the mix."""
+        self.load(model, params, tensors, k, mix)
+        weights = mix.weights()
+        model.save_pretrained(path, selected_adapters=list(weights))
+        for name, weight in weights.items():
+            config = copy.copy(self.lora_config(k))
+            config.lora_alpha *= weight
+            write_adapter_scaling(path if name == GLOBAL else path / name, config)
         return path
 
 

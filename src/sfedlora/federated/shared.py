@@ -19,6 +19,7 @@ import torch
 from ..config import RunConfig
 from ..data import TaskData, partition
 from ..errors import SfedloraError
+from ..lora.dual import add_personal
 from ..lora.models import Compute, enable_gradient_checkpointing, read_tensors, trainable_parameters
 from ..privacy import DPSGD, PrivacyPlan, plan_privacy
 from ..tasks import Task, get_task
@@ -119,7 +120,7 @@ def build_shared(cfg: RunConfig, data: TaskData) -> Shared:
     """The method, task and model of ``cfg``; checks first the settings they cannot run."""
     method = method_of(cfg)
     method.check(cfg)
-    if method.has_local_state() and not cfg.eval.personalised:
+    if not method.has_global_model() and not cfg.eval.personalised:
         raise SfedloraError(
             f"eval.personalised=false leaves nothing to evaluate: {cfg.method} has no global model "
             "(its clients keep local tensors); set eval.personalised=true"
@@ -129,6 +130,8 @@ def build_shared(cfg: RunConfig, data: TaskData) -> Shared:
     n_sampled = cfg.federation.sampled_per_round()
     compute = Compute.resolve(cfg.model.device, cfg.model.precision, cfg.model.attention)
     model, tokenizer = task.build_model(cfg, compute, n_sampled, data)
+    if method.personal_adapter:
+        add_personal(model)
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model.to(compute.device)

@@ -149,6 +149,7 @@ def query(msg: Message, context: Context) -> Message:
                 {**personal, **base},
                 k,
                 path.parent / "adapters" / f"client_{k:02d}",
+                shared.method.mix(k, shared.cfg),
             )
             if base:
                 save_base_change(path.parent / "adapters", base)

@@ -254,17 +254,6 @@ def enable_gradient_checkpointing(model) -> None:
     )
 
 
-def set_gamma(model, value: float) -> None:
-    """Set every LoRA layer's γ to ``value``: the shared model runs clients of different
-    ranks, each with its own γ (see :mod:`sfedlora.federated.ranks`, which computes it)."""
-    from peft.tuners.lora import LoraLayer
-
-    for m in model.modules():
-        if isinstance(m, LoraLayer):
-            for adapter in m.scaling:
-                m.scaling[adapter] = value
-
-
 def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
     """The adapter's parameters (LoRA A/B and head copies), by PEFT parameter name."""
     return {n: p for n, p in model.named_parameters() if ".lora_" in n or ".modules_to_save." in n}

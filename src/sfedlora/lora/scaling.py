@@ -90,7 +90,7 @@ def peft_scaling_kwargs(rule: str, alpha: float, rank: int, n_clients: float = 1
 
 def peft_gamma(kwargs: dict, rank: int) -> float:
     """The γ PEFT computes for a layer of rank ``rank`` from ``kwargs``: the value a saved
-    adapter loads with, so the value every layer is given (``models.set_gamma``)."""
+    adapter loads with, so the value every layer is given (``dual.set_mix``)."""
     if kwargs["use_rslora"]:
         return kwargs["lora_alpha"] / math.sqrt(rank)
     return kwargs["lora_alpha"] / rank

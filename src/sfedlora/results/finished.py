@@ -37,7 +37,7 @@ class FinishedRun:
         return self.cfg.federation.n_clients
 
     def has_global_model(self) -> bool:
-        return not method_of(self.cfg).has_local_state()
+        return method_of(self.cfg).has_global_model()
 
     def client_models_differ(self) -> bool:
         return client_models_differ(self.cfg)

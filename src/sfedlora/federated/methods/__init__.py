@@ -8,6 +8,7 @@ with its own :meth:`Method.aggregate`) in ``METHODS`` and a name in ``presets.PR
 from __future__ import annotations
 
 from ..kinds import KINDS, aggregate, select, tensor_kind
+from .feddpa import FEDDPA
 from .fedex_lora import FEDEX_LORA
 from .flexlora import FLEXLORA
 from .flora import FLORA
@@ -17,7 +18,7 @@ from .method import Method, Replies
 from .presets import PRESETS
 
 METHODS: dict[str, Method] = {
-    m.name: m for m in (FEDIT, FFA_LORA, FEDSA_LORA, ROLORA, FEDEX_LORA, FLORA, FLEXLORA, HETLORA)
+    m.name: m for m in (FEDIT, FFA_LORA, FEDSA_LORA, ROLORA, FEDEX_LORA, FLORA, FLEXLORA, HETLORA, FEDDPA)
 }
 
 

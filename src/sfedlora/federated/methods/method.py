@@ -13,6 +13,11 @@ round's change to the frozen base weights (kind ``base``: a
 row-wise weighted mean of :meth:`sfedlora.federated.ranks.RankPlan.aggregate`; a method
 with its own server math subclasses :class:`Method` (one module per method) and overrides
 it. :meth:`Method.check` refuses the settings a method cannot run.
+
+On the client, :meth:`Method.phases` is a round's local training: by default one phase that
+trains the round's kinds; a method with a second, personal adapter (FedDPA) trains in several
+phases, each with its own kinds and its own :class:`~sfedlora.lora.dual.Mix` of the adapters.
+:meth:`Method.mix` is how a client's (or the global) model combines them when it is scored.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ...lora.dual import GLOBAL_ONLY, Mix
 from ..kinds import select
 
 if TYPE_CHECKING:
@@ -52,6 +58,14 @@ class Replies:
 
 
 @dataclass(frozen=True)
+class Phase:
+    """Part of a client's local training in a round: the kinds it trains, the adapters' mix."""
+
+    trained: frozenset[str]
+    mix: Mix = GLOBAL_ONLY
+
+
+@dataclass(frozen=True)
 class Method:
     """One federated method: what is global, what is trained in round ``t`` (1-based), and
     how the server aggregates."""
@@ -65,6 +79,8 @@ class Method:
     # Rounds of linear probing first: only the head trains; afterwards it stays frozen, so
     # what the adapter learns is not blurred by a head that keeps learning too.
     probe_rounds: int = 0
+    # Whether the shared model carries a second adapter, kept on every client (FedDPA).
+    personal_adapter: bool = False
 
     def trained(self, round_: int) -> frozenset[str]:
         if round_ <= self.probe_rounds:
@@ -103,6 +119,14 @@ class Method:
         method never changes the base)."""
         return 0
 
+    def phases(self, round_: int, cfg: RunConfig) -> list[Phase]:
+        """A client's local training in round ``round_``, phase after phase."""
+        return [Phase(self.trained(round_))]
+
+    def mix(self, k: int | None, cfg: RunConfig) -> Mix:
+        """How the model of client ``k`` (None: the global model) combines its adapters."""
+        return GLOBAL_ONLY
+
     def ever_trained(self) -> frozenset[str]:
         # Policies are periodic with period at most 2 (RoLoRA) once probing is over.
         return frozenset().union(*(self.trained(t) for t in range(1, self.probe_rounds + 3)))
@@ -110,6 +134,11 @@ class Method:
     def has_local_state(self) -> bool:
         """True when some trained tensor stays on the client, so personalised models differ."""
         return bool(self.ever_trained() - self.global_kinds)
+
+    def has_global_model(self) -> bool:
+        """True when the global tensors alone make a model worth scoring: where nothing trained
+        stays on the clients, or where what stays is an adapter of its own (FedDPA's)."""
+        return self.personal_adapter or not self.has_local_state()
 
     def with_local_head(self) -> Method:
         """The same method with the task head trained but never sent."""

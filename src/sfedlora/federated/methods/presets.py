@@ -13,4 +13,5 @@ PRESETS: dict[str, tuple[str, str | None]] = {
     "flora": ("flora", None),
     "flexlora": ("flexlora", None),
     "hetlora": ("hetlora", None),
+    "feddpa": ("feddpa", None),
 }
