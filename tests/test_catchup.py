@@ -11,7 +11,14 @@ from sfedlora.federated.catchup import BaseHistory, CatchUp, Change, change_byte
 from sfedlora.federated.federation import build_federation
 from sfedlora.federated.kinds import split_base
 from sfedlora.flower import client_app
-from sfedlora.flower.records import config_text, load_held_base, read_request, read_train_reply, request
+from sfedlora.flower.records import (
+    CONFIG,
+    config_text,
+    load_held_base,
+    read_request,
+    read_train_reply,
+    request,
+)
 
 W = "m.q.base_layer.weight"
 D = 40  # a 40 x 40 weight: a rank-2 change is 2·80 fp32 + 2 float64 = 656 bytes, the matrix 6400
@@ -83,12 +90,15 @@ def test_the_server_keeps_only_the_changes_some_node_can_need():
     assert restored.catch_up(0, delta, 12).since is None
 
 
-def test_a_flower_node_that_skipped_rounds_trains_on_the_simulators_base_change(tiny_config, server_identity):
+def test_a_flower_node_that_skipped_rounds_trains_on_the_simulators_base_change(
+    tiny_config, server_identity, tmp_path
+):
     """FLoRA, one client a round of three: client 1's node gets only the requests of the rounds
     it is sampled in, catches up on the base change and trains to the simulator's bits."""
     cfg = tiny_config("method=flora", "federation.clients_per_round=1", "federation.rounds=6")
     fed = build_federation(cfg, load_task(cfg.data, seed=cfg.seed))
-    context = Context(run_id=1, node_id=7, node_config={"partition-id": 1}, state=RecordDict(), run_config={})
+    disk = {"partition-id": 1, "state-dir": str(tmp_path / "node")}
+    context = Context(run_id=1, node_id=7, node_config=disk, state=RecordDict(), run_config={})
     trained = []
     for round_ in range(1, 7):
         body = request(config_text(cfg), "run-a", 1, round_, *fed.wire(1))
@@ -108,3 +118,8 @@ def test_a_flower_node_that_skipped_rounds_trains_on_the_simulators_base_change(
         assert held_round == round_ - 1 and all(torch.equal(held[n], before[n]) for n in before)
         assert all(torch.equal(update[n], fed.clients[1].tensors[n]) for n in update)
     assert len(trained) >= 2 and trained[1] - trained[0] > 1  # it did skip rounds
+    # Started again (an empty Context.state), the node says at the handshake what its state-dir holds.
+    again = Context(run_id=2, node_id=7, node_config=disk, state=RecordDict(), run_config={})
+    hello = request(config_text(cfg), "run-a", -1, 0, {})
+    reply = client_app.query(Message(hello, dst_node_id=7, message_type=MessageType.QUERY), again)
+    assert reply.content.config_records[CONFIG]["base_round"] == trained[-1] - 1
