@@ -185,3 +185,6 @@ def test_plan_counts_the_base_change_of_a_method_that_owns_one():
     assert fedex.parts["base_change"] == (4 + 4) * 6 * 2 * 384 * 384
     assert fedex.device_bytes - fedit.device_bytes == fedex.parts["base_change"]
     assert any(line.startswith("base change") for line in fedex.lines)
+    # A node that sat out rounds catches up with at most the whole ΔW (6.75 MiB).
+    traffic_line = next(line for line in fedex.lines if line.startswith("traffic"))
+    assert traffic_line.endswith("a node that sat out rounds gets up to the whole ΔW, 6.75 MiB")

@@ -98,10 +98,8 @@ def kind_params(c: dict, rank: int) -> dict[str, int]:
 def traffic(c: dict, method, ranks: list[int], rounds: int, sampled: int) -> tuple[int, int]:
     """Bytes one client sends up and gets down in a round, in fp32: the kinds the method
     uploads, and its global kinds, at the client's rank (the largest over rounds and ranks).
-    A server-owned base change (FedEx-LoRA, FLoRA) goes down as the round's change to each
-    adapted layer, for a node that took the round before's download: the factors of the
-    ``sampled`` largest ranks' stack or the d_out x d_in matrix, whichever is smaller (a node
-    that sat out rounds catches up with up to the whole ΔW, the size of the matrices)."""
+    A base change (FedEx-LoRA, FLoRA) goes down as a round's change, for a node that took the
+    round before's download: the stack of the ``sampled`` largest ranks, or the matrix."""
     q = method.base_change_rank(sorted(ranks)[-sampled:])
     base = sum(change_bytes(o, i, q) for i, o in c["adapted"]) // 4 if q else 0
     size = {r: {**kind_params(c, r), "base": base} for r in set(ranks)}
@@ -366,9 +364,10 @@ def plan(cfg: RunConfig) -> Plan:
     up, down = traffic(c, method_of(cfg), ranks, fed.rounds, sampled)
     server = flower_server_bytes(up, down, sampled)
     host = device_memory("cpu")[1]
+    behind = f"; a node that sat out rounds gets up to the whole ΔW, {_fmt(4 * changed)}" if changed else ""
     lines += [
         f"traffic      {_fmt(up)} up, {_fmt(down)} down per client per round (fp32); "
-        f"{_fmt(sampled * (up + down))} per round for {sampled} clients",
+        f"{_fmt(sampled * (up + down))} per round for {sampled} clients{behind}",
         f"server side  {_fmt(server)} on Flower: a round's {sampled} downloads and replies held at once "
         "(SuperLink, and ServerApp with the replies decoded)"
         + (
