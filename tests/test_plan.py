@@ -188,3 +188,17 @@ def test_plan_counts_the_base_change_of_a_method_that_owns_one():
     # A node that sat out rounds catches up with at most the whole ΔW (6.75 MiB).
     traffic_line = next(line for line in fedex.lines if line.startswith("traffic"))
     assert traffic_line.endswith("a node that sat out rounds gets up to the whole ΔW, 6.75 MiB")
+
+
+def test_plan_counts_feddpas_second_adapter_its_traffic_and_its_engine():
+    base = ["model.device=cpu", "model.precision=fp32", "simulator.engine=per-client"]
+    fedit = plan(build_config(overrides=[*base, "method=fedit"]))
+    dpa = plan(build_config(overrides=[*base, "method=feddpa"]))
+    lora = 8 * 6 * 2 * (384 + 384)  # MiniLM: r = 8 on query and value of 6 layers
+    # The personal adapter: in each of the 10 clients' states (fp32), and trained with its
+    # gradient, the initial copy and two AdamW moments (5 fp32 copies).
+    assert dpa.device_bytes - fedit.device_bytes == 4 * lora * (10 + 5)
+    traffic = [next(x for x in p.lines if x.startswith("traffic")) for p in (fedit, dpa)]
+    assert traffic[0] == traffic[1]  # the personal adapter never moves
+    # On a GPU, auto would pick the fused engine, which FedDPA cannot run.
+    assert plan(build_config(overrides=["model.device=cuda", "method=feddpa"])).parts["stacks"] == 0

@@ -9,6 +9,7 @@ memory in ``benchmarks/bench_memory_plan.py``).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ LM_TASKS = ("gsm8k", "alpaca")
 # 8-bit with one fp32 per 256 blocks under double quantization; LLM.int8 is a byte plus one fp32
 # scale per output row (added per layer in base_bytes).
 BYTES_PER_WEIGHT = {"4bit": 0.5 + 1 / 64 + 4 / (64 * 256), "8bit": 1.0}
+QUANTIZED = {"4bit": "NF4, double quant", "8bit": "LLM.int8"}
 GPU_RESERVE = 1e9  # CUDA context and allocator slack, not in the sums
 
 
@@ -265,17 +267,20 @@ def plan(cfg: RunConfig) -> Plan:
         c["quantizable"], c["total"] - sum(i * o for i, o in c["quantizable"]), storage, m.quantization
     )
 
-    adapter = c["per_rank"] * lora.rank + c["head"]  # the shared model's adapter, at full rank
+    method = method_of(cfg)
+    per_rank = c["per_rank"] * (2 if method.personal_adapter else 1)  # FedDPA's personal adapter too
+    adapter = per_rank * lora.rank + c["head"]  # the shared model's adapter, at full rank
     moments = optimizer_moments(train.optimizer, train.momentum)
     ranks = assign_ranks(lora.client_ranks, fed.n_clients, lora.rank)
     kept = moments if train.optimizer_state == "persistent" else 0  # optimizer state kept between rounds
-    states = sum(4 * (1 + kept) * (c["per_rank"] * r + c["head"]) for r in ranks)
+    states = sum(4 * (1 + kept) * (per_rank * r + c["head"]) for r in ranks)
     # Trained in place: the adapter, its gradients and moments; plus the run's initial adapter.
     training = 4 * adapter * (3 + moments)
     sim, length = cfg.simulator, m.max_length
     # local_epochs: taken as more than one step (the client sizes are not known here).
     steps = 1 if cfg.federation.local_steps == 1 else 2
-    fused = (sim.engine if sim.engine != "auto" else engine_rule(device, precision, steps)) == "fused"
+    engine = sim.engine if sim.engine != "auto" else engine_rule(device, precision, steps)
+    fused = engine == "fused" and not method.personal_adapter  # FedDPA: auto picks per-client
     rows = max(sim.fused_tokens, length) // length if fused else train.batch_size
     tokens = rows * length
     lora_act = {
@@ -292,7 +297,7 @@ def plan(cfg: RunConfig) -> Plan:
     activations = act[m.gradient_checkpointing]
     parts = {"activations": activations, "stacks": 0, "gathered": 0, "copies": 0}
     if fused:
-        method, slots, gc = method_of(cfg), fed.sampled_per_round(), m.gradient_checkpointing
+        slots, gc = fed.sampled_per_round(), m.gradient_checkpointing
         size = {r: kind_params(c, r) for r in {*ranks, lora.rank}}
         trained = max(sum(size[lora.rank][k] for k in method.trained(t)) for t in range(1, fed.rounds + 1))
         stacks, gathered = fused_bytes(c, lora.rank, slots, trained, moments, rows, a, gc)
@@ -305,7 +310,7 @@ def plan(cfg: RunConfig) -> Plan:
         training = 4 * adapter * 2 + stacks + gathered  # plus the shared model's adapter and the initial one
     # A method that changes the base (FedEx-LoRA, FLoRA): the server's ΔW of every adapted layer
     # in fp32, kept with the client states, and W0 of those layers kept beside the changed weights.
-    changed = sum(i * o for i, o in c["adapted"]) if BASE in method_of(cfg).global_kinds else 0
+    changed = sum(i * o for i, o in c["adapted"]) if BASE in method.global_kinds else 0
     parts["base_change"] = 4 * changed + storage * changed
     states += 4 * changed
     device_bytes = base + storage * changed + training + activations + (0 if gpu else states)
@@ -313,11 +318,7 @@ def plan(cfg: RunConfig) -> Plan:
 
     d = c["dims"]
     rank_text = f"r={lora.rank}" if not lora.client_ranks else f"client ranks {min(ranks)}..{max(ranks)}"
-    quant = (
-        ""
-        if m.quantization == "none"
-        else f", {m.quantization} ({'NF4, double quant' if m.quantization == '4bit' else 'LLM.int8'})"
-    )
+    quant = "" if m.quantization == "none" else f", {m.quantization} ({QUANTIZED[m.quantization]})"
     lines = [
         f"model        {m.name_or_path} ({c['model_type']}): {_count(c['total'])} parameters, "
         f"{d['layers']} layers, hidden {d['hidden']}",
@@ -344,11 +345,9 @@ def plan(cfg: RunConfig) -> Plan:
         f"{precision}; {_fmt(act[True])} with gradient checkpointing"
         + (" (on)" if m.gradient_checkpointing else " (off)"),
     ]
-    name, memory = (None, 0.0)
-    try:
+    name, memory = None, 0.0
+    with contextlib.suppress(RuntimeError, AssertionError):  # a CUDA device named but not present
         name, memory = device_memory(device)
-    except (RuntimeError, AssertionError):  # a CUDA device named but not present
-        pass
     need = device_bytes + (GPU_RESERVE if gpu else 0)
     where = "GPU" if gpu else "host RAM"
     lines.append(
@@ -361,7 +360,7 @@ def plan(cfg: RunConfig) -> Plan:
         fits = "fits" if need <= memory else f"does NOT fit (short by {_fmt(need - memory)})"
         lines.append(f"device       {name}: {_fmt(memory)}: {fits}")
     sampled = fed.sampled_per_round()
-    up, down = traffic(c, method_of(cfg), ranks, fed.rounds, sampled)
+    up, down = traffic(c, method, ranks, fed.rounds, sampled)
     server = flower_server_bytes(up, down, sampled)
     host = device_memory("cpu")[1]
     behind = f"; a node that sat out rounds gets up to the whole ΔW, {_fmt(4 * changed)}" if changed else ""
