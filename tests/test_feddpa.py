@@ -185,3 +185,29 @@ def test_a_causal_lm_scores_the_global_adapter_and_each_clients_two(lm_overrides
     assert (saved / "global" / "adapter_model.safetensors").is_file()
     assert not (saved / "global" / PERSONAL).exists()
     assert (saved / "client_01" / PERSONAL / "adapter_model.safetensors").is_file()
+
+
+def test_a_finished_run_scores_and_exports_each_clients_two_adapters(tiny_config, tmp_path):
+    from sfedlora.data import bundled_sst2_dir
+    from sfedlora.driver.experiment import run
+    from sfedlora.results.export import export
+    from sfedlora.results.finished import load_model, open_run
+    from sfedlora.results.rescore import evaluate_run
+
+    result = run(tiny_config("method=feddpa", "model.precision=fp32", "train.lr=0.01"))
+    lines = (bundled_sst2_dir() / "dev.tsv").read_text().splitlines()[: 1 + 48]  # the run's dev set
+    (tmp_path / "glue").mkdir()
+    (tmp_path / "glue" / "dev.tsv").write_text("\n".join(lines) + "\n")
+    scores = evaluate_run(result.run_dir, tmp_path / "glue" / "dev.tsv")
+    last = result.records[-1]
+    assert scores["global"]["accuracy"] == pytest.approx(last["global_accuracy"], abs=1e-6)
+    assert scores["mean"]["accuracy"] == pytest.approx(last["personal_accuracy_mean"], abs=1e-6)
+    assert scores["mean"]["mcc"] == pytest.approx(last["personal_mcc_mean"], abs=1e-6)
+    # A client's merged model computes what its two adapters compute.
+    model, tokenizer = load_model(open_run(result.run_dir), 1)
+    batch = tokenizer(["a fine film", "dull and long"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        logits = model(**batch).logits
+        merged = export(result.run_dir, tmp_path / "m", client=1, merge=True)
+        again = type(model.base_model.model).from_pretrained(merged)(**batch).logits
+    torch.testing.assert_close(again, logits, atol=1e-5, rtol=0)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import functools
 from dataclasses import dataclass
+from pathlib import Path
 
 GLOBAL = "default"
 PERSONAL = "personal"
@@ -64,6 +65,29 @@ def add_personal(model) -> None:
         for name in (GLOBAL, PERSONAL):
             layer.lora_B[name].register_forward_hook(functools.partial(_cut, layer, name))
     set_mix(model, 1.0, GLOBAL_ONLY)
+
+
+def load_personal(model, path: Path, name: str) -> list[str]:
+    """Where the adapter ``name`` loaded from ``path`` has a personal adapter saved beside it
+    (``path/personal``, :meth:`sfedlora.federated.ranks.RankPlan.save`), load that too, as
+    ``<name>_personal``; return the names to :func:`activate` together, ``name`` first (each
+    one's weight in the personalised model is in its saved ``lora_alpha``)."""
+    from peft import LoraConfig, PeftModel, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    folder = Path(path) / PERSONAL
+    if not (folder / "adapter_config.json").is_file():
+        return [name]
+    names = [name, f"{name}_{PERSONAL}"]
+    PeftModel.add_adapter(model, names[1], LoraConfig.from_pretrained(str(folder)))
+    set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"), adapter_name=names[1])
+    return names
+
+
+def activate(model, names: list[str]) -> None:
+    """Make ``names`` the active adapters of every LoRA layer (their outputs summed)."""
+    for layer in lora_layers(model):
+        layer.set_adapter(names)
 
 
 def has_personal(model) -> bool:

@@ -18,6 +18,7 @@ from ..driver.rundir import RESTORE, read_json, read_run_config
 from ..errors import SfedloraError, reading
 from ..federated.shared import client_models_differ, method_of, split_clients
 from ..lora.base import fold_saved_base_change
+from ..lora.dual import activate, load_personal
 from ..lora.models import Compute
 from ..tasks import Task, get_task
 
@@ -119,6 +120,7 @@ def load_model(run: FinishedRun, k: int | None):
     base, tokenizer = base_model(run)
     with reading(path, "adapter", RESTORE):
         model = PeftModel.from_pretrained(base, path)
+        activate(model, load_personal(model, path, "default"))
     return model.eval(), tokenizer
 
 
@@ -133,7 +135,7 @@ def client_models(run: FinishedRun, ks: Sequence[int | None]) -> tuple[object, I
 def _in_turn(base, ks: Sequence[int | None], paths: Sequence[Path]) -> Iterator:
     from peft import PeftModel
 
-    model, previous = None, None
+    model, previous = None, []
     for i, (k, path) in enumerate(zip(ks, paths)):
         name = f"model_{i}"
         with reading(path, "adapter", RESTORE):  # tensors of shapes the base does not have
@@ -141,8 +143,11 @@ def _in_turn(base, ks: Sequence[int | None], paths: Sequence[Path]) -> Iterator:
                 model = PeftModel.from_pretrained(base, path, adapter_name=name)
             else:
                 model.load_adapter(path, adapter_name=name)
-        if previous is not None:
+            names = load_personal(model, path, name)  # FedDPA's client: its second adapter too
+        if previous:
             model.set_adapter(name)
-            model.delete_adapter(previous)
-        previous = name
+            for old in previous:
+                model.delete_adapter(old)
+        activate(model, names)
+        previous = names
         yield k, model.eval()
