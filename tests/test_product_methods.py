@@ -276,3 +276,23 @@ def test_a_head_probe_round_moves_only_the_head(name):
     ups = [method.upload(c, 1) for c in clients(2)]
     server = {A: torch.ones(R, D_IN), B: torch.ones(D_OUT, R), HEAD: torch.zeros(4)}
     assert set(method.aggregate(replies(ups, [1.0, 1.0], server))) == {HEAD}
+
+
+@pytest.mark.parametrize("name", ["flora", "fedex-lora", "flexlora", "hetlora"])
+def test_each_method_trains_a_causal_lm_and_saves_its_base_change(lm_overrides, name):
+    """Every task, not only classification: the methods' server math on a LLaMA's LoRA
+    layers, ΔW saved beside the adapters where the method has one."""
+    from safetensors.torch import load_file
+
+    from sfedlora.driver.experiment import run
+    from sfedlora.lora.base import BASE_FILE
+
+    result = run(build_config(overrides=[*lm_overrides, f"method={name}", "lora.scaling=sfed"]))
+    assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in result.records)
+    saved = result.run_dir / "adapters" / BASE_FILE
+    if name in ("flora", "fedex-lora"):
+        change = load_file(saved)
+        assert change and all(torch.isfinite(t).all() for t in change.values())
+        assert any(t.abs().max() > 0 for t in change.values())
+    else:
+        assert not saved.exists()
