@@ -5,6 +5,7 @@ in a Flower reply); the server takes the plain mean; the settings it cannot run 
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from flwr.app import Context, RecordDict
@@ -211,3 +212,12 @@ def test_a_finished_run_scores_and_exports_each_clients_two_adapters(tiny_config
         merged = export(result.run_dir, tmp_path / "m", client=1, merge=True)
         again = type(model.base_model.model).from_pretrained(merged)(**batch).logits
     torch.testing.assert_close(again, logits, atol=1e-5, rtol=0)
+
+
+def test_dp_sgd_charges_a_round_for_both_phases_steps(tiny_config):
+    from sfedlora.federated.shared import privacy_plan
+
+    dp = ("privacy.dp=client", "privacy.noise_multiplier=0.5", "federation.local_steps=3")
+    sizes = np.array([40, 40, 40])
+    fedit, dpa = (privacy_plan(tiny_config(f"method={m}", *dp), sizes) for m in ("fedit", "feddpa"))
+    assert fedit.steps_per_round.tolist() == [3, 3, 3] and dpa.steps_per_round.tolist() == [6, 6, 6]

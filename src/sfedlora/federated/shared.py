@@ -155,8 +155,11 @@ def build_shared(cfg: RunConfig, data: TaskData) -> Shared:
 
 
 def privacy_plan(cfg: RunConfig, sizes: np.ndarray) -> PrivacyPlan | None:
-    """The DP mechanism for clients of ``sizes`` (dp=client calibrates each to its own size)."""
-    return plan_privacy(cfg, sizes, np.array([client_steps(cfg, int(n)) for n in sizes]))
+    """The DP mechanism for clients of ``sizes`` (dp=client calibrates each to its own size).
+    A method that trains in phases (FedDPA) takes a round's steps in each phase: every round is
+    charged for its most phases (an upper bound on rounds with fewer, as FedDPA's first)."""
+    phases = method_of(cfg).most_phases(cfg)
+    return plan_privacy(cfg, sizes, np.array([phases * client_steps(cfg, int(n)) for n in sizes]))
 
 
 def client_dp(cfg: RunConfig, plan: PrivacyPlan | None, index: int) -> DPSGD | None:

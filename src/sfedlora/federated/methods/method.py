@@ -123,6 +123,10 @@ class Method:
         """A client's local training in round ``round_``, phase after phase."""
         return [Phase(self.trained(round_))]
 
+    def most_phases(self, cfg: RunConfig) -> int:
+        """The most phases of any round (what a round's DP-SGD steps are counted by)."""
+        return max(len(self.phases(t, cfg)) for t in range(1, self.probe_rounds + 3))
+
     def mix(self, k: int | None, cfg: RunConfig) -> Mix:
         """How the model of client ``k`` (None: the global model) combines its adapters."""
         return GLOBAL_ONLY
