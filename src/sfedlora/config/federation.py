@@ -69,6 +69,31 @@ class FederationConfig(_Section):
             "default), or with the personal adapter active beside it, detached (its glocal flag)."
         ),
     )
+    hetlora_prune_decay: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description=(
+            "HetLoRA's local rank self-pruning, off when null: the decay γ (the paper's examples "
+            "0.99, 0.9). A client of rank r adds hetlora_prune_weight × the norm of its tail (its rank "
+            "components from ⌊γ r⌋ on) to its local loss and, when that norm shrank in the round's "
+            "training, prunes to rank ⌊γ r⌋ (at least hetlora_min_rank) and sends the smaller "
+            "adapter from then on. Per-client engine; docs/method.md."
+        ),
+    )
+    hetlora_prune_weight: float = Field(
+        0.01, ge=0, description="HetLoRA's rank self-pruning: the regulariser's weight λ."
+    )
+    hetlora_min_rank: int = Field(
+        1, ge=1, description="HetLoRA's rank self-pruning: no client prunes below this rank."
+    )
+    hetlora_prune_norm: Literal["product", "factors"] = Field(
+        "product",
+        description=(
+            "HetLoRA's rank self-pruning: the tail's norm, ‖B_tail A_tail‖_F of each layer (the "
+            "paper's) or ‖B_tail‖_F·‖A_tail‖_F (a public re-implementation's), summed over layers."
+        ),
+    )
 
     @model_validator(mode="after")
     def _one_way_each(self) -> FederationConfig:

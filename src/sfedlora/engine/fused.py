@@ -25,6 +25,7 @@ from ..errors import SfedloraError
 from ..federated.client import ClientOutcome, ClientState, LocalRound, kind_norms
 from ..federated.jobs import EvalJob
 from ..federated.kinds import split_base, tensor_kind
+from ..federated.pruning import pruning_of
 from ..federated.ranks import pad
 from ..federated.shared import ClientSpec, Shared
 from ..lora.base import set_base_change
@@ -71,6 +72,11 @@ def check_fused(shared: Shared) -> None:
     if shared.method.personal_adapter:
         raise SfedloraError(
             f"the fused engine runs one adapter per client, {shared.method.name} two: {PER_CLIENT}"
+        )
+    if pruning_of(shared.cfg) is not None:
+        raise SfedloraError(
+            "the fused engine has no HetLoRA rank self-pruning (federation.hetlora_prune_decay): "
+            f"{PER_CLIENT}"
         )
     # Every adapter tensor must have a row-by-row layer: try them on (nothing runs).
     with rowwise(shared.model, shared.params, Rows()):

@@ -47,7 +47,7 @@ def run_round(fed: Federation, executor: Executor | None = None) -> dict:
         download = fed.download(k)
         inbox.sent(*fed.wire(k))  # what it would cost on a wire: the base change as a catch-up
         if u_drop < faults.dropout:
-            fed.clients[k].tensors.update({n: t.clone() for n, t in download.items()})
+            fed.clients[k].tensors = fed.clients[k].with_download({n: t.clone() for n, t in download.items()})
             inbox.dropped.append(k)
         else:
             training.append((k, download, u_bad < faults.bad_update, kind))
@@ -59,7 +59,7 @@ def run_round(fed: Federation, executor: Executor | None = None) -> dict:
         fed.clients[k] = outcome.state
         update = outcome.update
         if bad and outcome.result is not None:
-            update = corrupt(update, fed.ranks.view(expected, k), kind, fed.fault_rng)
+            update = corrupt(update, fed.reply_view(expected, k)(update), kind, fed.fault_rng)
             inbox.injected.append({"client": k, "kind": kind})
         inbox.receive(k, outcome.result, update)
     return conclude_round(fed, round_, inbox, start)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Mapping
@@ -23,7 +24,8 @@ from ..lora.models import Compute, read_tensors, write_tensors
 from ..privacy.dpsgd import apply_private_gradient, per_example_gradients
 from ..privacy.mechanisms import poisson_batches
 from .kinds import split_base, tensor_kind
-from .ranks import pad
+from .pruning import pruning_of
+from .ranks import pad, truncate
 from .shared import ClientSpec, Shared, client_steps, expected_steps
 
 
@@ -34,15 +36,22 @@ class ClientState:
     # torch optimizer state_dict: kept across rounds with train.optimizer_state=persistent
     optimizer: dict | None = None
     steps: int = 0  # local steps taken so far; drives a persistent learning-rate schedule
+    # its rank once HetLoRA's self-pruning (:mod:`.pruning`) cut it; None: the rank plan's
+    rank: int | None = None
 
     def state_dict(self) -> dict:
         """Plain tensors, dicts and numbers: what a checkpoint, a node's state file and a
         ClientApp's ``Context.state`` keep of a client (:meth:`from_state_dict` reads it)."""
-        return {"tensors": self.tensors, "rng": self.rng, "optimizer": self.optimizer, "steps": self.steps}
+        return dict(vars(self))  # tensors, rng, optimizer, steps, rank
+
+    def with_download(self, download: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Its tensors with the server's ``download`` on top, cut to its rank where it pruned."""
+        return {**self.tensors, **(download if self.rank is None else truncate(download, self.rank))}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> ClientState:
-        return cls(state["tensors"], state["rng"], state["optimizer"], int(state["steps"]))
+        # States saved before pruning existed have no rank: the plan's.
+        return cls(state["tensors"], state["rng"], state["optimizer"], int(state["steps"]), state.get("rank"))
 
 
 @dataclass
@@ -157,15 +166,16 @@ class LocalRound:
         # model, never into the client's state.
         download, base = split_base(download)
         set_base_change(shared.model, base)
-        received = {**state.tensors, **{n: t.clone() for n, t in download.items()}}
+        self.rank = state.rank or shared.ranks.rank_of(client.k)
+        received = state.with_download({n: t.clone() for n, t in download.items()})
         # What it keeps if its loss turns non-finite: the download, without the training.
-        self.received = (
-            earlier.received if earlier else ClientState(received, state.rng, state.optimizer, state.steps)
-        )
+        self.received = earlier.received if earlier else dataclasses.replace(state, tensors=received)
         self.phases: list[LocalRound] = [*(earlier.phases if earlier else []), self]
         # The copy that trains; its tensors are only read (written into a model or stacked),
         # its optimizer state is updated in place.
-        self.state = ClientState(dict(received), state.rng, copy.deepcopy(state.optimizer), state.steps)
+        self.state = dataclasses.replace(
+            state, tensors=dict(received), optimizer=copy.deepcopy(state.optimizer)
+        )
         self.persistent = cfg.train.optimizer_state == "persistent"
         self.total = expected_steps(cfg, client.size)
         self.generator = g = torch.Generator().manual_seed(0)
@@ -226,7 +236,7 @@ class LocalRound:
         if not np.isfinite(result.loss):
             return ClientOutcome(offload_state(self.received, shared.compute), None, {})
         state = self.state
-        state.tensors = shared.ranks.view(state.tensors, self.client.k)
+        state.tensors = truncate(shared.ranks.view(state.tensors, self.client.k), state.rank or self.rank)
         state = offload_state(state, shared.compute)
         return ClientOutcome(state, result, shared.method.upload(state.tensors, round_))
 
@@ -248,6 +258,7 @@ def train_client(
     trained_kinds: frozenset[str],
     compute: Compute = Compute(),
     loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor] | None = None,
+    penalty: Callable[[], torch.Tensor] | None = None,
 ) -> ClientResult:
     """Train ``run``'s steps on ``model``, whose adapter ``params`` take the state's tensors.
 
@@ -255,6 +266,8 @@ def train_client(
     Under DP-SGD each step clips per example and adds noise instead of ``max_grad_norm``;
     the reported gradient norms are then those of the private gradients. ``loss_fn(model,
     batch)`` is the task's loss (:meth:`sfedlora.tasks.Task.loss`); by default the model's own.
+    ``penalty()``, a regulariser of the parameters alone, adds its gradient to each step's
+    after DP-SGD's (it reads no data, so it costs no privacy) and is not in the reported loss.
     """
     loss_fn = loss_fn or (lambda m, batch: compute.forward(m, batch).loss)
     cfg, data, dp = run.cfg, run.client.data, run.client.dp
@@ -281,6 +294,9 @@ def train_client(
             scaler.unscale_(optimizer)
             if dp is not None:
                 apply_private_gradient(params, dp, dp.sample_rate * run.client.size, run.noise)
+            extra = penalty() if penalty is not None else None
+            if extra is not None and extra.requires_grad:  # not while only the head trains
+                extra.backward()
             grads = {n: p.grad.unsqueeze(0) for n, p in params.items() if p.grad is not None}
             lr = run.step(loss, {k: float(v[0]) for k, v in kind_norms(grads).items()})
             if dp is None and cfg.max_grad_norm is not None:
@@ -304,13 +320,16 @@ def client_round(
     that trains in phases (FedDPA) runs them one after another, each from the state the
     earlier one left, under its own mix of the model's adapters.
     """
-    run = None
+    rule = pruning_of(shared.cfg)
+    run = before = None
     for phase in shared.method.phases(round_, shared.cfg):
         run = LocalRound(shared, client, run.state if run else state, download, run)
         # The shared model runs at full rank: train the client's rank-r_k adapter zero-padded,
         # under its own γ; the padding gets zero gradients and is cut off again by the outcome.
         run.state.tensors = pad(run.state.tensors, shared.params)
         shared.ranks.use(shared.model, client.k, phase.mix)
+        if rule is not None and before is None:  # HetLoRA's pruning: the tail as received
+            before = float(rule.tail(run.state.tensors, run.rank))
         train_client(
             shared.model,
             shared.params,
@@ -320,5 +339,8 @@ def client_round(
             shared.compute,
             # Under DP-SGD each example's gradient must be its own, whatever else is in the batch.
             functools.partial(shared.task.loss, compute=shared.compute, per_example=client.dp is not None),
+            None if rule is None else functools.partial(rule.penalty, shared.params, run.rank),
         )
+    if rule is not None:
+        run.state.rank = rule.rank_after(before, run.state.tensors, run.rank, run.state.rank)
     return run.outcome(shared, round_)

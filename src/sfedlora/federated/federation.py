@@ -8,7 +8,7 @@ Flower SuperNode holds. Built once from the config; mutated by the server step
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,6 +21,8 @@ from .catchup import BaseHistory, CatchUp, Change, fold, nbytes
 from .client import ClientState, new_client_state, offload_state
 from .kinds import BASE, split_base
 from .methods import select
+from .pruning import held_rank, pruning_of
+from .ranks import truncate
 from .shared import (
     ClientSpec,
     Shared,
@@ -88,7 +90,23 @@ class ServerState(Shared):
     def personal(self, own: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
         """Client ``k``'s model: its ``own`` tensors with the server's global ones on top, as
         the client sees them (at its rank)."""
-        return {**own, **self.method.client_view(self.server, k, self.ranks)}
+        return {**own, **self.at_rank_of(self.method.client_view(self.server, k, self.ranks), k, own)}
+
+    def reply_view(self, tensors: dict[str, torch.Tensor], k: int) -> Callable[[Mapping], dict]:
+        """What client ``k``'s reply must hold of ``tensors``, as a function of the reply:
+        :meth:`at_rank_of` its rank view."""
+        return lambda sent: self.at_rank_of(self.ranks.view(tensors, k), k, sent)
+
+    def at_rank_of(self, view: dict, k: int, update) -> dict:
+        """Client ``k``'s ``view`` of server tensors cut to the rank ``update`` holds, where
+        HetLoRA's self-pruning lets clients shrink their rank (to no less than
+        ``federation.hetlora_min_rank``); else ``view`` itself, which a reply of another rank
+        then fails to match. The reply says the rank: the server keeps no record of it."""
+        rule = pruning_of(self.cfg)
+        held = None if rule is None else held_rank(update)
+        if held is None or not rule.min_rank <= held < self.ranks.rank_of(k):
+            return view
+        return truncate(view, held)
 
     def served_tensors(self, k: int) -> dict[str, torch.Tensor]:
         """Client ``k``'s model as the server alone knows it: the initial adapter with the

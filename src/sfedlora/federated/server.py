@@ -109,14 +109,19 @@ def conclude_round(fed: ServerState, round_: int, inbox: Inbox, start: float) ->
     expected = expected_update(fed, round_)
     replies, rejected = [], list(inbox.rejected)
     for k, update in inbox.updates:
-        reason = check_update(update, fed.method.client_view(expected, k, fed.ranks))
+        reason = check_update(
+            update, fed.at_rank_of(fed.method.client_view(expected, k, fed.ranks), k, update)
+        )
         if reason is None:
             replies.append((k, update))
         else:
             rejected.append({"client": k, "reason": reason})
     rejected.sort(key=lambda r: r["client"])  # one entry per client, in the order clients were asked
     if cfg.server.outlier_rule == "median" and replies:
-        norms = [change_norm(u, fed.method.client_view(expected, k, fed.ranks)) for k, u in replies]
+        norms = [
+            change_norm(u, fed.at_rank_of(fed.method.client_view(expected, k, fed.ranks), k, u))
+            for k, u in replies
+        ]
         outlier = norm_outliers(norms, cfg.server.outlier_factor)
         rejected += [
             {"client": k, "reason": f"change norm {n:.3g} over {cfg.server.outlier_factor:g}x the median"}

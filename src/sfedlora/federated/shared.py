@@ -24,6 +24,7 @@ from ..lora.models import Compute, enable_gradient_checkpointing, read_tensors, 
 from ..privacy import DPSGD, PrivacyPlan, plan_privacy
 from ..tasks import Task, get_task
 from .methods import Method, get_method
+from .pruning import pruning_of
 from .ranks import RankPlan
 
 
@@ -120,6 +121,7 @@ def build_shared(cfg: RunConfig, data: TaskData) -> Shared:
     """The method, task and model of ``cfg``; checks first the settings they cannot run."""
     method = method_of(cfg)
     method.check(cfg)
+    pruning_of(cfg)  # refuses it for a method other than HetLoRA
     if not method.has_global_model() and not cfg.eval.personalised:
         raise SfedloraError(
             f"eval.personalised=false leaves nothing to evaluate: {cfg.method} has no global model "

@@ -140,7 +140,7 @@ def query(msg: Message, context: Context) -> Message:
     reply = RecordDict({CONFIG: ConfigRecord(hello)})
     if is_finish(msg):
         node, state = _check_node(req, context)
-        personal, base = {**state.tensors, **req.download}, _base(context, req)
+        personal, base = state.with_download(req.download), _base(context, req)
         if path is not None:
             shared = node.shared
             shared.ranks.save(
@@ -196,7 +196,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Score this client's personalised model: its own tensors under the server's global ones."""
     req = read_request(msg)
     node, state = _check_node(req, context)
-    outputs = outputs_of(node.shared, {**state.tensors, **req.download, **_base(context, req)}, node.client.k)
+    outputs = outputs_of(
+        node.shared, {**state.with_download(req.download), **_base(context, req)}, node.client.k
+    )
     scores = client_scores(node.shared, node.histogram, outputs)
     return Message(RecordDict({RESULT: MetricRecord(scores)}), reply_to=msg)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -166,7 +167,7 @@ class Refused(Exception):
 
 
 def receive_train_reply(
-    msg: Message, expected: dict[str, torch.Tensor], run: str, client: int, round_: int
+    msg: Message, expected: dict | Callable[[ArrayRecord], dict], run: str, client: int, round_: int
 ) -> tuple[ClientResult | None, dict[str, torch.Tensor]]:
     """Client ``client``'s reply to the server's request of round ``round_`` in run ``run``,
     what :func:`read_train_reply` reads, from a node the server does not trust: it must answer
@@ -210,7 +211,12 @@ def _checked_result(stats) -> ClientResult | None:
     return ClientResult.from_stats(stats)
 
 
-def checked_tensors(record: ArrayRecord, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def checked_tensors(
+    record: ArrayRecord, expected: dict | Callable[[ArrayRecord], dict]
+) -> dict[str, torch.Tensor]:
+    """``record``'s tensors, each read only if it is exactly as in ``expected``: the tensors it
+    must hold, or the function of the record that gives them (a client whose rank is its own)."""
+    expected = expected(record) if callable(expected) else expected
     if set(record) != set(expected):
         missing, extra = sorted(set(expected) - set(record)), sorted(set(record) - set(expected))
         raise Refused(f"wrong tensors (missing {missing[:2]}, unexpected {extra[:2]})")

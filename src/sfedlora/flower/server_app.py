@@ -121,7 +121,7 @@ class FlowerRounds:
                 log.warning("client %d (node %d) did not finish the run: %s", k, self.nodes[k], reply)
             elif collect:
                 try:  # read as untrusted as a training reply: only the adapter's own names and shapes
-                    own = checked_tensors(reply.content.array_records[UPDATE], fed.ranks.view(fed.initial, k))
+                    own = checked_tensors(reply.content.array_records[UPDATE], fed.reply_view(fed.initial, k))
                 except Refused as why:
                     missing.append(k)
                     log.warning(
@@ -231,7 +231,7 @@ class FlowerRounds:
                 continue
             # A registered node is still not trusted: its reply is checked before it is decoded.
             try:
-                result, update = receive_train_reply(reply, fed.ranks.view(expected, k), self.key, k, round_)
+                result, update = receive_train_reply(reply, fed.reply_view(expected, k), self.key, k, round_)
             except Refused as why:
                 inbox.rejected.append({"client": k, "reason": str(why)})
                 continue
