@@ -23,6 +23,17 @@ CASES = {
     "hetlora-mixed-ranks": ("method=hetlora", "lora.client_ranks=[2,4]"),
     # Two adapters a client: the personal one saved in client_KK/personal, compared too.
     "feddpa-mixed-ranks": ("method=feddpa", "lora.client_ranks=[2,4]"),
+    # The rank-4 client's tail shrinks in round 3 under SGD (Adam's sign-like steps around
+    # zero make such a small tail grow), so it prunes to rank 2 and sends less.
+    "hetlora-pruning": (
+        "method=hetlora",
+        "lora.client_ranks=[2,4]",
+        "federation.rounds=3",
+        "federation.hetlora_prune_decay=0.5",
+        "federation.hetlora_prune_weight=2",
+        "train.optimizer=sgd",
+        "train.lr=0.05",
+    ),
     "dp-sgd": (
         "method=fedsa-lora",
         "privacy.dp=client",
@@ -63,3 +74,5 @@ def test_flower_ends_with_the_embedded_simulators_adapters(tiny_config, case):
     assert [(r["bytes_up"], r["bytes_down"]) for r in flower.records] == [
         (r["bytes_up"], r["bytes_down"]) for r in embedded.records
     ]
+    if case == "hetlora-pruning":  # the clients pruned: their uploads shrank
+        assert embedded.records[-1]["bytes_up"] < embedded.records[0]["bytes_up"]

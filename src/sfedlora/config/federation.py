@@ -74,8 +74,8 @@ class FederationConfig(_Section):
         gt=0,
         lt=1,
         description=(
-            "HetLoRA's local rank self-pruning, off when null: the decay γ (the paper's examples "
-            "0.99, 0.9). A client of rank r adds hetlora_prune_weight × the norm of its tail (its rank "
+            "HetLoRA's local rank self-pruning, off when null: the decay γ (e.g. 0.99 or 0.9). "
+            "A client of rank r adds hetlora_prune_weight × the norm of its tail (its rank "
             "components from ⌊γ r⌋ on) to its local loss and, when that norm shrank in the round's "
             "training, prunes to rank ⌊γ r⌋ (at least hetlora_min_rank) and sends the smaller "
             "adapter from then on. Per-client engine; docs/method.md."
