@@ -119,9 +119,15 @@ def test_a_round_with_a_pruned_client_aggregates_it_padded(fed):
     record = run_round(fed)
     assert record["aggregated"] == 3 and not record["rejected"]
     assert all(c.rank == 3 for c in fed.clients)
-    # The next round's uploads are smaller by each client's dropped column and row.
+    # From then on the server sends, and the clients send back, rank 3 (or less).
+    assert fed.pruned == {0: 3, 1: 3, 2: 3} and held_rank(fed.download(0)) == 3
     second = run_round(fed)
     assert second["aggregated"] == 3 and second["bytes_up"] < record["bytes_up"]
+    assert second["bytes_down"] < record["bytes_down"]
+    # The server's record of the pruned ranks is in its checkpoint.
+    saved, fed.pruned = fed.state_dict(), {}
+    fed.load_state_dict(saved)
+    assert set(fed.pruned) == {0, 1, 2}
     assert {n: t.shape for n, t in fed.server.items()} == {
         n: t.shape for n, t in fed.initial.items() if n in fed.server
     }

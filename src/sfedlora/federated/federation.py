@@ -58,14 +58,18 @@ class ServerState(Shared):
     )
     dp_rng: np.random.Generator | None = None  # the server's DP noise (dp=server)
     base_history: BaseHistory = field(default_factory=BaseHistory)  # for the nodes' catch-up
+    # HetLoRA's self-pruning: client → the rank of its last accepted reply, where below its own
+    pruned: dict[int, int] = field(default_factory=dict)
 
     @property
     def n_clients(self) -> int:
         return len(self.client_sizes)
 
     def download(self, k: int) -> dict[str, torch.Tensor]:
-        """What the server sends client ``k``: the global tensors, cut to the client's rank."""
-        return self.method.client_view(self.method.download(self.server), k, self.ranks)
+        """What the server sends client ``k``: the global tensors, cut to the client's rank (the
+        rank it last replied at, once it pruned)."""
+        view = self.method.client_view(self.method.download(self.server), k, self.ranks)
+        return truncate(view, self.pruned[k]) if k in self.pruned else view
 
     def wire(self, k: int) -> tuple[dict[str, torch.Tensor], CatchUp | None]:
         """What client ``k``'s download carries over a wire: the global adapter tensors at its
@@ -108,6 +112,13 @@ class ServerState(Shared):
             return view
         return truncate(view, held)
 
+    def heard(self, k: int, update: Mapping) -> None:
+        """Client ``k``'s accepted reply: where it is cut below the client's rank (it pruned), the
+        rank its downloads are sent at from now on."""
+        held = held_rank(update) if pruning_of(self.cfg) is not None else None
+        if held is not None and held < self.ranks.rank_of(k):
+            self.pruned[k] = held
+
     def served_tensors(self, k: int) -> dict[str, torch.Tensor]:
         """Client ``k``'s model as the server alone knows it: the initial adapter with the
         global tensors on top, at the client's rank (its model, where it keeps nothing local)."""
@@ -140,6 +151,7 @@ class ServerState(Shared):
             # Nodes with their own data report their sizes, which later rounds weight by.
             "client_sizes": torch.from_numpy(self.client_sizes),
             "base_history": self.base_history.state_dict(),
+            "pruned": dict(self.pruned),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -156,6 +168,7 @@ class ServerState(Shared):
             self.client_sizes = state["client_sizes"].cpu().numpy()
         # Checkpoints from before the catch-up: every node gets the whole base change once.
         self.base_history = BaseHistory.from_state_dict(state.get("base_history", BaseHistory().state_dict()))
+        self.pruned = dict(state.get("pruned", {}))
 
 
 @dataclass(kw_only=True)

@@ -131,6 +131,8 @@ def conclude_round(fed: ServerState, round_: int, inbox: Inbox, start: float) ->
         replies = [r for r, bad in zip(replies, outlier) if not bad]
     for r in rejected:
         log.warning("round %d: update of client %d rejected: %s", round_, r["client"], r["reason"])
+    for k, update in replies:
+        fed.heard(k, update)
     if inbox.secure is not None:
         new, contributors = inbox.secure
         reason = check_update(new, expected)
