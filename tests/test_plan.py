@@ -202,3 +202,10 @@ def test_plan_counts_feddpas_second_adapter_its_traffic_and_its_engine():
     assert traffic[0] == traffic[1]  # the personal adapter never moves
     # On a GPU, auto would pick the fused engine, which FedDPA cannot run.
     assert plan(build_config(overrides=["model.device=cuda", "method=feddpa"])).parts["stacks"] == 0
+
+
+def test_plan_picks_the_per_client_engine_for_hetloras_rank_pruning():
+    # On a GPU auto would pick the fused engine, which refuses the pruning.
+    gpu = ["model.device=cuda", "method=hetlora"]
+    assert plan(build_config(overrides=gpu)).parts["stacks"] > 0
+    assert plan(build_config(overrides=[*gpu, "federation.hetlora_prune_decay=0.9"])).parts["stacks"] == 0

@@ -280,7 +280,7 @@ def plan(cfg: RunConfig) -> Plan:
     # local_epochs: taken as more than one step (the client sizes are not known here).
     steps = 1 if cfg.federation.local_steps == 1 else 2
     engine = sim.engine if sim.engine != "auto" else engine_rule(device, precision, steps)
-    fused = engine == "fused" and not method.personal_adapter  # FedDPA: auto picks per-client
+    fused = engine == "fused" and not method.personal_adapter and fed.hetlora_prune_decay is None
     rows = max(sim.fused_tokens, length) // length if fused else train.batch_size
     tokens = rows * length
     lora_act = {
