@@ -107,21 +107,20 @@ def conclude_round(fed: ServerState, round_: int, inbox: Inbox, start: float) ->
     for k, n in inbox.sizes.items():
         fed.client_sizes[k] = n
     expected = expected_update(fed, round_)
-    replies, rejected = [], list(inbox.rejected)
+    replies, rejected, sent = [], list(inbox.rejected), []
     for k, update in inbox.updates:
-        reason = check_update(
-            update, fed.at_rank_of(fed.method.client_view(expected, k, fed.ranks), k, update)
-        )
+        # What the client was sent, at the rank it replied with: its update is checked (and
+        # measured, below) against it.
+        view = fed.at_rank_of(fed.method.client_view(expected, k, fed.ranks), k, update)
+        reason = check_update(update, view)
         if reason is None:
             replies.append((k, update))
+            sent.append(view)
         else:
             rejected.append({"client": k, "reason": reason})
     rejected.sort(key=lambda r: r["client"])  # one entry per client, in the order clients were asked
     if cfg.server.outlier_rule == "median" and replies:
-        norms = [
-            change_norm(u, fed.at_rank_of(fed.method.client_view(expected, k, fed.ranks), k, u))
-            for k, u in replies
-        ]
+        norms = [change_norm(u, view) for (_, u), view in zip(replies, sent)]
         outlier = norm_outliers(norms, cfg.server.outlier_factor)
         rejected += [
             {"client": k, "reason": f"change norm {n:.3g} over {cfg.server.outlier_factor:g}x the median"}
